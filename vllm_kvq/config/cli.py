@@ -1,0 +1,66 @@
+"""``vllm-kvq config show FILE|PRESET [--layers N --kv-heads H --head-size D]`` and ``config list``."""
+
+from __future__ import annotations
+
+import sys
+
+from vllm_kvq import config as _config
+from vllm_kvq.kv_format import formats_from_config
+
+
+def add_parser(sub, name, help_):
+    p = sub.add_parser(name, help=help_)
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="print the resolved per-layer, per-head table")
+    show.add_argument("config", help="a preset name (see `config list`) or a YAML file")
+    show.add_argument("--layers", type=int, default=32, help="number of attention layers (default 32)")
+    show.add_argument("--kv-heads", type=int, default=8, help="KV heads per layer (default 8)")
+    show.add_argument("--head-size", type=int, default=128, help="head size (default 128)")
+    show.add_argument("--layout", action="store_true", help="also print each distinct slot layout")
+    show.set_defaults(run=run_show)
+    lst = csub.add_parser("list", help="list the presets")
+    lst.set_defaults(run=run_list)
+    return p
+
+
+def run_list(args) -> int:
+    for name in _config.preset_names():
+        cfg = _config.load(name)
+        print(f"{name:<20} {cfg.description}")
+    return 0
+
+
+def show(cfg: _config.KVQConfig, layers: int, kv_heads: int, head_size: int, layout: bool = False) -> str:
+    fmts = formats_from_config(cfg, num_layers=layers, num_kv_heads=kv_heads, head_size=head_size)
+    out = [f"config {cfg.name!r}: {cfg.description}".rstrip(": "),
+           f"model shape: {layers} layers x {kv_heads} KV heads x head_size {head_size}, seed {cfg.seed}", ""]
+    out.append(f"{'layer':>5}  {'head':>4}  {'key':<22} {'value':<22} {'K+V B':>6}  {'slot B':>6}")
+    for layer, f in enumerate(fmts):
+        for h in range(kv_heads):
+            k, v = f.keys[h], f.values[h]
+            out.append(f"{layer:>5}  {h:>4}  {k.name:<22} {v.name:<22} {k.nbytes + v.nbytes:>6}  {f.slot_bytes:>6}")
+    total = sum(f.bytes_per_token() for f in fmts)
+    bf16 = layers * kv_heads * 2 * head_size * 2
+    out += ["", f"bytes per token (all layers, K+V, padding included): {total}  (bf16: {bf16})",
+            f"compression vs bf16: {bf16 / total:.2f}x"]
+    if len({f.slot_bytes for f in fmts}) > 1:
+        pad = max(f.slot_bytes for f in fmts) * kv_heads * layers
+        out.append(f"in one vLLM page size (every layer padded to the largest slot): {pad} B/token, {bf16 / pad:.2f}x")
+    if layout:
+        seen = set()
+        for f in fmts:
+            text = f.describe().split("\n", 1)[1]
+            if text not in seen:
+                seen.add(text)
+                out += ["", f.describe()]
+    return "\n".join(out)
+
+
+def run_show(args) -> int:
+    try:
+        cfg = _config.load(args.config)
+        print(show(cfg, args.layers, args.kv_heads, args.head_size, args.layout))
+    except (_config.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

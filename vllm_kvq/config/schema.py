@@ -1,0 +1,121 @@
+"""The YAML schema: which codec each (layer, KV head) uses for keys and for values.
+
+    name: turboquant3
+    description: 3-bit TurboQuant keys and values
+    seed: 0                       # seeds the random rotations
+    key: turboquant3              # default codec for keys: a registered name ...
+    value: {codec: turboquant, bits: 3, scale_mode: lsq}   # ... or a family with parameters
+    overrides:                    # applied in order; later rules win
+      - layers: [0, -1]           # ints (negative counts from the end), "a:b" ranges, or a list of both
+        heads: "0:1"              # optional, same syntax over KV heads
+        key: bf16                 # optional; value likewise
+
+Unknown keys, wrong types and unknown codecs are errors that name the key path, the value and what is
+allowed (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+from vllm_kvq import codecs
+
+Selector = Union[StrictInt, StrictStr, list[Union[StrictInt, StrictStr]]]
+
+
+class CodecSpec(BaseModel):
+    """A codec name plus optional parameters; YAML may give just the name as a string."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    codec: StrictStr
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def build(self, head_dim: int, seed: int) -> codecs.VectorCodec:
+        return codecs.get(self.codec, head_dim=head_dim, seed=seed, **dict(self.params))
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.codec
+        return f"{self.codec}(" + ", ".join(f"{k}={v}" for k, v in self.params) + ")"
+
+
+def parse_codec(value: Any) -> CodecSpec:
+    if isinstance(value, CodecSpec):
+        return value
+    if isinstance(value, str):
+        name, params = value, {}
+    elif isinstance(value, dict):
+        if "codec" not in value:
+            raise ValueError(f"a codec mapping needs a 'codec' key; got keys {sorted(value)}")
+        params = dict(value)
+        name = params.pop("codec")
+        if not isinstance(name, str):
+            raise ValueError(f"'codec' must be a string, got {name!r}")
+    else:
+        raise ValueError(f"expected a codec name or a mapping with 'codec', got {value!r}")
+    if name not in codecs.names():
+        raise ValueError(f"unknown codec {name!r}; allowed: {', '.join(codecs.names())}")
+    allowed = codecs.family_params(name) - {"seed"}
+    bad = sorted(set(params) - allowed)
+    if bad:
+        raise ValueError(f"codec {name!r} does not take {', '.join(map(repr, bad))}; allowed: {', '.join(sorted(allowed))}")
+    spec = CodecSpec(codec=name, params=tuple(sorted(params.items())))
+    try:  # fail at load time, not at serve time, on bad parameter values
+        spec.build(head_dim=128, seed=0)
+    except (TypeError, ValueError) as e:
+        raise ValueError(str(e)) from None
+    return spec
+
+
+def _check_selector(v: Any) -> Any:
+    items = v if isinstance(v, list) else [v]
+    for it in items:
+        if isinstance(it, str):
+            parts = it.split(":")
+            if len(parts) not in (1, 2, 3) or not all(p.strip().lstrip("-").isdigit() or p.strip() == "" for p in parts):
+                raise ValueError(f"bad selector {it!r}: use an int, 'a:b' or 'a:b:step' (negative counts from the end)")
+    if isinstance(v, list) and not v:
+        raise ValueError("an empty selector selects nothing")
+    return v
+
+
+def select(selector: Selector | None, n: int, what: str) -> list[int]:
+    """Indices in [0, n) named by a selector; None selects all."""
+    if selector is None:
+        return list(range(n))
+    out: list[int] = []
+    for it in selector if isinstance(selector, list) else [selector]:
+        if isinstance(it, int) or (isinstance(it, str) and ":" not in it):
+            i = int(it)
+            if not -n <= i < n:
+                raise IndexError(f"{what} index {i} out of range for {n} {what}s (allowed {-n}..{n - 1})")
+            out.append(i % n)
+        else:
+            parts = [int(p) if p.strip() else None for p in it.split(":")]
+            out.extend(range(n)[slice(*parts)])
+    return sorted(set(out))
+
+
+class Override(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    layers: Selector | None = None
+    heads: Selector | None = None
+    key: CodecSpec | None = None
+    value: CodecSpec | None = None
+
+    _codec = field_validator("key", "value", mode="before")(lambda cls, v: None if v is None else parse_codec(v))
+    _sel = field_validator("layers", "heads", mode="before")(lambda cls, v: None if v is None else _check_selector(v))
+
+
+class KVQConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: StrictStr = "custom"
+    description: StrictStr = ""
+    seed: StrictInt = Field(0, ge=0)
+    key: CodecSpec
+    value: CodecSpec
+    overrides: list[Override] = []
+
+    _codec = field_validator("key", "value", mode="before")(lambda cls, v: parse_codec(v))

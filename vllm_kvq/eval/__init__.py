@@ -1,0 +1,1 @@
+"""Quality measurement through a running server: perplexity, needle retrieval, lm-eval tasks, sweeps."""

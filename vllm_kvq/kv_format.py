@@ -1,0 +1,132 @@
+"""KV formats: the K and V codec of every KV head of one layer, and the slot layout in the paged cache.
+
+The cache of one layer is a uint8 tensor viewed as (B blocks, Hk heads, T tokens per block, C slot bytes).
+One slot holds everything about one (token, KV head), metadata inline:
+
+    [ K codes | K metadata | V codes | V metadata | zero padding to slot_bytes ]
+
+``slot_bytes`` is the largest K+V size over the layer's heads (heads may use different codecs), rounded up
+to an even number so fp16 metadata stays 2-byte aligned, or a larger ``pad_to`` when vLLM needs one page
+size for several layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_kvq import codecs as _codecs
+from vllm_kvq import config as _config
+from vllm_kvq.codecs.base import VectorCodec
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """KV heads of a layer that share one (K codec, V codec) pair; the ops batch over them."""
+
+    heads: tuple[int, ...]
+    key: VectorCodec
+    value: VectorCodec
+
+
+class KVFormat:
+    def __init__(self, head_size: int, keys: list[VectorCodec], values: list[VectorCodec], *, name: str = "custom",
+                 pad_to: int | None = None):
+        if len(keys) != len(values) or not keys:
+            raise ValueError(f"need one key and one value codec per KV head, got {len(keys)} and {len(values)}")
+        for c in (*keys, *values):
+            if c.head_dim != head_size:
+                raise ValueError(f"codec {c.name} has head_dim {c.head_dim}, format has head_size {head_size}")
+        self.name = name
+        self.head_size = head_size
+        self.num_kv_heads = len(keys)
+        self.keys, self.values = list(keys), list(values)
+        need = max(k.nbytes + v.nbytes for k, v in zip(keys, values))
+        need += need % 2
+        if pad_to is not None and pad_to < need:
+            raise ValueError(f"pad_to={pad_to} is smaller than the {need} bytes this format needs")
+        self.slot_bytes = pad_to or need
+        groups: dict[tuple, list[int]] = {}
+        for h, (k, v) in enumerate(zip(keys, values)):
+            groups.setdefault((k.key, v.key), []).append(h)
+        self.groups = [HeadGroup(tuple(hs), keys[hs[0]], values[hs[0]]) for hs in groups.values()]
+
+    @property
+    def uniform(self) -> bool:
+        """True when every head uses the same pair of codecs."""
+        return len(self.groups) == 1
+
+    def value_offset(self, head: int) -> int:
+        return self.keys[head].nbytes
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes per token of this layer, all KV heads, K and V, padding included."""
+        return self.slot_bytes * self.num_kv_heads
+
+    def compression(self, baseline_bytes: int = 2) -> float:
+        """Against a 16-bit cache of the same heads."""
+        return 2 * self.head_size * baseline_bytes / self.slot_bytes
+
+    def allocate(self, num_blocks: int, block_size: int, device="cpu") -> torch.Tensor:
+        return torch.zeros(num_blocks, self.num_kv_heads, block_size, self.slot_bytes, dtype=torch.uint8, device=device)
+
+    def check_cache(self, cache: torch.Tensor) -> None:
+        if cache.dtype != torch.uint8 or cache.dim() != 4:
+            raise ValueError(f"expected a uint8 cache (blocks, heads, tokens, slot), got {cache.dtype} {tuple(cache.shape)}")
+        if cache.shape[1] != self.num_kv_heads or cache.shape[3] != self.slot_bytes:
+            raise ValueError(f"cache shape {tuple(cache.shape)} does not match format {self.name!r}: expected "
+                             f"(blocks, {self.num_kv_heads}, tokens, {self.slot_bytes})")
+
+    def describe(self) -> str:
+        lines = [f"KV format {self.name!r}: head_size={self.head_size}, kv_heads={self.num_kv_heads}, "
+                 f"slot={self.slot_bytes} B (K+V per token per head), {self.compression():.2f}x vs bf16"]
+        for g in self.groups:
+            k, v = g.key, g.value
+            lines.append(f"  heads {list(g.heads)}:")
+            for base, c, label in ((0, k, "K"), (k.nbytes, v, "V")):
+                for f in c.fields():
+                    lines.append(f"    [{base + f.offset:4d}:{base + f.offset + f.nbytes:4d}] {label}.{f.name:<10} {f.what}")
+            if k.nbytes + v.nbytes < self.slot_bytes:
+                lines.append(f"    [{k.nbytes + v.nbytes:4d}:{self.slot_bytes:4d}] padding")
+        return "\n".join(lines)
+
+    __str__ = describe
+
+    def __repr__(self) -> str:
+        return f"KVFormat({self.name!r}, head_size={self.head_size}, kv_heads={self.num_kv_heads}, slot={self.slot_bytes})"
+
+
+def formats_from_config(cfg: "_config.KVQConfig", *, num_layers: int, num_kv_heads: int, head_size: int,
+                        uniform_slot: bool = False) -> list[KVFormat]:
+    """One format per layer. ``uniform_slot`` pads every layer to the largest slot (one vLLM page size)."""
+    table = _config.resolve(cfg, num_layers, num_kv_heads)
+    fmts = []
+    for layer, row in enumerate(table):
+        keys = [k.build(head_size, cfg.seed) for k, _ in row]
+        values = [v.build(head_size, cfg.seed) for _, v in row]
+        fmts.append(KVFormat(head_size, keys, values, name=f"{cfg.name}[layer {layer}]"))
+    if uniform_slot:
+        pad = max(f.slot_bytes for f in fmts)
+        fmts = [KVFormat(head_size, f.keys, f.values, name=f.name, pad_to=pad) for f in fmts]
+    return fmts
+
+
+def kv_format(spec: "str | Path | _config.KVQConfig", head_size: int, num_kv_heads: int, *, layer: int = 0,
+              num_layers: int | None = None, pad_to: int | None = None) -> KVFormat:
+    """The format of one layer: ``spec`` is a preset or codec name, a YAML path, or a loaded config."""
+    if isinstance(spec, str) and spec in _codecs.names() and spec not in _config.preset_names():
+        codec = _codecs.get(spec, head_dim=head_size)
+        return KVFormat(head_size, [codec] * num_kv_heads, [codec] * num_kv_heads, name=spec, pad_to=pad_to)
+    cfg = spec if isinstance(spec, _config.KVQConfig) else _config.load(spec)
+    if num_layers is None and any(ov.layers is not None for ov in cfg.overrides):
+        raise ValueError(f"config {cfg.name!r} has per-layer rules: pass num_layers so negative indices resolve")
+    n = num_layers if num_layers is not None else layer + 1
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} out of range for {n} layers")
+    row = _config.resolve(cfg, n, num_kv_heads)[layer]
+    keys = [k.build(head_size, cfg.seed) for k, _ in row]
+    values = [v.build(head_size, cfg.seed) for _, v in row]
+    name = cfg.name if num_layers is None else f"{cfg.name}[layer {layer}]"
+    return KVFormat(head_size, keys, values, name=name, pad_to=pad_to)

@@ -1,0 +1,132 @@
+"""Reference paged ops in vectorized PyTorch: they define what every kernel must compute.
+
+Shapes (one-letter sizes mean the same everywhere):
+  N new tokens, S sequences, Hq query heads, Hk KV heads, D head size, B blocks, T tokens per block,
+  C slot bytes. The cache is any strided view of shape (B, Hk, T, C), uint8.
+
+Attention works in each codec's rotated domain: the query is rotated once per head group, scores come
+from the rotated-domain codes, values are summed there and the output is rotated back once. The context
+is read in chunks of blocks with an online softmax, so no dense copy of a whole context is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_kvq.kv_format import KVFormat
+
+# Context tokens per chunk of the online softmax (a multiple of any block size we use).
+CHUNK_TOKENS = 2048
+
+
+def store(key: torch.Tensor,  # (N, Hk, D)
+          value: torch.Tensor,  # (N, Hk, D)
+          cache: torch.Tensor,  # (B, Hk, T, C) uint8, any strides
+          slot_mapping: torch.Tensor,  # (N,) int; slot = block * T + offset; -1 = padding, skipped
+          fmt: KVFormat) -> None:
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    if key.shape[0] == 0:
+        return
+    n = key.shape[0]
+    t = cache.shape[2]
+    slot_mapping = slot_mapping.to(device=cache.device, dtype=torch.long)
+    blk, off = slot_mapping // t, slot_mapping % t
+    for g in fmt.groups:
+        heads = torch.tensor(g.heads, device=cache.device)
+        gh = len(g.heads)
+        k_codes = g.key.encode(key[:, heads].reshape(n * gh, -1)).reshape(n, gh, -1)
+        v_codes = g.value.encode(value[:, heads].reshape(n * gh, -1)).reshape(n, gh, -1)
+        slot = torch.zeros(n, gh, fmt.slot_bytes, dtype=torch.uint8, device=cache.device)
+        kb = g.key.nbytes
+        slot[..., :kb] = k_codes
+        slot[..., kb:kb + g.value.nbytes] = v_codes
+        cache[blk[:, None], heads[None, :], off[:, None]] = slot
+
+
+def _gather_slots(cache, block_table, start_block, n_blocks, heads):
+    """(S, gh, n_blocks*T, C) slots of the given heads for blocks [start_block, start_block + n_blocks)."""
+    bt = block_table[:, start_block:start_block + n_blocks].long().clamp(min=0)  # (S, nb)
+    s, nb = bt.shape
+    # (S, nb, gh, T, C): a gather over blocks then heads keeps any cache strides valid.
+    slots = cache[bt][:, :, heads]
+    return slots.permute(0, 2, 1, 3, 4).reshape(s, len(heads), nb * cache.shape[2], cache.shape[3])
+
+
+def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
+            q_pos: torch.Tensor,  # (S, Lq) position of each query in its sequence; -1 = padding
+            kv_len: torch.Tensor,  # (S,) context length
+            cache: torch.Tensor, block_table: torch.Tensor, fmt: KVFormat, scale: float) -> torch.Tensor:
+    s, lq, hq, d = q.shape
+    hk = fmt.num_kv_heads
+    group = hq // hk
+    t = cache.shape[2]
+    out = torch.zeros(s, lq, hq, d, dtype=torch.float32, device=q.device)
+    max_len = int(kv_len.max())
+    chunk_blocks = max(1, CHUNK_TOKENS // t)
+    for g in fmt.groups:
+        heads = torch.tensor(g.heads, device=q.device)
+        gh = len(g.heads)
+        qh = q.reshape(s, lq, hk, group, d)[:, :, heads]  # (S, Lq, gh, G, D)
+        q_rot = g.key.rotate(qh.reshape(-1, d)).reshape(s, lq, gh, group, d) * scale
+        m = torch.full((s, lq, gh, group), -math.inf, device=q.device)
+        l = torch.zeros(s, lq, gh, group, device=q.device)
+        acc = torch.zeros(s, lq, gh, group, d, device=q.device)
+        kb, vb = g.key.nbytes, g.value.nbytes
+        for b0 in range(0, (max_len + t - 1) // t, chunk_blocks):
+            nb = min(chunk_blocks, (max_len + t - 1) // t - b0)
+            slots = _gather_slots(cache, block_table, b0, nb, heads)  # (S, gh, L, C)
+            L = slots.shape[2]
+            flat = slots.reshape(-1, slots.shape[-1])
+            k = g.key.decode_rotated(flat[:, :kb].contiguous()).reshape(s, gh, L, d)
+            v = g.value.decode_rotated(flat[:, kb:kb + vb].contiguous()).reshape(s, gh, L, d)
+            pos = torch.arange(b0 * t, b0 * t + L, device=q.device)
+            scores = torch.einsum("sqhgd,shld->sqhgl", q_rot, k)
+            ok = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < kv_len[:, None, None])
+            scores = scores.masked_fill(~ok[:, :, None, None, :], -math.inf)
+            m_new = torch.maximum(m, scores.amax(-1))
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(scores - m_safe[..., None])
+            alpha = torch.exp(m - m_safe)
+            l = l * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + torch.einsum("sqhgl,shld->sqhgd", p, v)
+            m = m_new
+        o_rot = acc / l.clamp(min=1e-30)[..., None]
+        o = g.value.unrotate(o_rot.reshape(-1, d)).reshape(s, lq, gh, group, d)
+        out.view(s, lq, hk, group, d)[:, :, heads] = o
+    return out
+
+
+def paged_attention(query: torch.Tensor,  # (N, Hq, D)
+                    cache: torch.Tensor,  # (B, Hk, T, C) uint8
+                    block_table: torch.Tensor,  # (S, max_blocks) int
+                    seq_lens: torch.Tensor,  # (S,) context length including this step's tokens
+                    query_start_loc: torch.Tensor,  # (S + 1,) int, cumulative query lengths
+                    fmt: KVFormat, *, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole (packed) context -> (N, Hq, D)."""
+    n, hq, d = query.shape
+    out = torch.zeros(n, hq, d, dtype=query.dtype, device=query.device)
+    if n == 0 or seq_lens.numel() == 0:
+        return out
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    q_lens = [qsl[i + 1] - qsl[i] for i in range(len(lens))]
+    qf = query.float()
+    decode = [i for i, ql in enumerate(q_lens) if ql == 1]
+    if decode:
+        idx = torch.tensor(decode, device=query.device)
+        rows = torch.tensor([qsl[i] for i in decode], device=query.device)
+        kv = seq_lens.to(query.device)[idx].long()
+        o = _attend(qf[rows][:, None], (kv - 1)[:, None], kv, cache, block_table[idx], fmt, scale)
+        out[rows] = o[:, 0].to(query.dtype)
+    for i, ql in enumerate(q_lens):
+        if ql <= 1:
+            continue
+        kv = torch.tensor([lens[i]], device=query.device)
+        pos = torch.arange(lens[i] - ql, lens[i], device=query.device)[None]
+        o = _attend(qf[qsl[i]:qsl[i + 1]][None], pos, kv, cache, block_table[i:i + 1], fmt, scale)
+        out[qsl[i]:qsl[i + 1]] = o[0].to(query.dtype)
+    return out

@@ -1,0 +1,1 @@
+"""The vLLM adapter: registration, version shims, the attention backend."""
