@@ -37,8 +37,9 @@ SCALE_MODES = ("norm", "corrected", "lsq")
 class TurboQuantCodec(VectorCodec):
     def __init__(self, head_dim: int, bits: float, *, seed: int = 0, scale_mode: str = "lsq",
                  rotation: str = "auto", name: str | None = None):
-        if bits * 2 != int(bits * 2) or not 1 <= bits <= 8:
-            raise ValueError(f"turboquant bits must be in 1..8 in steps of 0.5, got {bits}")
+        if (isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits * 2 != int(bits * 2)
+                or not 1 <= bits <= 8):
+            raise ValueError(f"turboquant bits must be in 1..8 in steps of 0.5, got {bits!r}")
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode {scale_mode!r} not allowed; allowed: {', '.join(SCALE_MODES)}")
         if bits != int(bits) and head_dim % 2:

@@ -20,8 +20,14 @@ from vllm_kvq.codecs.rotation import make_rotation
 class UniformCodec(VectorCodec):
     def __init__(self, head_dim: int, bits: int, *, group_size: int | None = None, rotate: bool = False,
                  seed: int = 0, name: str | None = None):
-        if bits not in (2, 3, 4, 8):
-            raise ValueError(f"uniform bits must be one of 2, 3, 4, 8, got {bits}")
+        # bool and float are rejected explicitly: True == 1 and 4.0 == 4 would pass ``in`` and break packing.
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 3, 4, 8):
+            raise ValueError(f"uniform bits must be one of 2, 3, 4, 8, got {bits!r}")
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size <= 0):
+            raise ValueError(f"group_size must be a positive int dividing head_dim {head_dim}, got {group_size!r}")
+        if not isinstance(rotate, bool):
+            raise ValueError(f"rotate must be true or false, got {rotate!r}")
         group_size = group_size or head_dim
         if head_dim % group_size:
             raise ValueError(f"group_size {group_size} must divide head_dim {head_dim}")

@@ -79,9 +79,12 @@ def resolve(cfg: KVQConfig, num_layers: int, num_kv_heads: int) -> list[list[tup
     for i, ov in enumerate(cfg.overrides):
         try:
             layers = select(ov.layers, num_layers, "layer")
+        except IndexError as e:
+            raise ConfigError(f"config {cfg.name!r}: overrides.{i}.layers: {e} (got {ov.layers!r})") from None
+        try:
             heads = select(ov.heads, num_kv_heads, "kv head")
         except IndexError as e:
-            raise ConfigError(f"config {cfg.name!r}: overrides.{i}: {e}") from None
+            raise ConfigError(f"config {cfg.name!r}: overrides.{i}.heads: {e} (got {ov.heads!r})") from None
         for layer in layers:
             for h in heads:
                 k, v = table[layer][h]

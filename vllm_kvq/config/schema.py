@@ -16,6 +16,7 @@ allowed (``ConfigError``).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
@@ -64,20 +65,30 @@ def parse_codec(value: Any) -> CodecSpec:
     spec = CodecSpec(codec=name, params=tuple(sorted(params.items())))
     try:  # fail at load time, not at serve time, on bad parameter values
         spec.build(head_dim=128, seed=0)
-    except (TypeError, ValueError) as e:
+    except TypeError as e:  # a missing required parameter, e.g. {codec: uniform} without bits
+        raise ValueError(f"codec {name!r} cannot be built from {dict(params)!r} ({e}); "
+                         f"parameters: {', '.join(sorted(allowed))}") from None
+    except ValueError as e:
         raise ValueError(str(e)) from None
     return spec
 
 
+_SELECTOR_RE = re.compile(r"^\s*(-?\d+)?\s*(:\s*(-?\d+)?\s*){0,2}$")
+
+
 def _check_selector(v: Any) -> Any:
+    # Checked here, before pydantic's union validation, so a bad selector gives one error naming it rather
+    # than one per union member, and so ``select`` never meets a string it cannot parse.
     items = v if isinstance(v, list) else [v]
-    for it in items:
-        if isinstance(it, str):
-            parts = it.split(":")
-            if len(parts) not in (1, 2, 3) or not all(p.strip().lstrip("-").isdigit() or p.strip() == "" for p in parts):
-                raise ValueError(f"bad selector {it!r}: use an int, 'a:b' or 'a:b:step' (negative counts from the end)")
     if isinstance(v, list) and not v:
         raise ValueError("an empty selector selects nothing")
+    for it in items:
+        ok = (isinstance(it, int) and not isinstance(it, bool)) or (
+            isinstance(it, str) and it.strip() != "" and _SELECTOR_RE.match(it)
+            and (it.count(":") < 2 or it.rsplit(":", 1)[1].strip() == "" or int(it.rsplit(":", 1)[1]) != 0))
+        if not ok:
+            raise ValueError(f"bad selector {it!r}: use an int, 'a:b' or 'a:b:step' with step != 0, or a list of "
+                             f"these (negative counts from the end)")
     return v
 
 
@@ -94,7 +105,11 @@ def select(selector: Selector | None, n: int, what: str) -> list[int]:
             out.append(i % n)
         else:
             parts = [int(p) if p.strip() else None for p in it.split(":")]
-            out.extend(range(n)[slice(*parts)])
+            picked = range(n)[slice(*parts)]
+            if not picked:
+                # Most likely a config written for a larger model: say so rather than silently skip the rule.
+                raise IndexError(f"{what} range {it!r} selects no {what} of {n} (allowed indices {-n}..{n - 1})")
+            out.extend(picked)
     return sorted(set(out))
 
 
