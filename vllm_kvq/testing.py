@@ -14,27 +14,33 @@ from dataclasses import dataclass
 import torch
 
 
+def attention_probs(q: torch.Tensor,  # (N, Hq, D)
+                    k: torch.Tensor,  # (L, Hk, D)
+                    q_pos: torch.Tensor,  # (N,) position of each query in the sequence of k
+                    scale: float) -> torch.Tensor:
+    """Causal softmax weights of one sequence in float32 -> (Hq, N, L).
+
+    Query head h reads KV head ``h // (Hq // Hk)`` (vLLM's grouping). Key j is visible to query i when
+    ``j <= q_pos[i]``; a query that sees no key (``q_pos < 0``) gets all-zero weights.
+    """
+    hq, hk = q.shape[1], k.shape[1]
+    if hq % hk:
+        raise ValueError(f"Hq={hq} is not a multiple of Hk={hk}")
+    kf = k.float().repeat_interleave(hq // hk, dim=1)  # (L, Hq, D)
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), kf) * scale
+    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos.to(q.device)[:, None]  # (N, L)
+    scores = scores.masked_fill(~visible[None], -torch.inf)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows give NaN: make them zero
+
+
 def dense_attention(q: torch.Tensor,  # (N, Hq, D)
                     k: torch.Tensor,  # (L, Hk, D)
                     v: torch.Tensor,  # (L, Hk, D)
                     q_pos: torch.Tensor,  # (N,) position of each query in the sequence of k/v
                     scale: float) -> torch.Tensor:
-    """Causal GQA attention of one sequence in float32 -> (N, Hq, D).
-
-    Query head h reads KV head ``h // (Hq // Hk)`` (vLLM's grouping). Key j is visible to query i when
-    ``j <= q_pos[i]``; a query that sees no key (``q_pos < 0``) gets a zero row.
-    """
-    n, hq, d = q.shape
-    hk = k.shape[1]
-    if hq % hk:
-        raise ValueError(f"Hq={hq} is not a multiple of Hk={hk}")
-    group = hq // hk
-    kf = k.float().repeat_interleave(group, dim=1)  # (L, Hq, D)
-    vf = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,lhd->hnl", q.float(), kf) * scale
-    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos.to(q.device)[:, None]  # (N, L)
-    scores = scores.masked_fill(~visible[None], -torch.inf)
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows give NaN: make them zero
+    """Causal GQA attention of one sequence in float32 -> (N, Hq, D); masking as in ``attention_probs``."""
+    p = attention_probs(q, k, q_pos, scale)
+    vf = v.float().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return torch.einsum("hnl,lhd->nhd", p, vf)
 
 
@@ -121,6 +127,21 @@ def paged_reference(query: torch.Tensor,  # (N, Hq, D) new tokens, in batch orde
     return out
 
 
+def paged_probs_sq(query: torch.Tensor, k_ctx: torch.Tensor, batch: PagedBatch, scale: float) -> torch.Tensor:
+    """(N, Hq) sum_j p_ij^2 of each query row: the effective 1 / (number of keys attended), which sets how
+    much independent per-token codec errors average out in the attention output."""
+    out = torch.zeros(query.shape[:2], dtype=torch.float32)
+    qsl = batch.query_start_loc.tolist()
+    for i, s in enumerate(batch.seq_lens.tolist()):
+        q0, q1 = qsl[i], qsl[i + 1]
+        if q1 == q0:
+            continue
+        c0 = batch.ctx_start[i]
+        p = attention_probs(query[q0:q1], k_ctx[c0:c0 + s], torch.arange(s - (q1 - q0), s), scale)
+        out[q0:q1] = p.pow(2).sum(-1).T
+    return out
+
+
 def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v (L, Hk, D) -> what the format's codecs give back after encode + decode, per head (float32)."""
     kh, vh = torch.empty(k.shape), torch.empty(v.shape)
@@ -141,5 +162,5 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-__all__ = ["dense_attention", "PagedBatch", "random_paged_batch", "paged_reference", "roundtrip",
-           "relative_mse", "relative_error"]
+__all__ = ["attention_probs", "dense_attention", "PagedBatch", "random_paged_batch", "paged_reference",
+           "paged_probs_sq", "roundtrip", "relative_mse", "relative_error"]

@@ -58,10 +58,15 @@ def from_dict(data: Any, source: str = "<dict>") -> KVQConfig:
 def load(name_or_path: str | Path) -> KVQConfig:
     """A preset by name (``turboquant3``) or a YAML file by path."""
     p = Path(name_or_path)
-    if not p.suffix and not p.exists():
-        p = preset_dir() / f"{name_or_path}.yaml"
-        if not p.exists():
-            raise ConfigError(f"unknown kvq preset {str(name_or_path)!r}; presets: {', '.join(preset_names())}")
+    if not p.is_file():
+        # Not a file: a preset name. Names like "turboquant2.5" have a "suffix", so presets are looked up by
+        # name rather than by the absence of one.
+        preset = preset_dir() / f"{name_or_path}.yaml"
+        if preset.is_file() and p.name == str(name_or_path):
+            p = preset
+        elif p.suffix not in (".yaml", ".yml"):
+            raise ConfigError(f"unknown kvq preset {str(name_or_path)!r}; presets: {', '.join(preset_names())} "
+                              f"(or give a path to a .yaml file)")
     try:
         text = p.read_text()
     except OSError as e:
