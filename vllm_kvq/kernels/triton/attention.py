@@ -19,6 +19,7 @@ whole group and the QK^T and PV products are ``tl.dot`` calls (tensor cores for 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -38,16 +39,29 @@ def _to_dot(x, DOT: tl.constexpr):
         return x.to(tl.float16)
     elif DOT == 2:
         return x.to(tl.bfloat16)
+    elif DOT == 3:
+        return (cj.bf16_bits(x) << 16).to(tl.float32, bitcast=True)
     else:
         return x
 
 
 @triton.jit
 def _mm(a, b, DOT: tl.constexpr):
-    if DOT == 0:
-        return tl.dot(a, b, input_precision="ieee")
+    """a @ b with operands rounded to the query's dtype and float32 accumulation. DOT: 0 float32, 1 fp16,
+    2 bf16, 3 bf16 rounding emulated in float32 (the interpreter's bf16 dot returns garbage)."""
+    if DOT == 0 or DOT == 3:
+        return tl.dot(_to_dot(a, DOT), _to_dot(b, DOT), input_precision="ieee")
     else:
         return tl.dot(_to_dot(a, DOT), _to_dot(b, DOT))
+
+
+@triton.jit
+def _out(o, o_ptr, DOT: tl.constexpr):
+    """o float32 -> the output dtype; DOT == 3 rounds to bf16 itself (the interpreter's cast truncates)."""
+    if DOT == 3:
+        return cj.bf16_bits(o).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return o.to(o_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -138,7 +152,7 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
             vr = tl.load(vrt_ptr + d[None, :] * D + d[:, None], mask=dm[:, None] & dm[None, :], other=0.0)
             o = tl.dot(o, vr, input_precision="ieee")
         tl.store(o_ptr + qtok[:, None] * son + qh[:, None] * soh + d[None, :],
-                 o.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dm[None, :])
+                 _out(o, o_ptr, DOT), mask=rmask[:, None] & dm[None, :])
     else:
         row = (split * N + qtok) * HQ + qh  # partials are (NUM_SPLITS, N, HQ, ...)
         tl.store(part_ptr + row[:, None] * DP + d[None, :], acc, mask=rmask[:, None])
@@ -149,7 +163,7 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
 @triton.jit
 def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, N, HQ,
                   D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, V_ROT: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, V_ROT: tl.constexpr, DOT: tl.constexpr):
     """One program per (query token, KV head): merges the splits of the group's query heads."""
     n = tl.program_id(0).to(tl.int64)
     kvh = tl.load(heads_ptr + tl.program_id(1))
@@ -177,8 +191,12 @@ def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, N, HQ,
     if V_ROT:
         vr = tl.load(vrt_ptr + d[None, :] * D + d[:, None], mask=dm[:, None] & dm[None, :], other=0.0)
         o = tl.dot(o, vr, input_precision="ieee")
-    tl.store(o_ptr + n * son + qh[:, None] * soh + d[None, :], o.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + n * son + qh[:, None] * soh + d[None, :], _out(o, o_ptr, DOT),
              mask=gm[:, None] & dm[None, :])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _SM_COUNT: dict = {}
@@ -229,6 +247,8 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         bn = max(16, min(bn, triton.next_power_of_2(triton.cdiv(max_ctx, splits))))
     split_tokens = triton.cdiv(triton.cdiv(max_ctx, splits), bn) * bn
     dot = _DOT_KIND.get(query.dtype, 0)
+    if dot == 2 and _interpreting():
+        dot = 3
     seq_lens = seq_lens.to(torch.int32)
     qsl = query_start_loc.to(torch.int32)
     bt = block_table.to(torch.int32) if block_table.dtype != torch.int32 else block_table
@@ -251,5 +271,5 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         if splits > 1:
             _merge_kernel[(n, len(g.heads))](
                 out, out.stride(0), out.stride(1), part, ml, heads, vrt, n, hq,
-                D=d, DP=dp, G=grp, BM=max(16, gp), NUM_SPLITS=splits, V_ROT=vs.rot)
+                D=d, DP=dp, G=grp, BM=max(16, gp), NUM_SPLITS=splits, V_ROT=vs.rot, DOT=dot)
     return out

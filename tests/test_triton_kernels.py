@@ -1,0 +1,374 @@
+"""The Triton kernels against the reference ops, for every codec and mixed per-head formats.
+
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` on tiny shapes (each program instance costs about
+a millisecond there). Store must give the reference's bytes where rounding is deterministic; rotating codecs
+may flip a code whose rotated value sits on a threshold (matmul vs fast-transform summation order), and the
+test checks that every flip is such a tie. Attention follows flash-attention's rule: its error against the
+float32 reference is at most twice that of a bf16 PyTorch run over the same dequantized K/V.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
+pytest.importorskip("triton")
+
+
+def _load_kernels():
+    """The kernel package, re-imported if something imported it before the interpreter was switched on."""
+    import vllm_kvq.kernels.triton as kt
+    store_mod = sys.modules["vllm_kvq.kernels.triton.store"]
+    if not HAS_CUDA and type(store_mod._store_kernel).__name__ != "InterpretedFunction":
+        for name in ("codec_jit", "store", "attention"):
+            importlib.reload(sys.modules[f"vllm_kvq.kernels.triton.{name}"])
+        kt = importlib.reload(kt)
+    return kt
+
+
+kt = _load_kernels()
+
+from vllm_kvq import codecs, ops  # noqa: E402
+from vllm_kvq.codecs.packing import unpack_bits  # noqa: E402
+from vllm_kvq.codecs.turboquant import TurboQuantCodec  # noqa: E402
+from vllm_kvq.codecs.uniform import UniformCodec  # noqa: E402
+from vllm_kvq.kv_format import KVFormat, kv_format  # noqa: E402
+from vllm_kvq.ops import reference  # noqa: E402
+from vllm_kvq.testing import random_paged_batch, roundtrip  # noqa: E402
+
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+
+# Every preset plus the family parameters the presets do not reach (one matrix: a new codec is one entry).
+CODECS = {n: {} for n in codecs.names() if n not in ("raw", "turboquant", "uniform")}
+CODECS.update({
+    "uniform-g32-rot-2b": ("uniform", dict(bits=2, group_size=32, rotate=True)),
+    "uniform3": ("uniform", dict(bits=3)),
+    "tq3-norm": ("turboquant", dict(bits=3, scale_mode="norm")),
+    "tq4-corrected": ("turboquant", dict(bits=4, scale_mode="corrected")),
+    "tq3-haar": ("turboquant", dict(bits=3, rotation="haar")),
+    "tq2-identity": ("turboquant", dict(bits=2, rotation="identity")),
+})
+
+
+def make_codec(cid: str, d: int):
+    spec = CODECS[cid]
+    if isinstance(spec, tuple):
+        return codecs.get(spec[0], head_dim=d, **spec[1])
+    return codecs.get(cid, head_dim=d)
+
+
+def uniform_fmt(cid: str, d: int, hk: int) -> KVFormat:
+    c = make_codec(cid, d)
+    return KVFormat(d, [c] * hk, [c] * hk, name=cid)
+
+
+def mixed_fmt(d: int) -> KVFormat:
+    """Three head groups with different codecs and slot sizes (padding in the smaller slots)."""
+    g = lambda n, **p: codecs.get(n, head_dim=d, **p)  # noqa: E731
+    return KVFormat(d, [g("turboquant3"), g("bf16"), g("uniform4")],
+                    [g("turboquant3"), g("bf16"), g("turboquant2.5")], name="mixed")
+
+
+def yaml_fmt(d: int) -> KVFormat:
+    """Layer 2 of the example config: 4-bit keys on KV head 0, 3-bit elsewhere."""
+    return kv_format("kvq-mixed-example", head_size=d, num_kv_heads=3, layer=2, num_layers=6)
+
+
+def _cache(fmt, blocks, t, layout):
+    if layout == "contiguous":
+        return fmt.allocate(blocks, t, device=DEV)
+    if layout == "token-major":  # (B, T, Hk, C) storage seen as (B, Hk, T, C)
+        return torch.zeros(blocks, t, fmt.num_kv_heads, fmt.slot_bytes, dtype=torch.uint8, device=DEV).permute(0, 2, 1, 3)
+    if layout == "byte-stride-2":  # every other byte of a wider buffer: slot bytes are not adjacent
+        return torch.zeros(blocks, fmt.num_kv_heads, t, 2 * fmt.slot_bytes, dtype=torch.uint8, device=DEV)[..., ::2]
+    raise ValueError(layout)
+
+
+# ---------------------------------------------------------------------------------------------- store
+
+
+def _thresholds(codec: TurboQuantCodec) -> torch.Tensor:
+    """(D, 2**max_bits - 1) float64 thresholds per coordinate, padded with nan."""
+    w = (1 << max(b for b, _ in codec.segments)) - 1
+    out = torch.full((codec.head_dim, w), float("nan"), dtype=torch.float64)
+    start = 0
+    for book, (b, n) in zip(codec.codebooks, codec.segments):
+        out[start:start + n, : (1 << b) - 1] = torch.tensor(book.thresholds, dtype=torch.float64)
+        start += n
+    return out
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float().reshape(-1)
+
+
+def _check_rows(codec, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> None:
+    """got/want (M, nbytes) packed rows of x (M, D). Exact for deterministic codecs; rotating codecs may
+    only differ by codes on a threshold tie, and then in the scale that depends on them."""
+    exact = codec.rotation.kind == "identity" and not isinstance(codec, TurboQuantCodec)
+    if exact or torch.equal(got, want):
+        assert torch.equal(got, want), f"{codec.name}: {(got != want).sum().item()} bytes differ"
+        return
+    x64 = x.double()
+    y = x64 @ codec.rotation.matrix(dtype=torch.float64).T
+    if isinstance(codec, TurboQuantCodec):
+        y = y / x64.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        cg, cw = codec.unpack_codes(got), codec.unpack_codes(want)
+        dist = (y[:, :, None] - _thresholds(codec)[None]).abs().nan_to_num(float("inf")).amin(-1)
+        meta = slice(codec.code_nbytes, codec.code_nbytes + 2)
+    else:
+        assert isinstance(codec, UniformCodec)
+        cg = unpack_bits(got[:, : codec.code_nbytes], codec.bits, codec.head_dim)
+        cw = unpack_bits(want[:, : codec.code_nbytes], codec.bits, codec.head_dim)
+        m = want[:, codec.code_nbytes:].contiguous().view(torch.float16).double().reshape(len(x), codec.groups, 2)
+        s = m[..., 0].repeat_interleave(codec.group_size, 1)
+        t = (y - m[..., 1].repeat_interleave(codec.group_size, 1)) / torch.where(s > 0, s, 1)
+        dist = ((t - t.floor()) - 0.5).abs() * s  # distance to a rounding tie, in value units
+        meta = slice(codec.code_nbytes, codec.nbytes)
+    flip = cg != cw
+    assert flip.float().mean() < 0.01, f"{codec.name}: {flip.sum().item()} of {flip.numel()} codes differ"
+    assert (dist[flip] < 1e-5).all(), f"{codec.name}: a code differs away from a tie: {dist[flip].max()}"
+    assert ((cg - cw).abs() <= 1).all()
+    mg = got[:, meta].contiguous().view(torch.int16).int()
+    mw = want[:, meta].contiguous().view(torch.int16).int()
+    clean = ~flip.any(1)
+    assert ((mg - mw).abs()[clean] <= 1).all(), f"{codec.name}: fp16 metadata off by more than 1 ulp"
+    mf = got[:, meta].contiguous().view(torch.float16).float()
+    wf = want[:, meta].contiguous().view(torch.float16).float()
+    assert torch.allclose(mf[~clean], wf[~clean], rtol=2e-2, atol=1e-3)
+
+
+def _check_cache(fmt, x_k, x_v, slots, got, want):
+    """Compare every written slot field by field and every other byte exactly."""
+    t = got.shape[2]
+    written = torch.zeros(got.shape[0], got.shape[2], dtype=torch.bool, device=got.device)
+    keep = slots >= 0
+    blk, off = slots[keep] // t, slots[keep] % t
+    written[blk, off] = True
+    g_rest, w_rest = got.permute(0, 2, 1, 3)[~written], want.permute(0, 2, 1, 3)[~written]
+    assert torch.equal(g_rest, w_rest), "bytes outside the written slots changed"
+    for h in range(fmt.num_kv_heads):
+        gk, wk = got[blk, h, off].cpu(), want[blk, h, off].cpu()
+        kn, vn = fmt.keys[h].nbytes, fmt.values[h].nbytes
+        _check_rows(fmt.keys[h], x_k[keep, h].cpu(), gk[:, :kn], wk[:, :kn])
+        _check_rows(fmt.values[h], x_v[keep, h].cpu(), gk[:, kn:kn + vn], wk[:, kn:kn + vn])
+        assert torch.equal(gk[:, kn + vn:], wk[:, kn + vn:]), "padding bytes differ"
+
+
+def _store_case(fmt, n, blocks, t, layout, gen, dtype=torch.bfloat16, scale=1.0):
+    d, hk = fmt.head_size, fmt.num_kv_heads
+    k = (torch.randn(n, hk, d, generator=gen) * scale).to(dtype)
+    v = torch.randn(n, hk, d, generator=gen).to(dtype)
+    k[0, 0] = 0.0  # an all-zero vector: norm 0 and a zero uniform range
+    slots = torch.randperm(blocks * t, generator=gen)[:n]
+    slots[torch.randperm(n, generator=gen)[: max(1, n // 5)]] = -1
+    got, want = _cache(fmt, blocks, t, layout), _cache(fmt, blocks, t, layout)
+    got.fill_(7)
+    want.fill_(7)
+    k, v, slots = k.to(DEV), v.to(DEV), slots.to(DEV)
+    reference.store(k, v, want, slots, fmt)
+    kt.store(k, v, got, slots, fmt)
+    _check_cache(fmt, k.float(), v.float(), slots, got, want)
+
+
+@pytest.mark.parametrize("cid", list(CODECS))
+def test_store_matches_reference(cid, gen):
+    _store_case(uniform_fmt(cid, 64, 2), 21, 4, 16, "contiguous", gen, scale=8.0)
+
+
+@pytest.mark.parametrize("d", [32, 128])
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5", "uniform4"])
+def test_store_head_dims(cid, d, gen):
+    _store_case(uniform_fmt(cid, d, 1), 13, 2, 16, "contiguous", gen)
+
+
+def test_store_head_dim_80_haar(gen):
+    _store_case(uniform_fmt("turboquant3.5", 80, 2), 9, 2, 8, "contiguous", gen)
+
+
+@pytest.mark.parametrize("layout", ["token-major", "byte-stride-2"])
+@pytest.mark.parametrize("fmt_fn", [mixed_fmt, yaml_fmt], ids=["mixed", "yaml"])
+def test_store_mixed_formats_and_strides(fmt_fn, layout, gen):
+    _store_case(fmt_fn(64), 19, 3, 16, layout, gen, dtype=torch.float32)
+
+
+def test_store_empty_and_all_padding(gen):
+    fmt = uniform_fmt("turboquant3", 64, 2)
+    cache = fmt.allocate(2, 16, device=DEV)
+    kt.store(torch.zeros(0, 2, 64, device=DEV), torch.zeros(0, 2, 64, device=DEV), cache,
+             torch.zeros(0, dtype=torch.long, device=DEV), fmt)
+    kt.store(torch.randn(5, 2, 64, device=DEV), torch.randn(5, 2, 64, device=DEV), cache,
+             torch.full((5,), -1, dtype=torch.int32, device=DEV), fmt)
+    assert not cache.any()
+
+
+def test_ops_dispatch_reaches_triton(gen):
+    fmt = uniform_fmt("uniform4", 64, 2)
+    k, v = torch.randn(4, 2, 64, device=DEV), torch.randn(4, 2, 64, device=DEV)
+    slots = torch.arange(4, device=DEV)
+    a, b = fmt.allocate(1, 16, device=DEV), fmt.allocate(1, 16, device=DEV)
+    ops.store(k, v, a, slots, fmt, impl="triton")
+    reference.store(k, v, b, slots, fmt)
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def _lowp_attention(q, k_deq, v_deq, batch, scale, dtype=torch.bfloat16):
+    """The low-precision PyTorch run: dense causal attention with every operand and result in ``dtype``."""
+    out = torch.zeros(q.shape, dtype=dtype)
+    qsl = batch.query_start_loc.tolist()
+    g = q.shape[1] // k_deq.shape[1]
+    for i, s in enumerate(batch.seq_lens.tolist()):
+        q0, q1 = qsl[i], qsl[i + 1]
+        if q1 == q0:
+            continue
+        c0 = batch.ctx_start[i]
+        k = k_deq[c0:c0 + s].to(dtype).repeat_interleave(g, 1)
+        v = v_deq[c0:c0 + s].to(dtype).repeat_interleave(g, 1)
+        sc = torch.einsum("nhd,lhd->hnl", q[q0:q1].to(dtype), k) * scale
+        pos = torch.arange(s - (q1 - q0), s)
+        sc = sc.masked_fill(torch.arange(s)[None, None, :] > pos[None, :, None], float("-inf"))
+        out[q0:q1] = torch.einsum("hnl,lhd->nhd", torch.softmax(sc, -1), v)
+    return out
+
+
+def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, t=16, layout="contiguous", num_splits=None,
+               dtype=torch.bfloat16):
+    d, hk = fmt.head_size, fmt.num_kv_heads
+    batch = random_paged_batch(seq_lens, q_lens, t, generator=gen)
+    total = int(batch.seq_lens.sum())
+    k_ctx = torch.randn(total, hk, d, generator=gen)
+    k_ctx[:, :, :2] *= 4  # outlier channels, as real keys have
+    v_ctx = torch.randn(total, hk, d, generator=gen)
+    cache = _cache(fmt, batch.num_blocks, t, layout)
+    reference.store(k_ctx.to(DEV), v_ctx.to(DEV), cache, batch.ctx_slots.to(DEV), fmt)
+    q = torch.randn(batch.num_tokens, hq, d, generator=gen) * 2
+    scale = d ** -0.5
+    args = (cache, batch.block_table.to(DEV), batch.seq_lens.to(DEV), batch.query_start_loc.to(DEV), fmt)
+    ref = reference.paged_attention(q.to(dtype).float().to(DEV), *args, scale=scale).cpu()
+    out = kt.paged_attention(q.to(dtype).to(DEV), *args, scale=scale, num_splits=num_splits)
+    assert out.dtype == dtype and out.shape == q.shape
+    err = (out.float().cpu() - ref).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-4, f"float32 kernel differs from the reference by {err}"
+        return
+    k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx)
+    lowp = _lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype)
+    err_lowp = (lowp.float() - ref).abs().max().item()
+    assert err <= 2 * err_lowp + 1e-5, f"kernel error {err} > 2 x bf16 PyTorch error {err_lowp}"
+
+
+DECODE = ([37, 50, 1, 16], [1, 1, 1, 1])
+# prefill, chunked prefill, decodes at odd and block-boundary lengths, a sequence with no new tokens
+MIXED = ([9, 7, 41, 32, 5], [1, 7, 6, 1, 0])
+
+
+@pytest.mark.parametrize("cid", list(CODECS))
+def test_attention_decode(cid, gen):
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *DECODE, gen)
+
+
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5", "uniform-g32-rot-2b", "bf16"])
+def test_attention_decode_split_k(cid, gen):
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *DECODE, gen, num_splits=3)
+
+
+@pytest.mark.parametrize("cid", list(CODECS))
+def test_attention_mixed_batch(cid, gen):
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *MIXED, gen)
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 4), (8, 1), (9, 3), (16, 2)])
+def test_attention_gqa_ratios(hq, hk, gen):
+    _attn_case(uniform_fmt("turboquant3", 64, hk), hq, *MIXED, gen)
+
+
+@pytest.mark.parametrize("d,cid", [(32, "turboquant4"), (128, "turboquant3"), (128, "uniform4"), (80, "turboquant3.5")])
+def test_attention_head_dims(d, cid, gen):
+    _attn_case(uniform_fmt(cid, d, 1), 2, [20, 9], [1, 4], gen, t=8)
+
+
+@pytest.mark.parametrize("layout", ["token-major", "byte-stride-2"])
+@pytest.mark.parametrize("fmt_fn", [mixed_fmt, yaml_fmt], ids=["mixed", "yaml"])
+def test_attention_mixed_formats_and_strides(fmt_fn, layout, gen):
+    _attn_case(fmt_fn(64), 6, *MIXED, gen, layout=layout)
+    _attn_case(fmt_fn(64), 6, *DECODE, gen, layout=layout, num_splits=2)
+
+
+@pytest.mark.parametrize("cid", ["turboquant3", "uniform4", "fp16"])
+def test_attention_float32_queries_match_tightly(cid, gen):
+    _attn_case(uniform_fmt(cid, 64, 2), 4, *MIXED, gen, dtype=torch.float32)
+    _attn_case(uniform_fmt(cid, 64, 2), 4, *DECODE, gen, dtype=torch.float32, num_splits=2)
+
+
+def test_attention_one_token_prefill_in_decode_shape(gen):
+    """N == S takes the one-token-per-tile path even when a sequence has 2 new tokens and another 0."""
+    _attn_case(uniform_fmt("turboquant3", 64, 2), 4, [12, 30, 3], [2, 0, 1], gen, num_splits=2)
+
+
+def test_attention_empty_batch():
+    fmt = uniform_fmt("turboquant3", 64, 2)
+    out = kt.paged_attention(torch.zeros(0, 4, 64, device=DEV), fmt.allocate(1, 16, device=DEV),
+                             torch.zeros(0, 1, dtype=torch.int32, device=DEV),
+                             torch.zeros(0, dtype=torch.int32, device=DEV),
+                             torch.zeros(1, dtype=torch.int32, device=DEV), fmt, scale=0.125)
+    assert out.shape == (0, 4, 64)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("cid", list(CODECS))
+def test_gpu_real_sizes(cid, gen):
+    fmt = uniform_fmt(cid, 128, 8)
+    _store_case(fmt, 4096, 512, 16, "contiguous", gen)
+    _attn_case(fmt, 32, [4096, 1000, 4097, 17], [1, 1, 1, 1], gen)
+    _attn_case(fmt, 32, [2048, 700, 33], [512, 1, 33], gen)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt_fn", [mixed_fmt, yaml_fmt], ids=["mixed", "yaml"])
+def test_gpu_mixed_real_sizes(fmt_fn, gen):
+    _attn_case(fmt_fn(128), 12, [3000, 513, 4096], [1, 1, 1], gen, layout="token-major")
+    _attn_case(fmt_fn(128), 12, [3000, 513], [300, 1], gen)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant4", "uniform4"])
+def test_gpu_cuda_graph_capture_replay(cid, gen):
+    fmt = uniform_fmt(cid, 128, 8)
+    s, t, max_blocks = 8, 16, 64
+    cache = fmt.allocate(s * max_blocks, t, device=DEV)
+    n = s * max_blocks * t
+    kt.store(torch.randn(n, 8, 128, device=DEV), torch.randn(n, 8, 128, device=DEV), cache,
+             torch.arange(n, device=DEV), fmt)
+    bt = torch.arange(s * max_blocks, device=DEV, dtype=torch.int32).reshape(s, max_blocks)
+    lens = torch.full((s,), 100, dtype=torch.int32, device=DEV)
+    qsl = torch.arange(s + 1, dtype=torch.int32, device=DEV)
+    q = torch.randn(s, 32, 128, device=DEV, dtype=torch.bfloat16)
+    kw = dict(scale=128 ** -0.5)
+    kt.paged_attention(q, cache, bt, lens, qsl, fmt, **kw)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kt.paged_attention(q, cache, bt, lens, qsl, fmt, **kw)
+    for trial in range(3):
+        lens.copy_(torch.randint(1, max_blocks * t, (s,), generator=gen, dtype=torch.int32))
+        q.copy_(torch.randn(s, 32, 128, generator=gen).to(q))
+        graph.replay()
+        eager = kt.paged_attention(q, cache, bt, lens, qsl, fmt, **kw)
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
