@@ -89,4 +89,13 @@ def fp16_to_bytes(x: torch.Tensor) -> torch.Tensor:
 
 def bytes_to_fp16(b: torch.Tensor) -> torch.Tensor:
     """b (N, 2) uint8 -> (N,) float32."""
-    return b.contiguous().view(torch.float16).reshape(-1).float()
+    return bytes_view(b, torch.float16).reshape(-1).float()
+
+
+def bytes_view(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """b (N, k * itemsize) uint8 -> (N, k) ``dtype``, reinterpreting the bytes.
+
+    A fresh copy, not ``b.contiguous()``: a one-row slice of a packed row is already "contiguous" but may
+    start at an odd byte (a V code after a 27-byte K code), and ``view`` needs an aligned storage offset.
+    """
+    return b.clone(memory_format=torch.contiguous_format).view(dtype)

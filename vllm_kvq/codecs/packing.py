@@ -19,19 +19,23 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     n, d = codes.shape
-    shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
-    stream = ((codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(n, d * bits)
-    pad = (-stream.shape[1]) % 8
-    if pad:
-        stream = torch.nn.functional.pad(stream, (0, pad))
-    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32))
-    return (stream.reshape(n, -1, 8) * weights).sum(-1).to(torch.uint8)
+    nbytes = packed_nbytes(d, bits)
+    # 8 codes of b bits are exactly b bytes: build each group as one integer (at most 64 bits) and cut it
+    # into bytes. Zero codes pad the last group; the bytes they alone occupy are dropped.
+    groups = -(-d // 8)
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, groups * 8 - d)).reshape(n, groups, 8)
+    # The bits of different codes are disjoint, so the sum is an OR; for b = 8 it wraps through the sign
+    # bit of int64, which the byte extraction below (shift then mask) does not mind.
+    word = (c << (torch.arange(8, device=codes.device, dtype=torch.int64) * bits)).sum(-1, keepdim=True)
+    out = (word >> (torch.arange(bits, device=codes.device, dtype=torch.int64) * 8)) & 0xFF  # (N, groups, b)
+    return out.reshape(n, groups * bits)[:, :nbytes].to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     """packed (N, ceil(n_codes*bits/8)) uint8 -> (N, n_codes) int64 codes."""
     n = packed.shape[0]
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(n, -1)[:, : n_codes * bits]
-    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int64))
-    return (stream.reshape(n, n_codes, bits).to(torch.int64) * weights).sum(-1)
+    groups = -(-n_codes // 8)
+    p = torch.nn.functional.pad(packed.to(torch.int64), (0, groups * bits - packed.shape[1])).reshape(n, groups, bits)
+    word = (p << (torch.arange(bits, device=packed.device, dtype=torch.int64) * 8)).sum(-1, keepdim=True)
+    codes = (word >> (torch.arange(8, device=packed.device, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    return codes.reshape(n, groups * 8)[:, :n_codes]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvq.codecs.base import Field, VectorCodec
+from vllm_kvq.codecs.base import Field, VectorCodec, bytes_view
 from vllm_kvq.codecs.rotation import make_rotation
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,4 +34,4 @@ class RawCodec(VectorCodec):
 
     def decode_rotated(self, codes):
         self._check_codes(codes)
-        return codes.contiguous().view(self.torch_dtype).reshape(codes.shape[0], self.head_dim).float()
+        return bytes_view(codes, self.torch_dtype).reshape(codes.shape[0], self.head_dim).float()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvq.codecs.base import Field, VectorCodec
+from vllm_kvq.codecs.base import Field, VectorCodec, bytes_view
 from vllm_kvq.codecs.packing import pack_bits, packed_nbytes, unpack_bits
 from vllm_kvq.codecs.rotation import make_rotation
 
@@ -58,13 +58,13 @@ class UniformCodec(VectorCodec):
         s32 = scale.float()
         safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
         q = torch.round((y - mn.float().unsqueeze(-1)) / safe.unsqueeze(-1)).clamp(0, qmax)
-        meta = torch.stack((scale, mn), dim=-1).contiguous().view(torch.uint8).reshape(x.shape[0], -1)
-        return torch.cat((pack_bits(q.reshape(x.shape[0], -1).to(torch.int64), self.bits), meta), dim=1)
+        meta = torch.stack((scale, mn), dim=-1).contiguous().view(torch.uint8).reshape(x.shape[0], 4 * self.groups)
+        return torch.cat((pack_bits(q.reshape(x.shape[0], self.head_dim).to(torch.int64), self.bits), meta), dim=1)
 
     def decode_rotated(self, codes):
         self._check_codes(codes)
         n = codes.shape[0]
         q = unpack_bits(codes[:, : self.code_nbytes], self.bits, self.head_dim).float()
-        meta = codes[:, self.code_nbytes:].contiguous().view(torch.float16).reshape(n, self.groups, 2).float()
+        meta = bytes_view(codes[:, self.code_nbytes:], torch.float16).reshape(n, self.groups, 2).float()
         y = q.reshape(n, self.groups, self.group_size) * meta[..., :1] + meta[..., 1:]
         return y.reshape(n, self.head_dim)
