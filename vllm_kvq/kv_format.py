@@ -84,7 +84,9 @@ class KVFormat:
                  f"slot={self.slot_bytes} B (K+V per token per head), {self.compression():.2f}x vs bf16"]
         for g in self.groups:
             k, v = g.key, g.value
-            lines.append(f"  heads {list(g.heads)}:")
+            # which codecs and rotations, so two layouts with equal byte maps but different math differ in text
+            lines.append(f"  heads {list(g.heads)}: K {k.name} (rotation {k.rotation.kind}), "
+                         f"V {v.name} (rotation {v.rotation.kind})")
             for base, c, label in ((0, k, "K"), (k.nbytes, v, "V")):
                 for f in c.fields():
                     lines.append(f"    [{base + f.offset:4d}:{base + f.offset + f.nbytes:4d}] {label}.{f.name:<10} {f.what}")
