@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from vllm_kvq import config as _config
 from vllm_kvq.kv_format import formats_from_config
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return n
 
 
 def add_parser(sub, name, help_):
@@ -13,9 +21,9 @@ def add_parser(sub, name, help_):
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the resolved per-layer, per-head table")
     show.add_argument("config", help="a preset name (see `config list`) or a YAML file")
-    show.add_argument("--layers", type=int, default=32, help="number of attention layers (default 32)")
-    show.add_argument("--kv-heads", type=int, default=8, help="KV heads per layer (default 8)")
-    show.add_argument("--head-size", type=int, default=128, help="head size (default 128)")
+    show.add_argument("--layers", type=_positive, default=32, help="number of attention layers (default 32)")
+    show.add_argument("--kv-heads", type=_positive, default=8, help="KV heads per layer (default 8)")
+    show.add_argument("--head-size", type=_positive, default=128, help="head size (default 128)")
     show.add_argument("--layout", action="store_true", help="also print each distinct slot layout")
     show.set_defaults(run=run_show)
     lst = csub.add_parser("list", help="list the presets")
