@@ -30,3 +30,16 @@ have pytest || pip install "pytest>=8,<10" "pytest-timeout>=2.3,<3"
 have matplotlib || pip install "matplotlib>=3.7,<4"
 # The package itself, editable, without letting pip touch torch or vllm.
 "$VENV/bin/python" -m pip show -q vllm-kvq >/dev/null 2>&1 || pip install --no-deps --no-build-isolation -e .
+# vLLM 0.33's pure-Python modules, for the test of the 0.33 registration path (its CUDA wheel cannot be
+# installed here; its Python files import and run against the CPU torch). Skipped with VLLM_KVQ_SKIP_V033=1.
+V033=.cache/vllm-0.33
+if [[ ${VLLM_KVQ_SKIP_V033:-0} != 1 && ! -f $V033/vllm/config/cache.py ]]; then
+  mkdir -p .cache/wheels "$V033"
+  ls .cache/wheels/vllm-0.33.0-*.whl >/dev/null 2>&1 || pip download --no-deps -d .cache/wheels "vllm==0.33.0"
+  "$VENV/bin/python" - "$V033" .cache/wheels/vllm-0.33.0-*.whl <<'PY'
+import sys, zipfile
+dest, whl = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(whl) as z:
+    z.extractall(dest, [n for n in z.namelist() if n.startswith("vllm/") and not n.endswith(".so")])
+PY
+fi
