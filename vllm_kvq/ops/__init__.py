@@ -29,6 +29,12 @@ def _impl_table(op: str) -> dict:
         table["triton"] = getattr(_triton, op)
     except (ImportError, AttributeError):
         pass
+    try:
+        from vllm_kvq.kernels import cuda as _cuda
+        if _cuda.available():
+            table["cuda"] = getattr(_cuda, op)
+    except (ImportError, AttributeError):
+        pass
     return table
 
 

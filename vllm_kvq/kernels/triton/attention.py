@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from vllm_kvq.kernels.triton import codec_jit as cj
-from vllm_kvq.kernels.triton.codec_spec import spec_of, tables
+from vllm_kvq.kernels.triton.codec_spec import heads_tensor, spec_of, tables
 from vllm_kvq.kv_format import KVFormat
 
 LOG2E = 1.4426950408889634
@@ -261,7 +261,7 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         ks, vs = spec_of(g.key), spec_of(g.value)
         krt, kcent, _ = tables(g.key, cache.device)
         vrt, vcent, _ = tables(g.value, cache.device)
-        heads = torch.tensor(g.heads, dtype=torch.int32, device=cache.device)
+        heads = heads_tensor(g.heads, cache.device)
         _attn_kernel[(n // bq + s, len(g.heads), splits)](
             query, query.stride(0), query.stride(1), out, out.stride(0), out.stride(1),
             cache, *cache.stride(), bt, bt.stride(0), seq_lens, qsl, heads,

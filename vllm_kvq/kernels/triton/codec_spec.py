@@ -106,3 +106,15 @@ def tables(codec: VectorCodec, device: torch.device) -> tuple[torch.Tensor, torc
             cent = thr = one
         _TABLES[k] = (rt, cent, thr)
     return _TABLES[k]
+
+
+_HEADS: dict = {}
+
+
+def heads_tensor(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(gh,) int32 KV-head indices of a head group on ``device``, cached: building it from a list is a
+    host-to-device copy, which a CUDA-graph capture would reject."""
+    k = (heads, str(device))
+    if k not in _HEADS:
+        _HEADS[k] = torch.tensor(heads, dtype=torch.int32, device=device)
+    return _HEADS[k]

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from vllm_kvq.kernels.triton import codec_jit as cj
-from vllm_kvq.kernels.triton.codec_spec import spec_of, tables
+from vllm_kvq.kernels.triton.codec_spec import heads_tensor, spec_of, tables
 from vllm_kvq.kv_format import KVFormat
 
 
@@ -64,7 +64,7 @@ def store(key: torch.Tensor,  # (N, Hk, D)
         ks, vs = spec_of(g.key), spec_of(g.value)
         krt, kcent, kthr = tables(g.key, cache.device)
         vrt, vcent, vthr = tables(g.value, cache.device)
-        heads = torch.tensor(g.heads, dtype=torch.int32, device=cache.device)
+        heads = heads_tensor(g.heads, cache.device)
         pad0 = g.key.nbytes + g.value.nbytes
         _store_kernel[(triton.cdiv(n, bn), len(g.heads))](
             key, *key.stride(), value, *value.stride(), cache, *cache.stride(), slot_mapping, heads, n,
