@@ -277,3 +277,23 @@ def test_attention_error_within_distortion_bound(gen):
             assert dist <= 1.03 * codecs.lloyd_max_codebook(d, bits).mse * d, (name, dist)
         errs[name] = relative_error(out, ref)
     assert [errs[n] for n in order] == sorted(errs.values(), reverse=True), errs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_query_and_int32_slots(dtype, gen):
+    # vLLM hands bf16/fp16 queries and may pass int32 slot mappings: output keeps the query dtype and
+    # matches the float32 run to the dtype's rounding
+    fmt = kv_format("turboquant4", head_size=64, num_kv_heads=2)
+    batch = random_paged_batch(MIXED_SEQ, MIXED_Q, block_size=16, generator=gen)
+    total = int(batch.seq_lens.sum())
+    k, v = torch.randn(total, 2, 64, generator=gen), torch.randn(total, 2, 64, generator=gen)
+    q = torch.randn(batch.num_tokens, 4, 64, generator=gen).to(dtype)
+    cache = fmt.allocate(batch.num_blocks, 16)
+    ops.store(k.to(dtype), v.to(dtype), cache, batch.ctx_slots.to(torch.int32), fmt, impl="reference")
+    args = (cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt)
+    out = ops.paged_attention(q, *args, scale=0.125, impl="reference")
+    assert out.dtype == dtype
+    ref = ops.paged_attention(q.float(), *args, scale=0.125, impl="reference")
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+    kh, vh = roundtrip(fmt, k.to(dtype), v.to(dtype))
+    torch.testing.assert_close(ref, paged_reference(q.float(), kh, vh, batch, 0.125), atol=2e-5, rtol=2e-5)
