@@ -150,11 +150,17 @@ def test_cli_show_table_bytes_and_compression(capsys):
 
 def test_cli_show_file_with_layout(capsys, tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("name: c\nkey: uniform4\nvalue: {codec: turboquant, bits: 2}\n")
+    p.write_text("name: c\nkey: uniform4\nvalue: {codec: turboquant, bits: 2}\n"
+                 "overrides: [{layers: 1, key: {codec: turboquant3, scale_mode: norm}}]\n")
     rc, out, _ = _show(capsys, str(p), "--layers", "2", "--kv-heads", "1", "--head-size", "128", "--layout")
     assert rc == 0
-    # uniform4 K 64 + 4 = 68, turboquant2 V 32 + 2 = 34: 102 B per layer, 204 B against 1024 B of bf16
-    assert "204  (bf16: 1024)" in out and "compression vs bf16: 5.02x" in out
+    rows = [ln.split() for ln in out.splitlines() if ln[:5].strip().isdigit()]
+    # the table names what runs, parameters included, not just the codec's preset name
+    assert rows == [["0", "0", "uniform4", "turboquant(bits=2)", "102", "102"],
+                    ["1", "0", "turboquant3(scale_mode=norm)", "turboquant(bits=2)", "84", "84"]]
+    # layer 0: uniform4 K 64 + 4 = 68, turboquant2 V 32 + 2 = 34: 102 B; layer 1: 50 + 34 = 84 B;
+    # 186 B per token against 2 x 2 x 128 x 2 = 1024 B of bf16
+    assert "186  (bf16: 1024)" in out and "compression vs bf16: 5.51x" in out
     assert "K.scale_min" in out and "V.codes2" in out
 
 

@@ -42,11 +42,17 @@ def show(cfg: _config.KVQConfig, layers: int, kv_heads: int, head_size: int, lay
     fmts = formats_from_config(cfg, num_layers=layers, num_kv_heads=kv_heads, head_size=head_size)
     out = [f"config {cfg.name!r}: {cfg.description}".rstrip(": "),
            f"model shape: {layers} layers x {kv_heads} KV heads x head_size {head_size}, seed {cfg.seed}", ""]
-    out.append(f"{'layer':>5}  {'head':>4}  {'key':<22} {'value':<22} {'K+V B':>6}  {'slot B':>6}")
+    # The resolved specs, not codec.name: a preset with a changed parameter keeps its codec name
+    # ("turboquant3" with scale_mode=norm), and the table must show what will actually run.
+    table = _config.resolve(cfg, layers, kv_heads)
+    names = [[tuple(str(s).replace(", ", ",") for s in pair) for pair in row] for row in table]
+    w = max(22, *(len(n) for row in names for pair in row for n in pair))
+    out.append(f"{'layer':>5}  {'head':>4}  {'key':<{w}} {'value':<{w}} {'K+V B':>6}  {'slot B':>6}")
     for layer, f in enumerate(fmts):
         for h in range(kv_heads):
             k, v = f.keys[h], f.values[h]
-            out.append(f"{layer:>5}  {h:>4}  {k.name:<22} {v.name:<22} {k.nbytes + v.nbytes:>6}  {f.slot_bytes:>6}")
+            kn, vn = names[layer][h]
+            out.append(f"{layer:>5}  {h:>4}  {kn:<{w}} {vn:<{w}} {k.nbytes + v.nbytes:>6}  {f.slot_bytes:>6}")
     total = sum(f.bytes_per_token() for f in fmts)
     bf16 = layers * kv_heads * 2 * head_size * 2
     out += ["", f"bytes per token (all layers, K+V, padding included): {total}  (bf16: {bf16})",
