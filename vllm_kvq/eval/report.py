@@ -1,0 +1,170 @@
+"""Turn sweep results into a Markdown table, a goal check and a memory-fidelity frontier plot.
+
+A result is one dict per served cache (what ``sweep.evaluate`` returns):
+
+    {"label": "turboquant3", "dtype": "turboquant3", "bytes_per_token": 5040, "error": None,
+     "kv_cache_tokens": 23296, "ppl": {"ppl": ..., "token_nll": [...], ...},
+     "needle": {"accuracy": ..., "accuracy_by_length": {"1024": ...}},
+     "lmeval": {"headline": {"kvq_shakespeare_mc": ...}}}
+
+The reference for deltas is the ``auto`` (bf16) entry. Perplexity deltas are paired per token: both runs
+score the same tokens, so the standard error of the mean NLL difference is small even when PPL itself is
+noisy across windows (tokens are correlated, so treat it as a lower bound).
+"""
+
+from __future__ import annotations
+
+import math
+
+# Goals of the quality issue: relative PPL change vs the bf16 cache, and needle accuracy equal to bf16.
+PPL_GOALS = {"turboquant4": 0.01, "turboquant3": 0.03, "turboquant2": 0.10}
+NEEDLE_EQUAL_GOAL = ("turboquant4",)
+REFERENCE = "auto"
+
+
+def paired_delta(ref_nll: list[float], nll: list[float]) -> tuple[float, float]:
+    """(relative PPL change, its standard error) from per-token NLLs of the same tokens."""
+    n = min(len(ref_nll), len(nll))
+    if n == 0:
+        return float("nan"), float("nan")
+    if len(ref_nll) != len(nll):
+        raise ValueError(f"runs scored different tokens ({len(ref_nll)} vs {len(nll)}): cannot pair them")
+    d = [b - a for a, b in zip(ref_nll, nll)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
+    se = math.sqrt(var / n)
+    return math.expm1(mean), math.exp(mean) * se
+
+
+def _ref(results: list[dict]) -> dict | None:
+    for r in results:
+        if r["label"] == REFERENCE and not r.get("error"):
+            return r
+    return None
+
+
+def derived(results: list[dict]) -> list[dict]:
+    """Adds compression, ppl delta (and SE) and needle accuracy to each result (copies)."""
+    ref = _ref(results)
+    out = []
+    for r in results:
+        r = dict(r)
+        if ref and r.get("bytes_per_token"):
+            r["compression"] = ref["bytes_per_token"] / r["bytes_per_token"]
+        ppl, rppl = r.get("ppl"), (ref or {}).get("ppl")
+        if ppl and rppl and ppl.get("token_nll") and rppl.get("token_nll"):
+            r["ppl_delta"], r["ppl_delta_se"] = paired_delta(rppl["token_nll"], ppl["token_nll"])
+        elif ppl and rppl:
+            r["ppl_delta"], r["ppl_delta_se"] = ppl["ppl"] / rppl["ppl"] - 1, float("nan")
+        out.append(r)
+    return out
+
+
+def _f(x, fmt: str, missing: str = "-") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return missing
+    return format(x, fmt)
+
+
+def markdown_table(results: list[dict]) -> str:
+    rows = derived(results)
+    lengths = sorted({int(n) for r in rows for n in ((r.get("needle") or {}).get("accuracy_by_length") or {})})
+    tasks = sorted({t for r in rows for t in ((r.get("lmeval") or {}).get("headline") or {})})
+    head = (["cache", "bytes/token", "compression", "KV tokens", "PPL", "ΔPPL vs auto"]
+            + [f"needle {n // 1024}k" if n % 1024 == 0 else f"needle {n}" for n in lengths]
+            + [_task_label(t) for t in tasks] + ["note"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        ppl, needle, lm = r.get("ppl") or {}, r.get("needle") or {}, (r.get("lmeval") or {}).get("headline") or {}
+        delta = r.get("ppl_delta")
+        dtext = "-" if delta is None or math.isnan(delta) else (
+            f"{delta * 100:+.2f}%" + (f" ± {r['ppl_delta_se'] * 100:.2f}" if not math.isnan(r.get("ppl_delta_se", math.nan)) else ""))
+        if r["label"] == REFERENCE and ppl:
+            dtext = "(reference)"
+        note = r.get("error") or r.get("note") or ""
+        note = note.replace("|", "/").replace("\n", " ")
+        if len(note) > 160:
+            note = note[:157] + "..."
+        cells = [f"`{r['label']}`", _f(r.get("bytes_per_token"), "d"), _f(r.get("compression"), ".2f") + "x"
+                 if r.get("compression") else "-", _f(r.get("kv_cache_tokens"), ",d"), _f(ppl.get("ppl"), ".3f"),
+                 dtext]
+        cells += [_f((needle.get("accuracy_by_length") or {}).get(str(n)), ".2f") for n in lengths]
+        cells += [_f(lm.get(t), ".4f") for t in tasks]
+        cells.append(note)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _task_label(task: str) -> str:
+    from vllm_kvq.eval.lmeval import HEADLINE
+
+    metric = HEADLINE.get(task, ("score",))[0]
+    return f"{task.removeprefix('kvq_')} {metric}"
+
+
+def goal_check(results: list[dict]) -> list[str]:
+    """One line per goal: met / MISSED with the measured number, or not measured."""
+    rows = {r["label"]: r for r in derived(results)}
+    ref = rows.get(REFERENCE)
+    out = []
+    for label, goal in PPL_GOALS.items():
+        r = rows.get(label)
+        if r is None or r.get("error") or r.get("ppl_delta") is None:
+            why = (r or {}).get("error") or "not run"
+            out.append(f"- `{label}` ΔPPL ≤ {goal:.0%}: not measured ({why[:120]})")
+            continue
+        d = r["ppl_delta"]
+        verdict = "met" if d <= goal else "MISSED"
+        out.append(f"- `{label}` ΔPPL ≤ {goal:.0%}: **{verdict}**, measured {d * 100:+.2f}% "
+                   f"(± {r.get('ppl_delta_se', math.nan) * 100:.2f})")
+    for label in NEEDLE_EQUAL_GOAL:
+        r = rows.get(label)
+        if not r or not r.get("needle") or not ref or not ref.get("needle"):
+            out.append(f"- `{label}` needle accuracy = bf16: not measured")
+            continue
+        a, b = r["needle"]["accuracy_by_length"], ref["needle"]["accuracy_by_length"]
+        verdict = "met" if a == b else "MISSED"
+        out.append(f"- `{label}` needle accuracy = bf16: **{verdict}**, {label} {_acc_text(a)} vs auto {_acc_text(b)}")
+    return out
+
+
+def _acc_text(by_length: dict) -> str:
+    return ", ".join(f"{int(n) // 1024 if int(n) % 1024 == 0 else n}{'k' if int(n) % 1024 == 0 else ''}: {v:.2f}"
+                     for n, v in by_length.items())
+
+
+def plot_frontier(results: list[dict], path, title: str = "KV cache: memory vs fidelity") -> None:
+    """Left: relative PPL change vs bytes per token; right: needle accuracy vs bytes per token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in derived(results) if not r.get("error") and r.get("bytes_per_token")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in rows:
+        x = r["bytes_per_token"] / 1024
+        if r.get("ppl_delta") is not None and not math.isnan(r["ppl_delta"]):
+            ax1.errorbar(x, r["ppl_delta"] * 100, yerr=(r.get("ppl_delta_se") or 0) * 100, fmt="o", capsize=3)
+            ax1.annotate(r["label"], (x, r["ppl_delta"] * 100), textcoords="offset points", xytext=(4, 4),
+                         fontsize=8)
+        if r.get("needle"):
+            ax2.plot(x, r["needle"]["accuracy"], "o")
+            ax2.annotate(r["label"], (x, r["needle"]["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                         fontsize=8)
+    for label, goal in PPL_GOALS.items():
+        r = next((r for r in rows if r["label"] == label), None)
+        if r:
+            ax1.plot(r["bytes_per_token"] / 1024, goal * 100, "_", color="red", markersize=14)
+    ax1.axhline(0, color="gray", lw=0.8)
+    ax1.set_xlabel("KV cache KiB per token (all layers, K+V)")
+    ax1.set_ylabel("ΔPPL vs bf16 cache (%)  [red: goal]")
+    ax1.set_xscale("log")
+    ax2.set_xlabel("KV cache KiB per token (all layers, K+V)")
+    ax2.set_ylabel("needle accuracy (all lengths, depths)")
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.set_xscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
