@@ -33,7 +33,7 @@ from vllm.v1.attention.backend import (
 from vllm_kvq import config as _config
 from vllm_kvq import ops
 from vllm_kvq.kv_format import KVFormat, formats_from_config
-from vllm_kvq.vllm.dtypes import KVQ_DTYPES, config_for_dtype
+from vllm_kvq.vllm.dtypes import ADDITIONAL_CONFIG_KEY, CONFIG_DTYPE, KVQ_DTYPES, config_for_dtype
 
 logger = logging.getLogger("vllm_kvq")
 
@@ -64,25 +64,28 @@ def _current_shape() -> _ModelShape | None:
     return _ModelShape(n, dict(vc.additional_config or {}))
 
 
-# (dtype, head_size, num_kv_heads) -> per-layer formats, padded to one slot size. Filled once per process.
-_FORMATS: dict[tuple[str, int, int], list[KVFormat]] = {}
-_SHAPE: _ModelShape | None = None
+# Per-layer formats, padded to one slot size, keyed by everything they depend on. An engine resolves them
+# at model construction (vLLM config current); vLLM may ask ``customize_spec`` later outside that context,
+# which then reuses the shape seen last in this process.
+_FORMATS: dict[tuple, list[KVFormat]] = {}
+_LAST_SHAPE: _ModelShape | None = None
 
 
 def layer_formats(dtype: str, head_size: int, num_kv_heads: int) -> list[KVFormat]:
-    global _SHAPE
-    key = (dtype, head_size, num_kv_heads)
+    global _LAST_SHAPE
+    shape = _current_shape() or _LAST_SHAPE
+    if shape is None:
+        raise RuntimeError("vllm_kvq: the vLLM config is not available to resolve the KV format")
+    _LAST_SHAPE = shape
+    cfg_ref = shape.additional_config.get(ADDITIONAL_CONFIG_KEY) if dtype == CONFIG_DTYPE else None
+    key = (dtype, head_size, num_kv_heads, shape.num_layers, repr(cfg_ref))
     if key not in _FORMATS:
-        shape = _current_shape() or _SHAPE
-        if shape is None:
-            raise RuntimeError("vllm_kvq: the vLLM config is not available to resolve the KV format")
-        _SHAPE = shape
         cfg = config_for_dtype(dtype, shape.additional_config)
-        _FORMATS[key] = formats_from_config(cfg, num_layers=shape.num_layers, num_kv_heads=num_kv_heads,
-                                            head_size=head_size, uniform_slot=True)
-        f0 = _FORMATS[key]
+        fmts = formats_from_config(cfg, num_layers=shape.num_layers, num_kv_heads=num_kv_heads,
+                                   head_size=head_size, uniform_slot=True)
+        _FORMATS[key] = fmts
         logger.info("vllm_kvq: %s -> %d layers, slot %d B per token per KV head (K+V), %.2fx vs bf16",
-                    dtype, len(f0), f0[0].slot_bytes, f0[0].compression())
+                    dtype, len(fmts), fmts[0].slot_bytes, fmts[0].compression())
     return _FORMATS[key]
 
 

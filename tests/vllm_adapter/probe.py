@@ -50,7 +50,9 @@ def run_job(job):
                 "prompt_logprobs": _prompt_lp(o),
                 "num_cached_tokens": int(o.num_cached_tokens or 0),
             } for o in outs])
-        return {"num_blocks": cc.num_gpu_blocks, "block_size": cc.block_size, "runs": runs}
+        sc = llm.llm_engine.vllm_config.scheduler_config
+        return {"num_blocks": cc.num_gpu_blocks, "block_size": cc.block_size, "runs": runs,
+                "max_num_batched_tokens": sc.max_num_batched_tokens}
     finally:
         del llm
         gc.collect()

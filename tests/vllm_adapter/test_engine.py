@@ -1,0 +1,130 @@
+"""End to end through real vLLM with tiny random models: every dtype serves, capacity grows as vLLM itself
+counts it, prefill reads the quantized cache (prefix-cache hit == cold run, chunked == unchunked), the
+error messages a user sees. One probe process runs all engines of the module."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.vllm_adapter.conftest import run_probe
+from vllm_kvq.vllm.dtypes import KVQ_DTYPES, NAMED_DTYPES
+
+PROMPT = [3 + (i * 37) % 400 for i in range(150)]  # 150 token ids of the tiny vocab, no special tokens
+KV_BYTES = 1 << 26
+MIXED_YAML = """
+name: tiny-mixed
+key: turboquant3
+value: turboquant3
+overrides:
+  - layers: 0
+    key: turboquant4
+    value: turboquant4
+  - layers: -1
+    heads: 1
+    key: {codec: uniform, bits: 8}
+"""
+CAPACITY_TARGETS = {"turboquant4": 3.7, "turboquant3": 4.5, "turboquant2": 6.5}
+
+
+def _job(model, dtype, mixed=None, **kw):
+    job = {"model": model, "dtype": dtype, "prompts": [PROMPT], "max_tokens": 8, "kv_bytes": KV_BYTES,
+           "prompt_logprobs": True, "llm": {"block_size": 32}}
+    if dtype == "kvq":
+        job["llm"]["additional_config"] = {"kvq_config": mixed}
+    for k, v in kw.items():
+        if k == "llm":
+            job["llm"].update(v)
+        else:
+            job[k] = v
+    return job
+
+
+@pytest.fixture(scope="module")
+def results(tiny_model, tiny_model_128, tiny_model_48, tiny_sliding_window_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    bad_yaml = tmp / "bad.yaml"
+    bad_yaml.write_text("name: bad\nkey: turboquant3\nvalue: {codec: turboquant, bits: 9}\n")
+    mixed = tmp / "mixed.yaml"
+    mixed.write_text(MIXED_YAML)
+    jobs = {}
+    for d in ("auto",) + KVQ_DTYPES:
+        jobs[("all", d)] = _job(tiny_model, d, mixed=str(mixed))
+    for d in ("auto", "turboquant4", "turboquant3", "turboquant2"):
+        jobs[("d128", d)] = _job(tiny_model_128, d, prompt_logprobs=False, max_tokens=2)
+    for d in ("auto", "turboquant3"):
+        jobs[("prefix", d)] = _job(tiny_model, d, repeat=2, prompt_logprobs=False,
+                                   llm={"enable_prefix_caching": True})
+    jobs[("chunked", "turboquant3")] = _job(tiny_model, "turboquant3", max_tokens=2,
+                                            llm={"enable_chunked_prefill": True, "max_num_batched_tokens": 32})
+    jobs[("error", "kvq-no-config")] = _job(tiny_model, "kvq", llm={"additional_config": {}})
+    jobs[("error", "bad-yaml")] = _job(tiny_model, "kvq", llm={"additional_config": {"kvq_config": str(bad_yaml)}})
+    jobs[("error", "head-size")] = _job(tiny_model_48, "turboquant3")
+    jobs[("error", "sliding-window")] = _job(tiny_sliding_window_model, "turboquant3")
+    keys = list(jobs)
+    out = run_probe([jobs[k] for k in keys], tmp)
+    return dict(zip(keys, out))
+
+
+def _ok(r):
+    assert "error" not in r, r["error"]
+    return r
+
+
+def _mean_abs_diff(a, b):
+    pa, pb = a["runs"][0][0]["prompt_logprobs"][1:], b["runs"][0][0]["prompt_logprobs"][1:]
+    return sum(abs(x - y) for x, y in zip(pa, pb)) / len(pa)
+
+
+@pytest.mark.parametrize("dtype", ("auto",) + KVQ_DTYPES)
+def test_every_dtype_generates(results, dtype):
+    run = _ok(results[("all", dtype)])["runs"][0][0]
+    assert len(run["token_ids"]) == 8
+    assert all(lp <= 0 for lp in run["logprobs"])
+
+
+def test_logprobs_track_bits(results):
+    """Prompt logprobs against the bf16 cache: near-lossless at 8 bits, worse as bits shrink."""
+    base = _ok(results[("all", "auto")])
+    diff = {d: _mean_abs_diff(_ok(results[("all", d)]), base) for d in KVQ_DTYPES}
+    assert diff["uniform8"] < 0.02, diff
+    assert diff["uniform8"] < diff["turboquant4"] < diff["turboquant3"] < diff["turboquant2"], diff
+    assert diff["turboquant3.5"] < diff["turboquant2.5"], diff
+    assert diff["turboquant4"] < 0.25, diff  # a sane band; a broken cache gives several nats
+
+
+@pytest.mark.parametrize("model", ["all", "d128"])
+@pytest.mark.parametrize("dtype", sorted(CAPACITY_TARGETS))
+def test_capacity_from_vllm_block_counts(results, model, dtype):
+    """vLLM's own block count for the same KV memory grows by the slot-size ratio."""
+    ours = _ok(results[(model, dtype)])["num_blocks"]
+    bf16 = _ok(results[(model, "auto")])["num_blocks"]
+    assert ours / bf16 >= CAPACITY_TARGETS[dtype], (ours, bf16)
+
+
+def test_prefix_cache_hit_equals_cold_run(results):
+    for d in ("auto", "turboquant3"):
+        cold, warm = (run[0] for run in _ok(results[("prefix", d)])["runs"])
+        assert cold["num_cached_tokens"] == 0 and warm["num_cached_tokens"] >= 128, (d, warm["num_cached_tokens"])
+        assert warm["token_ids"] == cold["token_ids"], d
+        assert max(abs(a - b) for a, b in zip(warm["logprobs"], cold["logprobs"])) < 1e-3, d
+
+
+def test_chunked_prefill_equals_one_chunk(results):
+    chunked = _ok(results[("chunked", "turboquant3")])
+    assert chunked["max_num_batched_tokens"] == 32  # the 150-token prompt really ran in 5 chunks
+    whole = _ok(results[("all", "turboquant3")])
+    a, b = chunked["runs"][0][0]["prompt_logprobs"][1:], whole["runs"][0][0]["prompt_logprobs"][1:]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("kvq-no-config", ["kvq_config", "--additional-config"]),
+    ("bad-yaml", ["value", "bits", "9"]),
+    ("head-size", ["head size 48", "supported head sizes"]),
+    ("sliding-window", ["sliding-window", "--kv-cache-dtype-skip-layers"]),
+])
+def test_errors_say_what_to_do(results, case, needles):
+    err = results[("error", case)].get("error")
+    assert err, f"{case}: expected an error, the engine started"
+    for n in needles:
+        assert n in err, (n, err)
