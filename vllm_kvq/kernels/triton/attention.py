@@ -56,12 +56,30 @@ def _mm(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _out(o, o_ptr, DOT: tl.constexpr):
+def _out(o, o_ptr, DOT: tl.constexpr):  # o_ptr: any pointer tensor of the output
     """o float32 -> the output dtype; DOT == 3 rounds to bf16 itself (the interpreter's cast truncates)."""
     if DOT == 3:
         return cj.bf16_bits(o).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return o.to(o_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _store_out(o, rows, rmask, vrt_ptr, D, DP: tl.constexpr, RC: tl.constexpr, ROT: tl.constexpr,
+               DOT: tl.constexpr):
+    """Stores o (BM, DP) rotated back (``o @ R``) to row pointers ``rows`` (BM, 1), RC columns at a time so
+    only a (DP, RC) slice of R is staged."""
+    if ROT:
+        j = tl.arange(0, DP)
+        for c in tl.static_range(0, DP, RC):
+            i = c + tl.arange(0, RC)
+            # R[j, i] = R^T[i, j]: the inverse rotation is a transposed load of the same table.
+            r = tl.load(vrt_ptr + i[None, :] * D + j[:, None], mask=(j[:, None] < D) & (i[None, :] < D), other=0.0)
+            oc = tl.dot(o, r, input_precision="ieee")
+            tl.store(rows + i[None, :], _out(oc, rows, DOT), mask=rmask[:, None] & (i[None, :] < D))
+    else:
+        j = tl.arange(0, DP)
+        tl.store(rows + j[None, :], _out(o, rows, DOT), mask=rmask[:, None] & (j[None, :] < D))
 
 
 @triton.jit
@@ -84,7 +102,7 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
                  S, N, HQ, qscale, split_tokens,
                  D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                  BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                 VOFF: tl.constexpr, DOT: tl.constexpr,
+                 VOFF: tl.constexpr, DOT: tl.constexpr, RC: tl.constexpr,
                  K_KIND: tl.constexpr, K_B0: tl.constexpr, K_N0: tl.constexpr, K_B1: tl.constexpr,
                  K_SEG1: tl.constexpr, K_META: tl.constexpr, K_GS: tl.constexpr, K_W: tl.constexpr,
                  K_ROT: tl.constexpr, K_SMODE: tl.constexpr,
@@ -111,11 +129,11 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
     qh = kvh * G + g
     d = tl.arange(0, DP)
     dm = d < D
-    q = tl.load(q_ptr + qtok[:, None] * sqn + qh[:, None] * sqh + d[None, :],
-                mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    q_rows = q_ptr + qtok[:, None] * sqn + qh[:, None] * sqh
     if K_ROT:
-        rt = tl.load(krt_ptr + d[:, None] * D + d[None, :], mask=dm[:, None] & dm[None, :], other=0.0)
-        q = tl.dot(q, rt, input_precision="ieee")
+        q = cj.rotate_rows(q_rows, rmask, krt_ptr, D, DP, BM, RC)
+    else:
+        q = tl.load(q_rows + d[None, :], mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
     q = q * qscale
 
     kv_end = ctx - q_len + tl.minimum(t0 + BQ, q_len)
@@ -125,12 +143,14 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
     l = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, DP), tl.float32)
     head_off = kvh.to(tl.int64) * sH
+    kcb = cj.codebook(kcent_ptr, D, DP, K_W)
+    vcb = cj.codebook(vcent_ptr, D, DP, V_W)
     for n0 in range(lo, hi, BN):
         pos = n0 + tl.arange(0, BN)
         nmask = pos < hi
         blk = tl.load(bt_ptr + s.to(tl.int64) * sbt + pos // T, mask=nmask, other=0).to(tl.int64)
         rows = cache_ptr + blk * sB + head_off + (pos % T).to(tl.int64) * sT
-        kv, ks = cj.decode_tile(rows, d, sC, nmask, D, kcent_ptr,
+        kv, ks = cj.decode_tile(rows, d, sC, nmask, D, kcb, DP, BN,
                                 K_KIND, K_B0, K_N0, K_B1, K_SEG1, K_META, K_GS, K_W)
         sc = _mm(q, tl.trans(kv), DOT) * ks[None, :]
         ok = (pos[None, :] <= qpos[:, None]) & nmask[None, :]
@@ -140,19 +160,14 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
         p = tl.exp2(sc - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
-        vv, vs = cj.decode_tile(rows + VOFF * sC, d, sC, nmask, D, vcent_ptr,
+        vv, vs = cj.decode_tile(rows + VOFF * sC, d, sC, nmask, D, vcb, DP, BN,
                                 V_KIND, V_B0, V_N0, V_B1, V_SEG1, V_META, V_GS, V_W)
         acc = acc * alpha[:, None] + _mm(p * vs[None, :], vv, DOT)
         m = m_new
 
     if NUM_SPLITS == 1:
         o = acc / tl.maximum(l, 1e-30)[:, None]
-        if V_ROT:
-            # R[i, j] = R^T[j, i]: the output rotation is the transposed load of the same table.
-            vr = tl.load(vrt_ptr + d[None, :] * D + d[:, None], mask=dm[:, None] & dm[None, :], other=0.0)
-            o = tl.dot(o, vr, input_precision="ieee")
-        tl.store(o_ptr + qtok[:, None] * son + qh[:, None] * soh + d[None, :],
-                 _out(o, o_ptr, DOT), mask=rmask[:, None] & dm[None, :])
+        _store_out(o, o_ptr + qtok[:, None] * son + qh[:, None] * soh, rmask, vrt_ptr, D, DP, RC, V_ROT, DOT)
     else:
         row = (split * N + qtok) * HQ + qh  # partials are (NUM_SPLITS, N, HQ, ...)
         tl.store(part_ptr + row[:, None] * DP + d[None, :], acc, mask=rmask[:, None])
@@ -163,7 +178,7 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
 @triton.jit
 def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, N, HQ,
                   D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, V_ROT: tl.constexpr, DOT: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, V_ROT: tl.constexpr, DOT: tl.constexpr, RC: tl.constexpr):
     """One program per (query token, KV head): merges the splits of the group's query heads."""
     n = tl.program_id(0).to(tl.int64)
     kvh = tl.load(heads_ptr + tl.program_id(1))
@@ -188,11 +203,18 @@ def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, N, HQ,
         acc = acc * alpha[:, None] + a_j * beta[:, None]
         m = m_new
     o = acc / tl.maximum(l, 1e-30)[:, None]
-    if V_ROT:
-        vr = tl.load(vrt_ptr + d[None, :] * D + d[:, None], mask=dm[:, None] & dm[None, :], other=0.0)
-        o = tl.dot(o, vr, input_precision="ieee")
-    tl.store(o_ptr + n * son + qh[:, None] * soh + d[None, :], _out(o, o_ptr, DOT),
-             mask=gm[:, None] & dm[None, :])
+    _store_out(o, o_ptr + n * son + qh[:, None] * soh, gm, vrt_ptr, D, DP, RC, V_ROT, DOT)
+
+
+def launch_config(dp: int, gp: int, decode: bool) -> tuple[int, int, int, int]:
+    """(query tokens per tile, rows per tile, context tokens per tile, warps). Chosen so that ptxas reports
+    no register spills for sm_90 at head sizes 64-256 (checked by compiling, not yet timed on a GPU)."""
+    bn = 32 if dp <= 128 else 16
+    if decode:
+        return 1, max(16, gp), bn, 4
+    rows = 32 if dp <= 128 else 16
+    bq = max(1, rows // gp)
+    return bq, max(16, bq * gp), bn, 8
 
 
 def _interpreting() -> bool:
@@ -234,11 +256,9 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     gp = triton.next_power_of_2(grp)
     dp = max(16, triton.next_power_of_2(d))
     t = cache.shape[2]
-    bn = 64 if dp <= 128 else 32
     # N == S means one token per sequence in any batch vLLM builds: a decode step, one token per tile.
     decode = n == s
-    bq = 1 if decode else max(1, 64 // gp)
-    bm = max(16, bq * gp)
+    bq, bm, bn, warps = launch_config(dp, gp, decode)
     max_ctx = block_table.shape[1] * t
     splits = 1
     if decode:
@@ -267,9 +287,10 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
             cache, *cache.stride(), bt, bt.stride(0), seq_lens, qsl, heads,
             krt, kcent, vrt, vcent, part, ml, s, n, hq, scale * LOG2E, split_tokens,
             D=d, DP=dp, T=t, G=grp, GP=gp, BQ=bq, BM=bm, BN=bn, NUM_SPLITS=splits,
-            VOFF=g.key.nbytes, DOT=dot, **ks.constexprs("K"), **vs.constexprs("V"))
+            VOFF=g.key.nbytes, DOT=dot, RC=min(32, dp), **ks.constexprs("K"), **vs.constexprs("V"),
+            num_warps=warps)
         if splits > 1:
             _merge_kernel[(n, len(g.heads))](
                 out, out.stride(0), out.stride(1), part, ml, heads, vrt, n, hq,
-                D=d, DP=dp, G=grp, BM=max(16, gp), NUM_SPLITS=splits, V_ROT=vs.rot, DOT=dot)
+                D=d, DP=dp, G=grp, BM=max(16, gp), NUM_SPLITS=splits, V_ROT=vs.rot, DOT=dot, RC=min(32, dp))
     return out

@@ -8,10 +8,10 @@ Cache rows are byte pointers with an arbitrary byte stride ``sC``; fp16 metadata
 import triton
 import triton.language as tl
 
-KIND_TQ: tl.constexpr = 0
-KIND_UNI: tl.constexpr = 1
-KIND_BF16: tl.constexpr = 2
-KIND_FP16: tl.constexpr = 3
+KIND_TQ = tl.constexpr(0)
+KIND_UNI = tl.constexpr(1)
+KIND_BF16 = tl.constexpr(2)
+KIND_FP16 = tl.constexpr(3)
 
 
 @triton.jit
@@ -62,21 +62,54 @@ def load_codes(rows, d, sC, mask, B0: tl.constexpr, N0: tl.constexpr, B1: tl.con
 
 
 @triton.jit
-def decode_tile(rows, d, sC, nmask, D, cent_ptr,
+def load_codes_grouped(rows, sC, nmask, D, DP: tl.constexpr, BN: tl.constexpr,
+                       B0: tl.constexpr, N0: tl.constexpr, B1: tl.constexpr, SEG1: tl.constexpr):
+    """rows (BN,) byte pointers -> (BN, DP) int32 codes, the inverse of ``pack_store``: eight b-bit codes
+    are exactly b bytes, so each group of eight is one load of b bytes into a 64-bit word. This reads each
+    code byte once (``load_codes`` reads two bytes per code)."""
+    BP: tl.constexpr = 8 if max(B0, B1) > 4 else (4 if max(B0, B1) > 2 else max(B0, B1))
+    g3 = tl.arange(0, DP // 8)[None, :, None]
+    m3 = tl.arange(0, BP)[None, None, :]
+    in0 = g3 * 8 < N0
+    b3 = tl.where(in0, B0, B1)
+    start = tl.where(in0, g3 * B0, SEG1 + (g3 - N0 // 8) * B1)
+    mask = nmask[:, None, None] & (g3 * 8 < D) & (m3 < b3)
+    # Up to 4-bit codes a group fits 32 bits (the sign bit is masked off after the shifts).
+    WT: tl.constexpr = tl.int32 if BP <= 4 else tl.int64
+    byte = tl.load(rows[:, None, None] + (start + m3) * sC, mask=mask, other=0).to(WT)
+    word = tl.sum(byte << (m3 * 8).to(WT), axis=2)  # (BN, DP // 8)
+    i3 = tl.arange(0, 8)[None, None, :]
+    bw = tl.where(tl.arange(0, DP // 8)[None, :, None] * 8 < N0, B0, B1)
+    code = (word[:, :, None] >> (i3 * bw).to(WT)) & ((1 << bw) - 1).to(WT)
+    return tl.reshape(code.to(tl.int32), (BN, DP))
+
+
+@triton.jit
+def codebook(cent_ptr, D, DP: tl.constexpr, W: tl.constexpr):
+    """(W, DP) float32: row c holds code c's centroid at every coordinate; loaded once per program so the
+    per-element lookup is a register gather, not a memory access."""
+    c = tl.arange(0, W)[:, None]
+    d = tl.arange(0, DP)[None, :]
+    return tl.load(cent_ptr + d * W + c, mask=d < D, other=0.0)
+
+
+@triton.jit
+def decode_tile(rows, d, sC, nmask, D, cent, DP: tl.constexpr, BN: tl.constexpr,
                 KIND: tl.constexpr, B0: tl.constexpr, N0: tl.constexpr, B1: tl.constexpr, SEG1: tl.constexpr,
                 META: tl.constexpr, GS: tl.constexpr, W: tl.constexpr):
-    """rows (BN,) byte pointers of one codec's packed vectors -> (vals (BN, DP), scale (BN,)) in the rotated
+    """rows (BN,) byte pointers of one codec's packed vectors, cent its ``codebook`` (TurboQuant only)
+    -> (vals (BN, DP), scale (BN,)) in the rotated
     domain with ``decoded = vals * scale[:, None]``. TurboQuant keeps its fp16 scale apart so attention can
     fold it into scores and probabilities; the other codecs return scale 1."""
     r = rows[:, None]
     dd = d[None, :]
     m2 = nmask[:, None] & (dd < D)
     if KIND == KIND_TQ:
-        code = load_codes(r, dd, sC, m2, B0, N0, B1, SEG1)
-        vals = tl.load(cent_ptr + dd * W + code, mask=m2, other=0.0)
+        code = load_codes_grouped(rows, sC, nmask, D, DP, BN, B0, N0, B1, SEG1)
+        vals = tl.gather(cent, code, 0)
         scale = load_f16(rows + META * sC, sC, nmask)
     elif KIND == KIND_UNI:
-        code = load_codes(r, dd, sC, m2, B0, N0, B1, SEG1)
+        code = load_codes_grouped(rows, sC, nmask, D, DP, BN, B0, N0, B1, SEG1)
         meta = r + (META + 4 * (dd // GS)) * sC
         vals = code.to(tl.float32) * load_f16(meta, sC, m2) + load_f16(meta + 2 * sC, sC, m2)
         scale = tl.full(rows.shape, 1.0, tl.float32)
@@ -108,17 +141,32 @@ def pack_store(code, rows, nmask, sC, D, DP: tl.constexpr, BN: tl.constexpr,
 
 
 @triton.jit
+def rotate_rows(rows, rmask, rt_ptr, D, DP: tl.constexpr, BM: tl.constexpr, RC: tl.constexpr):
+    """(BM, DP) float32 ``x @ R^T`` of the rows at pointers ``rows`` (BM, 1), in float32 (ieee). x is read
+    RC coordinates at a time, so only an (RC, DP) slice of R^T is staged in shared memory."""
+    d = tl.arange(0, DP)
+    y = tl.zeros((BM, DP), tl.float32)
+    for c in tl.static_range(0, DP, RC):
+        j = c + tl.arange(0, RC)
+        xc = tl.load(rows + j[None, :], mask=rmask[:, None] & (j[None, :] < D), other=0.0).to(tl.float32)
+        rt = tl.load(rt_ptr + j[:, None] * D + d[None, :], mask=(j[:, None] < D) & (d[None, :] < D), other=0.0)
+        y += tl.dot(xc, rt, input_precision="ieee")
+    return y
+
+
+@triton.jit
 def rne(x):
     """Round half to even (torch.round) for |x| < 2**22, independent of libdevice."""
     return (x + 12582912.0) - 12582912.0
 
 
 @triton.jit
-def encode_store(x, rows, nmask, sC, D, rt_ptr, cent_ptr, thr_ptr,
-                 DP: tl.constexpr, BN: tl.constexpr,
+def encode_store(x, src, rows, nmask, sC, D, rt_ptr, cent_ptr, thr_ptr,
+                 DP: tl.constexpr, BN: tl.constexpr, RC: tl.constexpr,
                  KIND: tl.constexpr, B0: tl.constexpr, N0: tl.constexpr, B1: tl.constexpr, SEG1: tl.constexpr,
                  META: tl.constexpr, GS: tl.constexpr, W: tl.constexpr, ROT: tl.constexpr, SMODE: tl.constexpr):
-    """x (BN, DP) float32 (zero past D) -> the codec's packed bytes at rows (BN,) byte pointers."""
+    """x (BN, DP) float32 (zero past D), read from row pointers src (BN, 1) -> the codec's packed bytes at
+    rows (BN,) byte pointers."""
     d = tl.arange(0, DP)
     dm = d < D
     if KIND == KIND_BF16:
@@ -128,8 +176,7 @@ def encode_store(x, rows, nmask, sC, D, rt_ptr, cent_ptr, thr_ptr,
         store_u16(rows[:, None] + 2 * d[None, :] * sC, sC, f16_bits(x), nmask[:, None] & dm[None, :])
     else:
         if ROT:
-            rt = tl.load(rt_ptr + d[:, None] * D + d[None, :], mask=dm[:, None] & dm[None, :], other=0.0)
-            y = tl.dot(x, rt, input_precision="ieee")
+            y = rotate_rows(src, nmask, rt_ptr, D, DP, BN, RC)
         else:
             y = x
         if KIND == KIND_TQ:

@@ -14,10 +14,10 @@ from vllm_kvq.kv_format import KVFormat
 
 
 @triton.jit
-def _store_kernel(k_ptr, skn, skh, skd, v_ptr, svn, svh, svd,
+def _store_kernel(k_ptr, skn, skh, v_ptr, svn, svh,
                   cache_ptr, sB, sH, sT, sC, slot_ptr, heads_ptr, N,
                   krt_ptr, kcent_ptr, kthr_ptr, vrt_ptr, vcent_ptr, vthr_ptr,
-                  D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+                  D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, RC: tl.constexpr,
                   VOFF: tl.constexpr, PAD0: tl.constexpr, PADP: tl.constexpr, SLOT: tl.constexpr,
                   K_KIND: tl.constexpr, K_B0: tl.constexpr, K_N0: tl.constexpr, K_B1: tl.constexpr,
                   K_SEG1: tl.constexpr, K_META: tl.constexpr, K_GS: tl.constexpr, K_W: tl.constexpr,
@@ -34,11 +34,13 @@ def _store_kernel(k_ptr, skn, skh, skd, v_ptr, svn, svh, svd,
     d = tl.arange(0, DP)
     xm = nmask[:, None] & (d[None, :] < D)
     n64 = n.to(tl.int64)[:, None]
-    x = tl.load(k_ptr + n64 * skn + h * skh + d[None, :] * skd, mask=xm, other=0.0).to(tl.float32)
-    cj.encode_store(x, rows, nmask, sC, D, krt_ptr, kcent_ptr, kthr_ptr, DP, BN,
+    src = k_ptr + n64 * skn + h * skh
+    x = tl.load(src + d[None, :], mask=xm, other=0.0).to(tl.float32)
+    cj.encode_store(x, src, rows, nmask, sC, D, krt_ptr, kcent_ptr, kthr_ptr, DP, BN, RC,
                     K_KIND, K_B0, K_N0, K_B1, K_SEG1, K_META, K_GS, K_W, K_ROT, K_SMODE)
-    x = tl.load(v_ptr + n64 * svn + h * svh + d[None, :] * svd, mask=xm, other=0.0).to(tl.float32)
-    cj.encode_store(x, rows + VOFF * sC, nmask, sC, D, vrt_ptr, vcent_ptr, vthr_ptr, DP, BN,
+    src = v_ptr + n64 * svn + h * svh
+    x = tl.load(src + d[None, :], mask=xm, other=0.0).to(tl.float32)
+    cj.encode_store(x, src, rows + VOFF * sC, nmask, sC, D, vrt_ptr, vcent_ptr, vthr_ptr, DP, BN, RC,
                     V_KIND, V_B0, V_N0, V_B1, V_SEG1, V_META, V_GS, V_W, V_ROT, V_SMODE)
     if PAD0 < SLOT:
         # The reference writes whole slots: zero the padding so pages compare (and hash) byte for byte.
@@ -60,6 +62,8 @@ def store(key: torch.Tensor,  # (N, Hk, D)
     bn = 16
     t = cache.shape[2]
     slot_mapping = slot_mapping.contiguous()
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
     for g in fmt.groups:
         ks, vs = spec_of(g.key), spec_of(g.value)
         krt, kcent, kthr = tables(g.key, cache.device)
@@ -67,8 +71,8 @@ def store(key: torch.Tensor,  # (N, Hk, D)
         heads = heads_tensor(g.heads, cache.device)
         pad0 = g.key.nbytes + g.value.nbytes
         _store_kernel[(triton.cdiv(n, bn), len(g.heads))](
-            key, *key.stride(), value, *value.stride(), cache, *cache.stride(), slot_mapping, heads, n,
+            key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1), cache, *cache.stride(), slot_mapping, heads, n,
             krt, kcent, kthr, vrt, vcent, vthr,
-            D=d, DP=dp, BN=bn, T=t, VOFF=g.key.nbytes, PAD0=pad0,
+            D=d, DP=dp, BN=bn, T=t, RC=min(32, dp), VOFF=g.key.nbytes, PAD0=pad0,
             PADP=max(1, triton.next_power_of_2(fmt.slot_bytes - pad0)), SLOT=fmt.slot_bytes,
             **ks.constexprs("K"), **vs.constexprs("V"))
