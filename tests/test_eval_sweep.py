@@ -1,0 +1,116 @@
+"""Sweep outputs: the table, goal check and plot on fixed inputs, bytes per token from the KV formats, and
+one small real sweep (tiny model, bf16 cache and turboquant4, perplexity only) through real servers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vllm_kvq.eval import models, report, sweep
+
+
+def _entry(label, bpt, nll, needle=None, error=None, tasks=None):
+    r = {"label": label, "dtype": label, "bytes_per_token": bpt, "error": error}
+    if nll is not None:
+        mean = sum(nll) / len(nll)
+        r["ppl"] = {"ppl": math.exp(mean), "token_nll": nll}
+    if needle is not None:
+        r["needle"] = {"accuracy": sum(needle.values()) / len(needle), "accuracy_by_length": needle}
+    if tasks is not None:
+        r["lmeval"] = {"headline": tasks}
+    return r
+
+
+FIXED = [
+    _entry("auto", 23040, [2.0, 3.0, 4.0, 3.0], {"1024": 1.0, "4096": 1.0}, tasks={"kvq_shakespeare_mc": 0.5}),
+    _entry("fp8", 11520, None, error="server failed to start: ValueError: fp8 | not supported"),
+    _entry("turboquant4", 6120, [2.01, 3.0, 4.01, 3.0], {"1024": 1.0, "4096": 1.0}, tasks={"kvq_shakespeare_mc": 0.5}),
+    _entry("turboquant3", 4680, [2.1, 3.05, 4.1, 3.05], {"1024": 1.0, "4096": 0.5}),
+    _entry("turboquant2", 3240, [2.3, 3.2, 4.3, 3.2], {"1024": 0.5, "4096": 0.0}),
+]
+
+
+def test_paired_delta():
+    d, se = report.paired_delta([1.0, 2.0, 3.0], [1.1, 2.1, 3.1])
+    assert d == pytest.approx(math.expm1(0.1)) and se == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        report.paired_delta([1.0], [1.0, 2.0])
+
+
+def test_table_and_goals_on_fixed_inputs():
+    table = report.markdown_table(FIXED)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(FIXED)
+    assert "needle 1k" in lines[0] and "needle 4k" in lines[0] and "shakespeare_mc acc" in lines[0]
+    row = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[1:-1]] for ln in lines[2:]}
+    assert row["`auto`"][5] == "(reference)" and row["`auto`"][2] == "1.00x"
+    assert row["`turboquant4`"][2] == "3.76x"
+    assert row["`turboquant4`"][5].startswith(f"{math.expm1(0.005) * 100:+.2f}%")
+    assert "server failed to start" in row["`fp8`"][-1] and "/" in row["`fp8`"][-1]  # '|' escaped
+    goals = "\n".join(report.goal_check(FIXED))
+    assert "`turboquant4` ΔPPL ≤ 1%: **met**, measured +0.50%" in goals
+    assert f"`turboquant3` ΔPPL ≤ 3%: **met**, measured {math.expm1(0.075) * 100:+.2f}%".replace("met", "MISSED") in goals
+    assert f"`turboquant2` ΔPPL ≤ 10%: **MISSED**, measured {math.expm1(0.25) * 100:+.2f}%" in goals
+    assert "`turboquant4` needle accuracy = bf16: **met**" in goals
+
+
+def test_goal_not_measured_when_entry_failed():
+    goals = report.goal_check([FIXED[0], _entry("turboquant4", 6120, None, error="boom")])
+    assert any("`turboquant4` ΔPPL ≤ 1%: not measured (boom)" in g for g in goals)
+
+
+def test_write_outputs(tmp_path):
+    md = sweep.write_outputs(FIXED, tmp_path, model="/x/smollm2", context=2048)
+    text = md.read_text()
+    assert "| `turboquant2` |" in text and "Goals:" in text and "![frontier](frontier.png)" in text
+    png = (tmp_path / "frontier.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(png) < 200_000
+
+
+def test_bytes_per_token(tmp_path):
+    path = models.make_tiny_llama(tmp_path / "m", num_layers=3, num_kv_heads=2, head_dim=64)
+    assert sweep.bytes_per_token("auto", path) == 2 * 2 * 64 * 2 * 3
+    assert sweep.bytes_per_token("fp8", path) == 2 * 64 * 2 * 3
+    # turboquant4 at head_dim 64: K and V 32 code bytes + 2 fp16 scale bytes each = 68 bytes per head
+    assert sweep.bytes_per_token("turboquant4", path) == 68 * 2 * 3
+    assert sweep.bytes_per_token("turboquant3", path) == 52 * 2 * 3
+    mixed = sweep.bytes_per_token("kvq", path, config="kvq-mixed-example")
+    assert mixed == 68 * 2 * 3  # 4-bit layers set one padded slot size for all
+
+
+def test_parse_entries_and_server_error_line():
+    assert sweep.parse_entries("auto,turboquant3", "a/mine.yaml") == [
+        ("auto", "auto", None), ("turboquant3", "turboquant3", None), ("mine", "kvq", "a/mine.yaml")]
+    with pytest.raises(ValueError):
+        sweep.parse_entries("auto,auto", None)
+    log = "INFO start\nTraceback (most recent call last):\n  ...\n(EngineCore pid=7) ValueError: no fp8 here\n"
+    assert sweep._server_error_line(log) == "ValueError: no fp8 here"
+    assert sweep.kv_cache_tokens("x CPU KV cache size: 23,296 tokens, y") == 23296
+
+
+@pytest.mark.vllm
+def test_small_real_sweep(tmp_path):
+    model = models.make_tiny_llama(tmp_path / "tiny", seed=2)
+    res = sweep.run_sweep(model, [("auto", "auto", None), ("turboquant4", "turboquant4", None)], tmp_path / "out",
+                          context=128, ppl_text=str(_text(tmp_path)), ppl_windows=2, needle_lengths=[],
+                          lmeval_tasks=[], max_model_len=256, kv_cache_memory_bytes=32 << 20, startup_timeout=300)
+    by = {r["label"]: r for r in res}
+    assert not by["auto"]["error"] and not by["turboquant4"]["error"], res
+    assert by["auto"]["ppl"]["tokens_scored"] == by["turboquant4"]["ppl"]["tokens_scored"] == 127 + 64
+    # same tokens, a 4-bit cache: close to the bf16 cache but not bit-identical (the codec is in the path)
+    d, _ = report.paired_delta(by["auto"]["ppl"]["token_nll"], by["turboquant4"]["ppl"]["token_nll"])
+    assert abs(d) < 0.05
+    assert by["auto"]["ppl"]["token_nll"] != by["turboquant4"]["ppl"]["token_nll"]
+    # the same byte budget holds ~3.8x the tokens
+    ratio = by["turboquant4"]["kv_cache_tokens"] / by["auto"]["kv_cache_tokens"]
+    assert ratio == pytest.approx(512 / 136, rel=0.05)
+    assert json.loads((tmp_path / "out" / "turboquant4.json").read_text())["bytes_per_token"] == 136 * 2
+    assert "| `turboquant4` |" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def _text(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text(models.TINY_TEXT * 3)
+    return p
