@@ -75,7 +75,7 @@ def _store_out(o, rows, rmask, vrt_ptr, D, DP: tl.constexpr, RC: tl.constexpr, R
             i = c + tl.arange(0, RC)
             # R[j, i] = R^T[i, j]: the inverse rotation is a transposed load of the same table.
             r = tl.load(vrt_ptr + i[None, :] * D + j[:, None], mask=(j[:, None] < D) & (i[None, :] < D), other=0.0)
-            oc = tl.dot(o, r, input_precision="ieee")
+            oc = tl.dot(o, r, input_precision="tf32x3")
             tl.store(rows + i[None, :], _out(oc, rows, DOT), mask=rmask[:, None] & (i[None, :] < D))
     else:
         j = tl.arange(0, DP)

@@ -150,7 +150,7 @@ def rotate_rows(rows, rmask, rt_ptr, D, DP: tl.constexpr, BM: tl.constexpr, RC: 
         j = c + tl.arange(0, RC)
         xc = tl.load(rows + j[None, :], mask=rmask[:, None] & (j[None, :] < D), other=0.0).to(tl.float32)
         rt = tl.load(rt_ptr + j[:, None] * D + d[None, :], mask=(j[:, None] < D) & (d[None, :] < D), other=0.0)
-        y += tl.dot(xc, rt, input_precision="ieee")
+        y += tl.dot(xc, rt, input_precision="tf32x3")
     return y
 
 
