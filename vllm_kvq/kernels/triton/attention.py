@@ -211,9 +211,8 @@ def launch_config(dp: int, gp: int, decode: bool) -> tuple[int, int, int, int]:
     no register spills for sm_90 at head sizes 64-256 (checked by compiling, not yet timed on a GPU)."""
     bn = 32 if dp <= 128 else 16
     if decode:
-        return 1, max(16, gp), bn, 4
-    rows = 32 if dp <= 128 else 16
-    bq = max(1, rows // gp)
+        return 1, max(16, gp), bn, 8
+    bq = max(1, 16 // gp)  # 32-row prefill tiles spill at head size 128
     return bq, max(16, bq * gp), bn, 8
 
 

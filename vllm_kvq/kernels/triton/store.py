@@ -75,4 +75,4 @@ def store(key: torch.Tensor,  # (N, Hk, D)
             krt, kcent, kthr, vrt, vcent, vthr,
             D=d, DP=dp, BN=bn, T=t, RC=min(32, dp), VOFF=g.key.nbytes, PAD0=pad0,
             PADP=max(1, triton.next_power_of_2(fmt.slot_bytes - pad0)), SLOT=fmt.slot_bytes,
-            **ks.constexprs("K"), **vs.constexprs("V"))
+            **ks.constexprs("K"), **vs.constexprs("V"), num_warps=8 if dp >= 128 else 4)
