@@ -56,6 +56,17 @@ def test_table_and_goals_on_fixed_inputs():
     assert "`turboquant4` needle accuracy = bf16: **met**" in goals
 
 
+def test_needle_goal_is_no_worse_than_bf16():
+    def goals(acc):
+        return "\n".join(report.goal_check([FIXED[0], _entry("turboquant4", 6120, [2.0, 3.0, 4.0, 3.0], acc)]))
+
+    assert "**MISSED**" in goals({"1024": 1.0, "4096": 0.5})
+    assert "**met**" in goals({"1024": 1.0, "4096": 1.0})
+    fixed = [dict(FIXED[0], needle={"accuracy": 0.75, "accuracy_by_length": {"1024": 1.0, "4096": 0.5}}),
+             _entry("turboquant4", 6120, [2.0, 3.0, 4.0, 3.0], {"1024": 1.0, "4096": 1.0})]
+    assert "**met (better than bf16 at 4096 tokens)**" in "\n".join(report.goal_check(fixed))
+
+
 def test_goal_not_measured_when_entry_failed():
     goals = report.goal_check([FIXED[0], _entry("turboquant4", 6120, None, error="boom")])
     assert any("`turboquant4` ΔPPL ≤ 1%: not measured (boom)" in g for g in goals)
@@ -91,6 +102,7 @@ def test_parse_entries_and_server_error_line():
 
 
 @pytest.mark.vllm
+@pytest.mark.slow
 def test_small_real_sweep(tmp_path):
     model = models.make_tiny_llama(tmp_path / "tiny", seed=2)
     res = sweep.run_sweep(model, [("auto", "auto", None), ("turboquant4", "turboquant4", None)], tmp_path / "out",

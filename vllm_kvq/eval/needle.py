@@ -122,9 +122,11 @@ def run_needle(base_url: str, lengths: list[int], *, depths=DEFAULT_DEPTHS, tria
 
     rng = random.Random(seed)
     t0 = time.monotonic()
+    limit = _server.max_model_len(base_url, model)
     plan = []
     for length in lengths:
-        n = fit_units(count, units, length)
+        # "8k" on an 8192-token model: the prompt and the generated tokens must fit together
+        n = fit_units(count, units, min(length, limit - max_tokens) if limit else length)
         for depth in depths:
             for _ in range(trials):
                 plan.append(build_prompt(units, n, depth, str(rng.randint(10000, 99999)), length))

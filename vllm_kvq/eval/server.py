@@ -144,6 +144,16 @@ def served_model(base_url: str, model: str | None = None) -> str:
     return r.json()["data"][0]["id"]
 
 
+def max_model_len(base_url: str, model: str) -> int | None:
+    """The server's context limit for ``model`` (vLLM lists it in /v1/models), if it says."""
+    r = requests.get(f"{base_url.rstrip('/')}/v1/models", timeout=30)
+    r.raise_for_status()
+    for m in r.json()["data"]:
+        if m["id"] == model:
+            return m.get("max_model_len")
+    return None
+
+
 def tokenize(base_url: str, model: str, text: str, *, add_special_tokens: bool = False) -> list[int]:
     r = requests.post(f"{base_url.rstrip('/')}/tokenize", json={
         "model": model, "prompt": text, "add_special_tokens": add_special_tokens}, timeout=300)
