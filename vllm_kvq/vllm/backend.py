@@ -35,7 +35,8 @@ from vllm_kvq import ops
 from vllm_kvq.kv_format import KVFormat, formats_from_config
 from vllm_kvq.vllm.dtypes import ADDITIONAL_CONFIG_KEY, CONFIG_DTYPE, KVQ_DTYPES, config_for_dtype
 
-logger = logging.getLogger("vllm_kvq")
+# A child of vLLM's "vllm" logger, so our lines appear in its log with its format and level.
+logger = logging.getLogger("vllm.kvq")
 
 _CLASS_PREFIX = "KVQBackend_"
 
