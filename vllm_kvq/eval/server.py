@@ -60,7 +60,10 @@ class VllmServer:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout = startup_timeout
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
         self.cmd = [vllm_executable(), "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                     "--served-model-name", self.name, "--kv-cache-dtype", kv_cache_dtype,
                     "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
