@@ -54,6 +54,7 @@ CODECS.update({
     "tq4-corrected": ("turboquant", dict(bits=4, scale_mode="corrected")),
     "tq3-haar": ("turboquant", dict(bits=3, rotation="haar")),
     "tq2-identity": ("turboquant", dict(bits=2, rotation="identity")),
+    "tq5.5": ("turboquant", dict(bits=5.5)),  # 6/5-bit segments: codebook too wide for registers
 })
 
 

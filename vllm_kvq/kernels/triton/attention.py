@@ -150,7 +150,7 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
         nmask = pos < hi
         blk = tl.load(bt_ptr + s.to(tl.int64) * sbt + pos // T, mask=nmask, other=0).to(tl.int64)
         rows = cache_ptr + blk * sB + head_off + (pos % T).to(tl.int64) * sT
-        kv, ks = cj.decode_tile(rows, d, sC, nmask, D, kcb, DP, BN,
+        kv, ks = cj.decode_tile(rows, d, sC, nmask, D, kcb, kcent_ptr, DP, BN,
                                 K_KIND, K_B0, K_N0, K_B1, K_SEG1, K_META, K_GS, K_W)
         sc = _mm(q, tl.trans(kv), DOT) * ks[None, :]
         ok = (pos[None, :] <= qpos[:, None]) & nmask[None, :]
@@ -160,7 +160,7 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
         p = tl.exp2(sc - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
-        vv, vs = cj.decode_tile(rows + VOFF * sC, d, sC, nmask, D, vcb, DP, BN,
+        vv, vs = cj.decode_tile(rows + VOFF * sC, d, sC, nmask, D, vcb, vcent_ptr, DP, BN,
                                 V_KIND, V_B0, V_N0, V_B1, V_SEG1, V_META, V_GS, V_W)
         acc = acc * alpha[:, None] + _mm(p * vs[None, :], vv, DOT)
         m = m_new

@@ -12,6 +12,7 @@ KIND_TQ = tl.constexpr(0)
 KIND_UNI = tl.constexpr(1)
 KIND_BF16 = tl.constexpr(2)
 KIND_FP16 = tl.constexpr(3)
+MAX_REG_CODEBOOK = tl.constexpr(16)  # centroid tables up to 4-bit codes live in registers
 
 
 @triton.jit
@@ -87,14 +88,19 @@ def load_codes_grouped(rows, sC, nmask, D, DP: tl.constexpr, BN: tl.constexpr,
 @triton.jit
 def codebook(cent_ptr, D, DP: tl.constexpr, W: tl.constexpr):
     """(W, DP) float32: row c holds code c's centroid at every coordinate; loaded once per program so the
-    per-element lookup is a register gather, not a memory access."""
-    c = tl.arange(0, W)[:, None]
-    d = tl.arange(0, DP)[None, :]
-    return tl.load(cent_ptr + d * W + c, mask=d < D, other=0.0)
+    per-element lookup is a register gather, not a memory access. Wider tables than MAX_REG_CODEBOOK stay
+    in memory (a (1, DP) placeholder is returned)."""
+    if W > MAX_REG_CODEBOOK:
+        table = tl.zeros((1, DP), tl.float32)
+    else:
+        c = tl.arange(0, W)[:, None]
+        d = tl.arange(0, DP)[None, :]
+        table = tl.load(cent_ptr + d * W + c, mask=d < D, other=0.0)
+    return table
 
 
 @triton.jit
-def decode_tile(rows, d, sC, nmask, D, cent, DP: tl.constexpr, BN: tl.constexpr,
+def decode_tile(rows, d, sC, nmask, D, cent, cent_ptr, DP: tl.constexpr, BN: tl.constexpr,
                 KIND: tl.constexpr, B0: tl.constexpr, N0: tl.constexpr, B1: tl.constexpr, SEG1: tl.constexpr,
                 META: tl.constexpr, GS: tl.constexpr, W: tl.constexpr):
     """rows (BN,) byte pointers of one codec's packed vectors, cent its ``codebook`` (TurboQuant only)
@@ -106,7 +112,10 @@ def decode_tile(rows, d, sC, nmask, D, cent, DP: tl.constexpr, BN: tl.constexpr,
     m2 = nmask[:, None] & (dd < D)
     if KIND == KIND_TQ:
         code = load_codes_grouped(rows, sC, nmask, D, DP, BN, B0, N0, B1, SEG1)
-        vals = tl.gather(cent, code, 0)
+        if W <= MAX_REG_CODEBOOK:
+            vals = tl.gather(cent, code, 0)
+        else:  # 5- to 8-bit codebooks are too wide for registers: gather from the (L1-resident) table
+            vals = tl.load(cent_ptr + dd * W + code, mask=m2, other=0.0)
         scale = load_f16(rows + META * sC, sC, nmask)
     elif KIND == KIND_UNI:
         code = load_codes_grouped(rows, sC, nmask, D, DP, BN, B0, N0, B1, SEG1)
