@@ -3,6 +3,7 @@ binding's syntax against the installed torch headers, and the contract between t
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -104,3 +105,201 @@ def test_codec_spec_order_matches_binding():
         ["b0", "n0", "b1", "seg1", "meta", "w", "rotate", "scale_mode"]
     caller = (ROOT / "vllm_kvq" / "kernels" / "cuda.py").read_text()
     assert "[s.b0, s.n0, s.b1, s.seg1, s.meta, s.w, int(s.rot), s.smode]" in caller
+
+
+# ---------------------------------------------------------------------------------------- CPU emulation
+# The CUDA kernels run on the CPU: one std::thread per CUDA thread, std::barrier for __syncthreads and
+# __syncwarp, a per-warp exchange buffer for shuffles, blocks one after another (so __shared__ can be
+# static), and host stand-ins for the few CUDA headers the kernels include. This checks the kernels' logic
+# (indexing, packing, softmax merging, split-K) against the reference where no GPU exists; it does not check
+# GPU-only behaviour (memory model, occupancy, speed).
+
+_EMU_HEADERS = {'cuda_runtime_api.h': '#pragma once\ntypedef int cudaError_t;\ntypedef void* cudaStream_t;\nenum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };\n', 'math_constants.h': '#pragma once\n#include <limits>\n#define CUDART_INF_F std::numeric_limits<float>::infinity()\n', 'cuda_fp16.h': '#pragma once\n#include <cstdint>\n#include <cstring>\ntypedef _Float16 __half;\ninline float __half2float(__half h) { return (float)h; }\ninline __half __float2half_rn(float f) { return (__half)f; }\ninline __half __ushort_as_half(uint16_t b) { __half h; std::memcpy(&h, &b, 2); return h; }\ninline uint16_t __half_as_ushort(__half h) { uint16_t b; std::memcpy(&b, &h, 2); return b; }\n', 'cuda_bf16.h': '#pragma once\n#include <cstdint>\n#include <cstring>\nstruct __nv_bfloat16 { uint16_t x; };\ninline float __bfloat162float(__nv_bfloat16 b) { uint32_t u = (uint32_t)b.x << 16; float f; std::memcpy(&f, &u, 4); return f; }\ninline __nv_bfloat16 __float2bfloat16_rn(float f) { uint32_t u; std::memcpy(&u, &f, 4); u += 0x7FFF + ((u >> 16) & 1); return {(uint16_t)(u >> 16)}; }\n'}
+
+_EMU_HARNESS = r"""// Runs the CUDA kernels on the CPU: one std::thread per CUDA thread, barriers for __syncthreads/__syncwarp,
+// a per-warp exchange buffer for shuffles. Blocks run one after another (so __shared__ can be static).
+#include <barrier>
+#include <cmath>
+#include <memory>
+#include <thread>
+#include <vector>
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local dim3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+static std::unique_ptr<std::barrier<>> g_block_bar;
+static std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
+static float g_shfl[64][32];
+inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+  int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  g_shfl[w][l] = v; __syncwarp(); float r = g_shfl[w][l ^ o]; __syncwarp(); return r;
+}
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+using std::exp2f; using std::fmaf; using std::fmaxf; using std::min;
+#include "tq_store.cuh"
+#include "tq_decode.cuh"
+
+template <class F>
+void launch(dim3 grid, int threads, F f) {
+  blockDim.x = threads; gridDim = grid;
+  for (unsigned z = 0; z < grid.z; ++z) for (unsigned y = 0; y < grid.y; ++y) for (unsigned x = 0; x < grid.x; ++x) {
+    g_block_bar = std::make_unique<std::barrier<>>(threads);
+    g_warp_bar.clear();
+    for (int w = 0; w < threads / 32; ++w) g_warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; ++t) ts.emplace_back([=] { threadIdx.x = t; blockIdx = dim3{x, y, z}; f(); });
+    for (auto& th : ts) th.join();
+  }
+}
+
+using namespace kvq;
+static TqCodec codec(const long* s, const float* rt, const float* cent, const float* thr) {
+  TqCodec c; c.b0 = s[0]; c.n0 = s[1]; c.b1 = s[2]; c.seg1 = s[3]; c.meta = s[4]; c.w = s[5]; c.rotate = s[6];
+  c.scale_mode = s[7]; c.rt = rt; c.cent = cent; c.thr = thr; return c;
+}
+
+extern "C" int emu_store(const void* key, const void* value, const long* kstr, int in_dtype, uint8_t* cache,
+                         const long* cstr, const int64_t* slots, const int32_t* heads, int gh, int n, int T, int D,
+                         int voff, int pad_begin, int slot_bytes, const long* ks, const float* krt, const float* kc,
+                         const float* kt, const long* vs, const float* vrt, const float* vc, const float* vt) {
+  StoreParams p;
+  p.key = key; p.value = value; p.skn = kstr[0]; p.skh = kstr[1]; p.svn = kstr[2]; p.svh = kstr[3];
+  p.in_dtype = (DType)in_dtype; p.cache = cache; p.sB = cstr[0]; p.sH = cstr[1]; p.sT = cstr[2]; p.sC = cstr[3];
+  p.slot_mapping = slots; p.heads = heads; p.num_group_heads = gh; p.num_tokens = n; p.block_size = T;
+  p.head_dim = D; p.value_offset = voff; p.pad_begin = pad_begin; p.slot_bytes = slot_bytes;
+  p.k = codec(ks, krt, kc, kt); p.v = codec(vs, vrt, vc, vt);
+  dim3 grid{(unsigned)((n * gh + kStoreWarps - 1) / kStoreWarps), 1, 1};
+  if (D == 64) launch(grid, kStoreWarps * 32, [&] { tq_store_kernel<64>(p); });
+  else launch(grid, kStoreWarps * 32, [&] { tq_store_kernel<128>(p); });
+  return 0;
+}
+
+extern "C" int emu_decode(const void* q, const long* qstr, void* out, int dtype, const uint8_t* cache, const long* cstr,
+                          const int32_t* bt, long sbt, const int32_t* seq_lens, const int32_t* qsl, const int32_t* heads,
+                          int gh, int S, int N, int HQ, int G, int T, int D, int voff, float scale, int splits,
+                          int split_tokens, float* part, float* ml, const long* ks, const float* krt, const float* kc,
+                          const float* kt, const long* vs, const float* vrt, const float* vc, const float* vt) {
+  DecodeParams p;
+  p.query = q; p.sqn = qstr[0]; p.sqh = qstr[1]; p.out = out; p.son = qstr[2]; p.soh = qstr[3]; p.dtype = (DType)dtype;
+  p.cache = cache; p.sB = cstr[0]; p.sH = cstr[1]; p.sT = cstr[2]; p.sC = cstr[3]; p.block_table = bt; p.sbt = sbt;
+  p.seq_lens = seq_lens; p.query_start_loc = qsl; p.heads = heads; p.num_group_heads = gh; p.num_seqs = S;
+  p.num_tokens = N; p.num_q_heads = HQ; p.group = G; p.block_size = T; p.head_dim = D; p.value_offset = voff;
+  p.scale = scale; p.num_splits = splits; p.split_tokens = split_tokens; p.partial = part; p.ml = ml;
+  p.k = codec(ks, krt, kc, kt); p.v = codec(vs, vrt, vc, vt);
+  dim3 grid{(unsigned)S, (unsigned)gh, (unsigned)splits}, mg{(unsigned)N, (unsigned)gh, 1};
+  auto run = [&](auto dtag, auto gtag) {
+    constexpr int DD = decltype(dtag)::value, GG = decltype(gtag)::value;
+    launch(grid, kDecodeWarps * 32, [&] { tq_decode_kernel<DD, GG>(p); });
+    if (splits > 1) launch(mg, kDecodeWarps * 32, [&] { tq_merge_kernel<DD, GG>(p); });
+  };
+  using I64 = std::integral_constant<int, 64>; using I128 = std::integral_constant<int, 128>;
+  using G4 = std::integral_constant<int, 4>; using G8 = std::integral_constant<int, 8>;
+  if (D == 64) { if (G <= 4) run(I64{}, G4{}); else run(I64{}, G8{}); }
+  else { if (G <= 4) run(I128{}, G4{}); else run(I128{}, G8{}); }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not found")
+    d = tmp_path_factory.mktemp("emu")
+    (d / "inc").mkdir()
+    for name, text in _EMU_HEADERS.items():
+        (d / "inc" / name).write_text(text)
+    (d / "harness.cpp").write_text(_EMU_HARNESS)
+    res = subprocess.run([gxx, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{d / 'inc'}", f"-I{CUDA_DIR}",
+                          str(d / "harness.cpp"), "-o", str(d / "libemu.so"), "-lpthread"],
+                         capture_output=True, text=True, timeout=600)
+    if res.returncode and "barrier" in res.stderr and "error" in res.stderr and "std::barrier" in res.stderr:
+        pytest.skip("this g++ has no std::barrier")
+    assert res.returncode == 0, res.stderr[-4000:]
+    return ctypes.CDLL(str(d / "libemu.so"))
+
+
+def _emu_fns(lib):
+    import torch
+    from vllm_kvq.kernels.triton.codec_spec import spec_of, tables
+
+    def ptr(t): return ctypes.c_void_p(t.data_ptr())
+    def longs(*v): return (ctypes.c_long * len(v))(*v)
+    def cargs(c):
+        s = spec_of(c); rt, cent, thr = tables(c, "cpu")
+        return [longs(s.b0, s.n0, s.b1, s.seg1, s.meta, s.w, int(s.rot), s.smode), ptr(rt), ptr(cent), ptr(thr)]
+    DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    def emu_store(k, v, cache, slots, fmt):
+        for g in fmt.groups:
+            heads = torch.tensor(g.heads, dtype=torch.int32)
+            lib.emu_store(ptr(k), ptr(v), longs(k.stride(0), k.stride(1), v.stride(0), v.stride(1)), DT[k.dtype], ptr(cache),
+                          longs(*cache.stride()), ptr(slots), ptr(heads), len(g.heads), k.shape[0], cache.shape[2], fmt.head_size,
+                          g.key.nbytes, g.key.nbytes + g.value.nbytes, fmt.slot_bytes, *cargs(g.key), *cargs(g.value))
+    def emu_decode(q, cache, bt, sl, qsl, fmt, scale, splits):
+        n, hq, d = q.shape; s = sl.shape[0]
+        out = torch.zeros_like(q)
+        max_ctx = bt.shape[1] * cache.shape[2]; st = -(-max_ctx // splits)
+        part = torch.zeros(splits, n, hq, d); ml = torch.zeros(splits, n, hq, 2)
+        for g in fmt.groups:
+            heads = torch.tensor(g.heads, dtype=torch.int32)
+            lib.emu_decode(ptr(q), longs(q.stride(0), q.stride(1), out.stride(0), out.stride(1)), ptr(out), DT[q.dtype], ptr(cache),
+                           longs(*cache.stride()), ptr(bt), ctypes.c_long(bt.stride(0)), ptr(sl), ptr(qsl), ptr(heads), len(g.heads), s, n, hq,
+                           hq // fmt.num_kv_heads, cache.shape[2], d, g.key.nbytes, ctypes.c_float(scale), splits, st, ptr(part), ptr(ml),
+                           *cargs(g.key), *cargs(g.value))
+        return out
+    return emu_store, emu_decode
+
+
+@pytest.mark.parametrize("case", ["tq3-d64-gqa3", "tq2.5-d128", "tq4-d64-gqa8", "mixed-d64"])
+def test_cuda_kernels_emulated_on_cpu(emulator, case):
+    import torch
+
+    from vllm_kvq import codecs
+    from vllm_kvq.kv_format import KVFormat
+    from vllm_kvq.ops import reference
+    from vllm_kvq.testing import random_paged_batch
+
+    emu_store, emu_decode = _emu_fns(emulator)
+    gen = torch.Generator().manual_seed(7)
+    name, d, hk, hq = {"tq3-d64-gqa3": ("turboquant3", 64, 2, 6), "tq2.5-d128": ("turboquant2.5", 128, 1, 4),
+                       "tq4-d64-gqa8": ("turboquant4", 64, 1, 8), "mixed-d64": (None, 64, 2, 4)}[case]
+    if name:
+        c = codecs.get(name, head_dim=d)
+        fmt = KVFormat(d, [c] * hk, [c] * hk)
+    else:  # two head groups with different codecs and slot sizes, and a non-default scale mode
+        g = lambda n, **p: codecs.get(n, head_dim=d, **p)  # noqa: E731
+        fmt = KVFormat(d, [g("turboquant3"), g("turboquant", bits=4, scale_mode="norm")],
+                       [g("turboquant2.5"), g("turboquant3")])
+    n, blocks, t = 12, 4, 8
+    k = torch.randn(n, hk, d, generator=gen).to(torch.bfloat16)
+    v = torch.randn(n, hk, d, generator=gen).to(torch.bfloat16)
+    slots = torch.randperm(blocks * t, generator=gen)[:n]
+    slots[3] = -1
+    got = torch.zeros(blocks, t, hk, fmt.slot_bytes, dtype=torch.uint8).permute(0, 2, 1, 3)  # strided view
+    want = fmt.allocate(blocks, t)
+    emu_store(k, v, got, slots, fmt)
+    reference.store(k, v, want, slots, fmt)
+    # Same summation order as the reference is not guaranteed, but on these inputs no code sits on a tie.
+    assert torch.equal(got, want), f"{(got != want).sum().item()} bytes differ"
+    batch = random_paged_batch([37, 9], [1, 1], t, generator=gen)
+    total = int(batch.seq_lens.sum())
+    cache = fmt.allocate(batch.num_blocks, t)
+    reference.store(torch.randn(total, hk, d, generator=gen), torch.randn(total, hk, d, generator=gen), cache,
+                    batch.ctx_slots, fmt)
+    q = torch.randn(2, hq, d, generator=gen)
+    args = (cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt)
+    ref = reference.paged_attention(q, *args, scale=d ** -0.5)
+    for splits in (1, 3):
+        out = emu_decode(q, *args, d ** -0.5, splits)
+        assert (out - ref).abs().max().item() < 1e-5, f"splits={splits}"
+    out16 = emu_decode(q.to(torch.bfloat16), *args, d ** -0.5, 2)
+    assert out16.dtype == torch.bfloat16 and (out16.float() - ref).abs().max().item() < 2e-2
