@@ -91,9 +91,10 @@ def test_needle_fit_and_run(srv):
         n = needle.fit_units(count, units, target)
         got = count(needle.build_prompt(units, n, 0.5, "12345", target).text)
         assert target - 40 <= got <= target, (target, got)
-    res = needle.run_needle(srv.base_url, [200, 400], depths=[0.0, 1.0], progress=False)
-    assert len(res["trials"]) == 4 and set(res["accuracy_by_length"]) == {"200", "400"}
-    assert all(t["tokens"] <= t["length"] for t in res["trials"])
+    # 512 is the server's max_model_len: the prompt leaves room for the 12 generated tokens
+    res = needle.run_needle(srv.base_url, [200, 512], depths=[0.0, 1.0], progress=False)
+    assert len(res["trials"]) == 4 and set(res["accuracy_by_length"]) == {"200", "512"}
+    assert all(t["tokens"] <= min(t["length"], 512 - 12) for t in res["trials"])
     # the random model cannot find the key; scoring reads the continuation, not the prompt
     assert res["accuracy"] == sum(t["correct"] for t in res["trials"]) / 4
 
