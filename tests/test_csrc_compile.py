@@ -229,33 +229,46 @@ def emulator(tmp_path_factory):
 
 
 def _emu_fns(lib):
+    """Python callers of the emulated kernels, shaped like vllm_kvq/kernels/cuda.py's calls."""
     import torch
+
     from vllm_kvq.kernels.triton.codec_spec import spec_of, tables
 
-    def ptr(t): return ctypes.c_void_p(t.data_ptr())
-    def longs(*v): return (ctypes.c_long * len(v))(*v)
-    def cargs(c):
-        s = spec_of(c); rt, cent, thr = tables(c, "cpu")
+    dtypes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+    def ptr(t):
+        return ctypes.c_void_p(t.data_ptr())
+
+    def longs(*v):
+        return (ctypes.c_long * len(v))(*v)
+
+    def codec_args(c):
+        s = spec_of(c)
+        rt, cent, thr = tables(c, "cpu")
         return [longs(s.b0, s.n0, s.b1, s.seg1, s.meta, s.w, int(s.rot), s.smode), ptr(rt), ptr(cent), ptr(thr)]
-    DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
     def emu_store(k, v, cache, slots, fmt):
         for g in fmt.groups:
             heads = torch.tensor(g.heads, dtype=torch.int32)
-            lib.emu_store(ptr(k), ptr(v), longs(k.stride(0), k.stride(1), v.stride(0), v.stride(1)), DT[k.dtype], ptr(cache),
-                          longs(*cache.stride()), ptr(slots), ptr(heads), len(g.heads), k.shape[0], cache.shape[2], fmt.head_size,
-                          g.key.nbytes, g.key.nbytes + g.value.nbytes, fmt.slot_bytes, *cargs(g.key), *cargs(g.value))
+            lib.emu_store(ptr(k), ptr(v), longs(k.stride(0), k.stride(1), v.stride(0), v.stride(1)), dtypes[k.dtype],
+                          ptr(cache), longs(*cache.stride()), ptr(slots), ptr(heads), len(g.heads), k.shape[0],
+                          cache.shape[2], fmt.head_size, g.key.nbytes, g.key.nbytes + g.value.nbytes, fmt.slot_bytes,
+                          *codec_args(g.key), *codec_args(g.value))
+
     def emu_decode(q, cache, bt, sl, qsl, fmt, scale, splits):
-        n, hq, d = q.shape; s = sl.shape[0]
+        n, hq, d = q.shape
         out = torch.zeros_like(q)
-        max_ctx = bt.shape[1] * cache.shape[2]; st = -(-max_ctx // splits)
-        part = torch.zeros(splits, n, hq, d); ml = torch.zeros(splits, n, hq, 2)
+        split_tokens = -(-bt.shape[1] * cache.shape[2] // splits)
+        part, ml = torch.zeros(splits, n, hq, d), torch.zeros(splits, n, hq, 2)
         for g in fmt.groups:
             heads = torch.tensor(g.heads, dtype=torch.int32)
-            lib.emu_decode(ptr(q), longs(q.stride(0), q.stride(1), out.stride(0), out.stride(1)), ptr(out), DT[q.dtype], ptr(cache),
-                           longs(*cache.stride()), ptr(bt), ctypes.c_long(bt.stride(0)), ptr(sl), ptr(qsl), ptr(heads), len(g.heads), s, n, hq,
-                           hq // fmt.num_kv_heads, cache.shape[2], d, g.key.nbytes, ctypes.c_float(scale), splits, st, ptr(part), ptr(ml),
-                           *cargs(g.key), *cargs(g.value))
+            lib.emu_decode(ptr(q), longs(q.stride(0), q.stride(1), out.stride(0), out.stride(1)), ptr(out),
+                           dtypes[q.dtype], ptr(cache), longs(*cache.stride()), ptr(bt), ctypes.c_long(bt.stride(0)),
+                           ptr(sl), ptr(qsl), ptr(heads), len(g.heads), sl.shape[0], n, hq, hq // fmt.num_kv_heads,
+                           cache.shape[2], d, g.key.nbytes, ctypes.c_float(scale), splits, split_tokens, ptr(part),
+                           ptr(ml), *codec_args(g.key), *codec_args(g.value))
         return out
+
     return emu_store, emu_decode
 
 
