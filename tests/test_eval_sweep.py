@@ -98,6 +98,8 @@ def test_parse_entries_and_server_error_line():
         sweep.parse_entries("auto,auto", None)
     log = "INFO start\nTraceback (most recent call last):\n  ...\n(EngineCore pid=7) ValueError: no fp8 here\n"
     assert sweep._server_error_line(log) == "ValueError: no fp8 here"
+    log = "usage: vllm serve\nvllm serve: error: argument --kv-cache-dtype: invalid choice: 'x'\n"
+    assert sweep._server_error_line(log) == "vllm serve: error: argument --kv-cache-dtype: invalid choice: 'x'"
     assert sweep.kv_cache_tokens("x CPU KV cache size: 23,296 tokens, y") == 23296
 
 
@@ -126,3 +128,13 @@ def _text(tmp_path):
     p = tmp_path / "text.txt"
     p.write_text(models.TINY_TEXT * 3)
     return p
+
+
+@pytest.mark.vllm
+def test_sweep_records_a_server_that_fails_to_start(tmp_path):
+    model = models.make_tiny_llama(tmp_path / "tiny", seed=2)
+    res = sweep.run_sweep(model, [("bogus", "no_such_dtype", None)], tmp_path / "out", context=64, ppl_windows=0,
+                          needle_lengths=[], lmeval_tasks=[], max_model_len=128, startup_timeout=240)
+    assert res[0]["error"].startswith("server failed to start") and "no_such_dtype" in res[0]["error"]
+    assert res[0]["bytes_per_token"] is None and "bytes unknown" in res[0]["note"]
+    assert "server failed to start" in (tmp_path / "out" / "sweep.md").read_text()

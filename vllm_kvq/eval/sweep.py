@@ -137,7 +137,7 @@ def _server_error_line(text: str) -> str:
     """The most telling line of a failed start-up log: the last exception message."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
-        if re.search(r"(Error|Exception)\b.*:", ln) and "Traceback" not in ln:
+        if re.search(r"\b\w*(error|exception)\s*:", ln, flags=re.I) and "Traceback" not in ln:
             return re.sub(r"^\(\w+ pid=\d+\)\s*", "", ln)[:300]
     return lines[0][:300] if lines else "unknown error"
 
