@@ -84,12 +84,16 @@ def _store_out(o, rows, rmask, vrt_ptr, D, DP: tl.constexpr, RC: tl.constexpr, R
 
 @triton.jit
 def _find_seq(qsl_ptr, pid, S, BQ: tl.constexpr):
-    """The largest s with ``qsl[s] // BQ + s <= pid``: tile ``pid``'s sequence."""
+    """Tile ``pid``'s sequence: the largest s with ``tile_start(s) <= pid``, where sequence s's tiles start at
+    ``qsl[s] // BQ + s`` (each sequence may end in a partial tile) or, one token per tile, at ``qsl[s]``."""
     lo = pid * 0  # a tensor even when S is specialized to a constant
     hi = lo + S - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        ok = tl.load(qsl_ptr + mid) // BQ + mid <= pid
+        if BQ == 1:
+            ok = tl.load(qsl_ptr + mid) <= pid
+        else:
+            ok = tl.load(qsl_ptr + mid) // BQ + mid <= pid
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
     return lo
@@ -114,7 +118,7 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
     s = _find_seq(qsl_ptr, pid, S, BQ)
     q_start = tl.load(qsl_ptr + s)
     q_len = tl.load(qsl_ptr + s + 1) - q_start
-    t0 = (pid - (q_start // BQ + s)) * BQ
+    t0 = pid - q_start if BQ == 1 else (pid - (q_start // BQ + s)) * BQ
     if t0 >= q_len:
         return
     ctx = tl.load(seqlen_ptr + s)
@@ -281,7 +285,7 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         krt, kcent, _ = tables(g.key, cache.device)
         vrt, vcent, _ = tables(g.value, cache.device)
         heads = heads_tensor(g.heads, cache.device)
-        _attn_kernel[(n // bq + s, len(g.heads), splits)](
+        _attn_kernel[(n if bq == 1 else n // bq + s, len(g.heads), splits)](
             query, query.stride(0), query.stride(1), out, out.stride(0), out.stride(1),
             cache, *cache.stride(), bt, bt.stride(0), seq_lens, qsl, heads,
             krt, kcent, vrt, vcent, part, ml, s, n, hq, scale * LOG2E, split_tokens,
