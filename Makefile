@@ -19,8 +19,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
+# GPU: decode and store against bf16 SDPA/FlashInfer at real shapes; CPU: a smoke run under the Triton interpreter.
+BENCH_FLAGS = $(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--smoke')" 2>/dev/null)
 bench: setup
-	$(PY) benchmarks/bench_codecs.py
+	$(PY) benchmarks/bench_decode.py $(BENCH_FLAGS)
+	$(PY) benchmarks/bench_store.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
