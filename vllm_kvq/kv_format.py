@@ -8,6 +8,11 @@ One slot holds everything about one (token, KV head), metadata inline:
 ``slot_bytes`` is the largest K+V size over the layer's heads (heads may use different codecs), rounded up
 to an even number so fp16 metadata stays 2-byte aligned, or a larger ``pad_to`` when vLLM needs one page
 size for several layers.
+
+A *calibrated* format (see ``vllm_kvq.calibration``) also carries per-head float32 tensors (Hk, D):
+``k_shift`` and ``v_shift`` (subtracted before encoding) and ``k_scale`` (centred keys are divided by it
+before encoding; attention multiplies the query by it). They cost no cache bytes. Attention never adds
+``k_shift`` back (it shifts every score of a query equally) and adds ``v_shift`` to each output row.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ class HeadGroup:
 
 class KVFormat:
     def __init__(self, head_size: int, keys: list[VectorCodec], values: list[VectorCodec], *, name: str = "custom",
-                 pad_to: int | None = None):
+                 pad_to: int | None = None,
+                 k_shift: torch.Tensor | None = None,  # (Hk, D)
+                 v_shift: torch.Tensor | None = None,  # (Hk, D)
+                 k_scale: torch.Tensor | None = None):  # (Hk, D), > 0
         if len(keys) != len(values) or not keys:
             raise ValueError(f"need one key and one value codec per KV head, got {len(keys)} and {len(values)}")
         for c in (*keys, *values):
@@ -52,6 +60,22 @@ class KVFormat:
         for h, (k, v) in enumerate(zip(keys, values)):
             groups.setdefault((k.key, v.key), []).append(h)
         self.groups = [HeadGroup(tuple(hs), keys[hs[0]], values[hs[0]]) for hs in groups.values()]
+        for label, t in (("k_shift", k_shift), ("v_shift", v_shift), ("k_scale", k_scale)):
+            if t is not None and tuple(t.shape) != (self.num_kv_heads, head_size):
+                raise ValueError(f"{label}: expected ({self.num_kv_heads}, {head_size}), got {tuple(t.shape)}")
+        if k_scale is not None and not bool((k_scale > 0).all()):
+            raise ValueError("k_scale must be positive")
+        as32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
+        self.k_shift, self.v_shift, self.k_scale = as32(k_shift), as32(v_shift), as32(k_scale)
+
+    @property
+    def calibrated(self) -> bool:
+        """True when keys or values are shifted or keys scaled before encoding (the ops must know)."""
+        return any(t is not None for t in (self.k_shift, self.v_shift, self.k_scale))
+
+    def calibration(self) -> dict:
+        """The calibration tensors as keyword arguments of ``KVFormat`` (to rebuild a format, e.g. padded)."""
+        return {"k_shift": self.k_shift, "v_shift": self.v_shift, "k_scale": self.k_scale}
 
     @property
     def uniform(self) -> bool:
@@ -92,6 +116,12 @@ class KVFormat:
                     lines.append(f"    [{base + f.offset:4d}:{base + f.offset + f.nbytes:4d}] {label}.{f.name:<10} {f.what}")
             if k.nbytes + v.nbytes < self.slot_bytes:
                 lines.append(f"    [{k.nbytes + v.nbytes:4d}:{self.slot_bytes:4d}] padding")
+        if self.calibrated:
+            parts = [n for n, t in self.calibration().items() if t is not None]
+            lines.append(f"  calibrated ({', '.join(parts)} per head; no cache bytes): K stored as "
+                         f"{'(k - k_shift)' if self.k_shift is not None else 'k'}"
+                         f"{' / k_scale' if self.k_scale is not None else ''}, V as "
+                         f"{'v - v_shift' if self.v_shift is not None else 'v'}")
         return "\n".join(lines)
 
     __str__ = describe
@@ -104,15 +134,24 @@ def formats_from_config(cfg: "_config.KVQConfig", *, num_layers: int, num_kv_hea
                         uniform_slot: bool = False) -> list[KVFormat]:
     """One format per layer. ``uniform_slot`` pads every layer to the largest slot (one vLLM page size)."""
     table = _config.resolve(cfg, num_layers, num_kv_heads)
+    stats = _config.calibration(cfg, num_layers, num_kv_heads, head_size)
     fmts = []
     for layer, row in enumerate(table):
         keys = [k.build(head_size, cfg.seed) for k, _ in row]
         values = [v.build(head_size, cfg.seed) for _, v in row]
-        fmts.append(KVFormat(head_size, keys, values, name=f"{cfg.name}[layer {layer}]"))
+        fmts.append(KVFormat(head_size, keys, values, name=f"{cfg.name}[layer {layer}]",
+                             **_layer_calibration(cfg, stats, layer)))
     if uniform_slot:
         pad = max(f.slot_bytes for f in fmts)
-        fmts = [KVFormat(head_size, f.keys, f.values, name=f.name, pad_to=pad) for f in fmts]
+        fmts = [KVFormat(head_size, f.keys, f.values, name=f.name, pad_to=pad, **f.calibration()) for f in fmts]
     return fmts
+
+
+def _layer_calibration(cfg: "_config.KVQConfig", stats, layer: int) -> dict:
+    if stats is None:
+        return {}
+    return {"k_shift": stats.mu_k[layer], "v_shift": stats.mu_v[layer],
+            "k_scale": stats.k_smooth[layer] if cfg.smooth_keys else None}
 
 
 def kv_format(spec: "str | Path | _config.KVQConfig", head_size: int, num_kv_heads: int, *, layer: int = 0,
@@ -127,8 +166,11 @@ def kv_format(spec: "str | Path | _config.KVQConfig", head_size: int, num_kv_hea
     n = num_layers if num_layers is not None else layer + 1
     if not 0 <= layer < n:
         raise ValueError(f"layer {layer} out of range for {n} layers")
+    if num_layers is None and cfg.calibration is not None:
+        raise ValueError(f"config {cfg.name!r} is calibrated for a model: pass num_layers so its shapes are checked")
     row = _config.resolve(cfg, n, num_kv_heads)[layer]
+    stats = _config.calibration(cfg, n, num_kv_heads, head_size)
     keys = [k.build(head_size, cfg.seed) for k, _ in row]
     values = [v.build(head_size, cfg.seed) for _, v in row]
     name = cfg.name if num_layers is None else f"{cfg.name}[layer {layer}]"
-    return KVFormat(head_size, keys, values, name=name, pad_to=pad_to)
+    return KVFormat(head_size, keys, values, name=name, pad_to=pad_to, **_layer_calibration(cfg, stats, layer))

@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from vllm_kvq.config.schema import CodecSpec, KVQConfig, Override, parse_codec, select
+from vllm_kvq.calibration import CalibrationStats
+from vllm_kvq.config.schema import CodecSpec, KVQConfig, Override, load_calibration, parse_codec, select
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,9 @@ def load(name_or_path: str | Path) -> KVQConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid YAML in {p}: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("calibration"), str):
+        # relative to the YAML file, so a config and its calibration file move together
+        data = dict(data, calibration=str(p.absolute().parent / Path(data["calibration"]).expanduser()))
     return from_dict(data, str(p))
 
 
@@ -97,5 +101,18 @@ def resolve(cfg: KVQConfig, num_layers: int, num_kv_heads: int) -> list[list[tup
     return table
 
 
-__all__ = ["ConfigError", "CodecSpec", "KVQConfig", "Override", "load", "from_dict", "resolve", "preset_names",
+def calibration(cfg: KVQConfig, num_layers: int, num_kv_heads: int, head_size: int) -> CalibrationStats | None:
+    """The config's calibration statistics, checked against the model's shape; None when uncalibrated."""
+    if cfg.calibration is None:
+        return None
+    try:
+        stats = load_calibration(cfg.calibration)
+        stats.check(num_layers, num_kv_heads, head_size)
+    except ValueError as e:
+        raise ConfigError(f"config {cfg.name!r}: calibration: {e} (got {cfg.calibration!r}); calibrate this "
+                          f"model with `vllm-kvq calibrate`") from None
+    return stats
+
+
+__all__ = ["calibration", "ConfigError", "CodecSpec", "KVQConfig", "Override", "load", "from_dict", "resolve", "preset_names",
            "preset_dir", "parse_codec"]

@@ -9,6 +9,8 @@
       - layers: [0, -1]           # ints (negative counts from the end), "a:b" ranges, or a list of both
         heads: "0:1"              # optional, same syntax over KV heads
         key: bf16                 # optional; value likewise
+    calibration: smollm2.safetensors   # optional, from `vllm-kvq calibrate`; relative to this file
+    smooth_keys: true             # with calibration: also apply its per-channel key scales
 
 Unknown keys, wrong types and unknown codecs are errors that name the key path, the value and what is
 allowed (``ConfigError``).
@@ -16,12 +18,14 @@ allowed (``ConfigError``).
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from vllm_kvq import codecs
+from vllm_kvq.calibration import CalibrationStats
 
 Selector = Union[StrictInt, StrictStr, list[Union[StrictInt, StrictStr]]]
 
@@ -132,5 +136,33 @@ class KVQConfig(BaseModel):
     key: CodecSpec
     value: CodecSpec
     overrides: list[Override] = []
+    calibration: StrictStr | None = None
+    smooth_keys: StrictBool = True
 
     _codec = field_validator("key", "value", mode="before")(lambda cls, v: parse_codec(v))
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_file(cls, v: str | None) -> str | None:
+        # Readable and well-formed now; whether its shapes fit the model is known only when formats are built.
+        if v is not None:
+            load_calibration(v)
+        return v
+
+
+_CALIBRATIONS: dict[tuple[str, int, int], CalibrationStats] = {}
+
+
+def load_calibration(path: str) -> CalibrationStats:
+    """The statistics in a calibration file (cached by path, size and mtime); ValueError when unusable."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"cannot read calibration file: {e.strerror}; make one with `vllm-kvq calibrate`") from None
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _CALIBRATIONS:
+        try:
+            _CALIBRATIONS[key] = CalibrationStats.load(path)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"not a calibration file from `vllm-kvq calibrate`: {e}") from None
+    return _CALIBRATIONS[key]

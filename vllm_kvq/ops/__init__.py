@@ -5,6 +5,10 @@
 
 ``impl`` picks "reference", "triton", "cuda" or "cpu"; None picks the fastest available for the tensors'
 device (logged once). Shapes and dtypes are checked here, in the launcher, so kernels need not.
+
+Calibrated formats (``fmt.calibrated``: shifted/scaled K and V, see ``vllm_kvq.calibration``) run only on
+implementations whose op says so with a true ``supports_calibration`` attribute (the reference does). With
+``impl=None`` a calibrated format falls back to the reference (logged once); naming another impl is an error.
 """
 
 from __future__ import annotations
@@ -45,10 +49,20 @@ def available(op: str, device: torch.device) -> list[str]:
     return [i for i in order if i in table]
 
 
-def _pick(op: str, impl: str | None, device: torch.device):
+def _supports(fn, fmt: KVFormat) -> bool:
+    return not fmt.calibrated or bool(getattr(fn, "supports_calibration", False))
+
+
+def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat):
     table = _impl_table(op)
     if impl is None:
         impl = available(op, device)[0]
+        if not _supports(table[impl], fmt):
+            fast, impl = impl, "reference"
+            if (op, fast, "calibrated") not in _announced:
+                _announced.add((op, fast, "calibrated"))
+                logger.info("vllm_kvq: %s: the %s implementation does not support calibrated formats; "
+                            "running the reference", op, fast)
         if (op, impl) not in _announced:
             _announced.add((op, impl))
             logger.info("vllm_kvq: %s runs the %s implementation on %s", op, impl, device.type)
@@ -56,6 +70,9 @@ def _pick(op: str, impl: str | None, device: torch.device):
         raise ValueError(f"unknown impl {impl!r}; allowed: {', '.join(IMPLS)}")
     elif impl not in table:
         raise RuntimeError(f"impl {impl!r} is not available here; available: {', '.join(table)}")
+    elif not _supports(table[impl], fmt):
+        raise ValueError(f"impl {impl!r} does not support calibrated formats ({fmt.name!r}); use impl=None or "
+                         f"'reference'")
     return table[impl]
 
 
@@ -75,7 +92,7 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
     _check_kv("value", value, n, fmt)
     if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping: expected 1-D int32/int64, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
-    _pick("store", impl, cache.device)(key, value, cache, slot_mapping, fmt)
+    _pick("store", impl, cache.device, fmt)(key, value, cache, slot_mapping, fmt)
 
 
 def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -90,7 +107,7 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     if query_start_loc.shape != (s + 1,) or block_table.dim() != 2 or block_table.shape[0] < s:
         raise ValueError(f"expected query_start_loc ({s + 1},) and block_table ({s}, max_blocks); got "
                          f"{tuple(query_start_loc.shape)} and {tuple(block_table.shape)}")
-    return _pick("paged_attention", impl, query.device)(query, cache, block_table[:s], seq_lens, query_start_loc,
+    return _pick("paged_attention", impl, query.device, fmt)(query, cache, block_table[:s], seq_lens, query_start_loc,
                                                         fmt, scale=scale)
 
 

@@ -7,6 +7,10 @@ Shapes (one-letter sizes mean the same everywhere):
 Attention works in each codec's rotated domain: the query is rotated once per head group, scores come
 from the rotated-domain codes, values are summed there and the output is rotated back once. The context
 is read in chunks of blocks with an online softmax, so no dense copy of a whole context is ever built.
+
+A calibrated format stores ``(k - k_shift) / k_scale`` and ``v - v_shift``; attention multiplies the query
+by ``k_scale`` before rotating it, never adds ``k_shift`` back (it moves all of a query's scores equally)
+and adds ``v_shift`` to each output row (attention weights sum to one).
 """
 
 from __future__ import annotations
@@ -38,8 +42,15 @@ def store(key: torch.Tensor,  # (N, Hk, D)
     for g in fmt.groups:
         heads = torch.tensor(g.heads, device=cache.device)
         gh = len(g.heads)
-        k_codes = g.key.encode(key[:, heads].reshape(n * gh, -1)).reshape(n, gh, -1)
-        v_codes = g.value.encode(value[:, heads].reshape(n * gh, -1)).reshape(n, gh, -1)
+        k, v = key[:, heads], value[:, heads]  # (N, gh, D)
+        if fmt.k_shift is not None:
+            k = k.float() - fmt.k_shift.to(k.device)[heads]
+        if fmt.k_scale is not None:
+            k = k.float() / fmt.k_scale.to(k.device)[heads]
+        if fmt.v_shift is not None:
+            v = v.float() - fmt.v_shift.to(v.device)[heads]
+        k_codes = g.key.encode(k.reshape(n * gh, -1)).reshape(n, gh, -1)
+        v_codes = g.value.encode(v.reshape(n * gh, -1)).reshape(n, gh, -1)
         slot = torch.zeros(n, gh, fmt.slot_bytes, dtype=torch.uint8, device=cache.device)
         kb = g.key.nbytes
         slot[..., :kb] = k_codes
@@ -71,6 +82,8 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
         heads = torch.tensor(g.heads, device=q.device)
         gh = len(g.heads)
         qh = q.reshape(s, lq, hk, group, d)[:, :, heads]  # (S, Lq, gh, G, D)
+        if fmt.k_scale is not None:
+            qh = qh * fmt.k_scale.to(q.device)[heads][:, None]
         q_rot = g.key.rotate(qh.reshape(-1, d)).reshape(s, lq, gh, group, d) * scale
         m = torch.full((s, lq, gh, group), -math.inf, device=q.device)
         l = torch.zeros(s, lq, gh, group, device=q.device)
@@ -96,6 +109,8 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
             m = m_new
         o_rot = acc / l.clamp(min=1e-30)[..., None]
         o = g.value.unrotate(o_rot.reshape(-1, d)).reshape(s, lq, gh, group, d)
+        if fmt.v_shift is not None:
+            o = o + fmt.v_shift.to(q.device)[heads][:, None]
         out.view(s, lq, hk, group, d)[:, :, heads] = o
     return out
 
@@ -130,3 +145,7 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         o = _attend(qf[qsl[i]:qsl[i + 1]][None], pos, kv, cache, block_table[i:i + 1], fmt, scale)
         out[qsl[i]:qsl[i + 1]] = o[0].to(query.dtype)
     return out
+
+
+store.supports_calibration = True
+paged_attention.supports_calibration = True

@@ -1,0 +1,275 @@
+"""Calibrated formats: statistics from a model, the config key, store/attention with shifted and scaled K/V.
+
+The attention check decodes the cache by hand and adds back *everything* (keys ``* k_scale + k_shift``,
+values ``+ v_shift``) before a dense reference, so it also checks the claim that leaving ``k_shift`` out of
+the scores changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_kvq import calibration, cli, codecs, config, ops
+from vllm_kvq.calibration import CalibrationStats
+from vllm_kvq.kv_format import KVFormat, formats_from_config, kv_format
+from vllm_kvq.testing import paged_reference, random_paged_batch, relative_error
+
+CALIB_DIR = Path(__file__).resolve().parents[1] / "configs" / "calibration"
+
+
+# ---- statistics from a model --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer Llama (4 query / 2 KV heads, head_dim 64) in float32, eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_kvq.eval.models import make_tiny_llama
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    path = make_tiny_llama(tmp_path_factory.mktemp("tiny"), vocab_size=300)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return path, model
+
+
+def _layer0_kv_by_hand(model, ids):
+    """Post-RoPE keys and values of layer 0 from the weights, (Hk, N, D): independent of the cache path."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    m = model.model
+    attn = m.layers[0].self_attn
+    with torch.no_grad():
+        h = m.layers[0].input_layernorm(m.embed_tokens(ids[None]))
+        hk, d = model.config.num_key_value_heads, model.config.head_dim
+        k = attn.k_proj(h).view(1, -1, hk, d).transpose(1, 2)
+        v = attn.v_proj(h).view(1, -1, hk, d).transpose(1, 2)
+        cos, sin = m.rotary_emb(h, torch.arange(ids.numel())[None])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k[0], v[0]
+
+
+def test_compute_shapes_and_centred_statistics(tiny):
+    _, model = tiny
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    st = calibration.compute(model, ids, skip_first=4, smooth_alpha=0.5)
+    assert st.shape == (2, 2, 64) and st.mu_k.dtype == torch.float32
+    st.check(2, 2, 64)
+    k, v = _layer0_kv_by_hand(model, ids)
+    k, v = k[:, 4:], v[:, 4:]
+    # the means are the means of what attention caches (after RoPE), first positions excluded ...
+    torch.testing.assert_close(st.mu_k[0], k.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(st.mu_v[0], v.mean(1), atol=1e-5, rtol=1e-5)
+    assert (k - st.mu_k[0][:, None]).mean(1).abs().max() < 1e-5
+    assert st.mu_k[0].norm() > 0.1  # RoPE'd random keys have a mean to remove: the check is not vacuous
+    # ... and the key scale is rms(centred k) ** 0.5, normalised to geometric mean 1 per head
+    s = (k - k.mean(1, keepdim=True)).pow(2).mean(1).sqrt() ** 0.5
+    torch.testing.assert_close(st.k_smooth[0], s / s.log().mean(-1, keepdim=True).exp(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(st.k_smooth.log().mean(-1), torch.zeros(2, 2), atol=1e-5, rtol=0)
+    flat = calibration.compute(model, ids, smooth_alpha=0.0)
+    assert torch.equal(flat.k_smooth, torch.ones(2, 2, 64))
+    with pytest.raises(ValueError, match="more than skip_first=4"):
+        calibration.compute(model, ids[:4])
+
+
+def test_cli_writes_a_loadable_file(tiny, tmp_path, capsys):
+    path, _ = tiny
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20)
+    out = tmp_path / "sub" / "c.safetensors"
+    assert cli.main(["calibrate", str(path), "--text", str(text), "--tokens", "48", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "layer   1" in err and "wrote" in err
+    st = CalibrationStats.load(out)
+    assert st.shape == (2, 2, 64) and dict(st.metadata)["tokens"] == "48"
+
+
+# ---- attention with a calibrated format ---------------------------------------------------------------
+
+def _calibrated_format(keys, values, gen, *, smooth=True):
+    hk, d = len(keys), keys[0].head_dim
+    return KVFormat(d, keys, values, name="cal",
+                    k_shift=torch.randn(hk, d, generator=gen) * 3,
+                    v_shift=torch.randn(hk, d, generator=gen),
+                    k_scale=torch.rand(hk, d, generator=gen) * 1.5 + 0.25 if smooth else None)
+
+
+def _decode_by_hand(fmt, cache, slots):
+    """(L, Hk, D) keys and values as the cache holds them, with every calibration term added back."""
+    t = cache.shape[2]
+    rows = cache[slots // t, :, slots % t]  # (L, Hk, C)
+    k = torch.stack([fmt.keys[h].decode(rows[:, h, :fmt.keys[h].nbytes].contiguous())
+                     for h in range(fmt.num_kv_heads)], 1)
+    v = torch.stack([fmt.values[h].decode(rows[:, h, fmt.keys[h].nbytes:
+                                                   fmt.keys[h].nbytes + fmt.values[h].nbytes].contiguous())
+                     for h in range(fmt.num_kv_heads)], 1)
+    if fmt.k_scale is not None:
+        k = k * fmt.k_scale
+    return k + fmt.k_shift, v + fmt.v_shift
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["uniform", "mixed-codecs"])
+@pytest.mark.parametrize("smooth", [True, False], ids=["smooth", "centre-only"])
+def test_reference_attention_equals_dense_on_decoded_kv(gen, mixed, smooth):
+    d, hk, hq = 64, 2, 6
+    tq3, tq4 = codecs.get("turboquant3", head_dim=d), codecs.get("turboquant4", head_dim=d)
+    keys = [tq3, tq4] if mixed else [tq3, tq3]
+    fmt = _calibrated_format(keys, [tq3, tq3], gen, smooth=smooth)
+    assert fmt.calibrated and len(fmt.groups) == (2 if mixed else 1)
+    batch = random_paged_batch([37, 16, 9], [37, 1, 4], 16, generator=gen)  # prefill, decode, chunked
+    total = int(batch.seq_lens.sum())
+    k = torch.randn(total, hk, d, generator=gen) + 4  # a large common mean, as real keys have
+    v = torch.randn(total, hk, d, generator=gen) - 2
+    cache = fmt.allocate(batch.num_blocks, batch.block_size)
+    ops.store(k, v, cache, batch.ctx_slots, fmt)
+    # the stored codes are the codec's bytes of the shifted and scaled rows
+    kc = (k[:, 1] - fmt.k_shift[1]) / (fmt.k_scale[1] if smooth else 1)
+    slot0 = cache[batch.ctx_slots // 16, 1, batch.ctx_slots % 16]
+    assert torch.equal(slot0[:, :keys[1].nbytes], keys[1].encode(kc))
+    q = torch.randn(batch.num_tokens, hq, d, generator=gen)
+    scale = 1 / math.sqrt(d)
+    out = ops.paged_attention(q, cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt, scale=scale)
+    k_hat, v_hat = _decode_by_hand(fmt, cache, batch.ctx_slots)
+    ref = paged_reference(q, k_hat, v_hat, batch, scale)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_calibration_beats_plain_on_offset_outlier_kv(gen):
+    """Keys with a large common mean and a few strong channels, values with a common mean: what calibration
+    is for. Statistics come from one sample, the error is measured on another."""
+    d, hk, hq, n = 64, 2, 4, 256
+    mean_k = torch.randn(hk, d, generator=gen) * 4
+    mean_v = torch.randn(hk, d, generator=gen) * 2
+    spread = torch.ones(hk, d)
+    spread[:, :4] = 8.0  # outlier channels
+
+    def sample():
+        k = torch.randn(n, hk, d, generator=gen) * spread + mean_k
+        return k, torch.randn(n, hk, d, generator=gen) + mean_v
+
+    rows = [calibration.statistics(*(x.transpose(0, 1) for x in sample()))]
+    mu_k, mu_v, s = rows[0]
+    tq3 = codecs.get("turboquant3", head_dim=d)
+    plain = KVFormat(d, [tq3] * hk, [tq3] * hk)
+    centred = KVFormat(d, [tq3] * hk, [tq3] * hk, k_shift=mu_k, v_shift=mu_v)
+    smoothed = KVFormat(d, [tq3] * hk, [tq3] * hk, k_shift=mu_k, v_shift=mu_v, k_scale=s)
+    k, v = sample()
+    batch = random_paged_batch([n], [n], 16, generator=gen)
+    # queries not aligned with the key outliers: smoothing trades key error in strong channels for error in
+    # weak ones, which pays when the query weighs channels evenly (it hurts when q peaks on the outliers too)
+    q = torch.randn(n, hq, d, generator=gen) / 2
+    scale = 1 / math.sqrt(d)
+    exact = paged_reference(q, k, v, batch, scale)
+    err = {}
+    for name, fmt in (("plain", plain), ("centred", centred), ("smoothed", smoothed)):
+        cache = fmt.allocate(batch.num_blocks, 16)
+        ops.store(k, v, cache, batch.ctx_slots, fmt)
+        out = ops.paged_attention(q, cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt,
+                                  scale=scale)
+        err[name] = relative_error(out, exact)
+    assert err["centred"] < 0.5 * err["plain"], err
+    assert err["smoothed"] < 0.9 * err["centred"], err  # measured 0.090 / 0.031 / 0.026
+
+
+# ---- dispatch -----------------------------------------------------------------------------------------
+
+def test_fast_impls_decline_calibrated_formats(gen, monkeypatch):
+    calls = []
+
+    def fast(*args, **kw):
+        calls.append(1)
+
+    table = ops._impl_table
+    monkeypatch.setattr(ops, "_impl_table", lambda op: {**table(op), "cpu": fast})
+    tq3 = codecs.get("turboquant3", head_dim=64)
+    plain = KVFormat(64, [tq3], [tq3])
+    cal = _calibrated_format([tq3], [tq3], gen)
+    k = torch.randn(3, 1, 64, generator=gen)
+    for fmt in (plain, cal):
+        cache = fmt.allocate(1, 16)
+        ops.store(k, k, cache, torch.arange(3), fmt)
+    assert len(calls) == 1  # the plain format ran the fast one, the calibrated one the reference
+    assert cache.any()  # ... which wrote the calibrated format's cache
+    with pytest.raises(ValueError, match="impl 'cpu' does not support calibrated formats"):
+        ops.store(k, k, cache, torch.arange(3), cal, impl="cpu")
+
+
+def test_format_validates_calibration_tensors():
+    tq3 = codecs.get("turboquant3", head_dim=64)
+    with pytest.raises(ValueError, match=r"k_shift: expected \(2, 64\), got \(2, 32\)"):
+        KVFormat(64, [tq3] * 2, [tq3] * 2, k_shift=torch.zeros(2, 32))
+    with pytest.raises(ValueError, match="k_scale must be positive"):
+        KVFormat(64, [tq3], [tq3], k_scale=torch.zeros(1, 64))
+    assert not KVFormat(64, [tq3], [tq3]).calibrated
+
+
+# ---- config -------------------------------------------------------------------------------------------
+
+def _write_stats(path, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    CalibrationStats(torch.randn(*shape, generator=g), torch.randn(*shape, generator=g),
+                     torch.rand(*shape, generator=g) + 0.5).save(path)
+    return path
+
+
+def test_config_calibration_relative_path_and_formats(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    st_path = _write_stats(tmp_path / "cfg" / "m.safetensors", (3, 2, 64))
+    y = tmp_path / "cfg" / "c.yaml"
+    y.write_text("name: c\nkey: turboquant3\nvalue: turboquant4\ncalibration: m.safetensors\n")
+    monkeypatch.chdir(tmp_path)  # relative to the YAML file, not to the working directory
+    cfg = config.load("cfg/c.yaml")
+    assert Path(cfg.calibration).resolve() == st_path.resolve() and cfg.smooth_keys
+    st = CalibrationStats.load(st_path)
+    fmts = formats_from_config(cfg, num_layers=3, num_kv_heads=2, head_size=64, uniform_slot=True)
+    assert all(f.calibrated for f in fmts)
+    assert torch.equal(fmts[2].k_shift, st.mu_k[2]) and torch.equal(fmts[2].v_shift, st.mu_v[2])
+    assert torch.equal(fmts[2].k_scale, st.k_smooth[2])
+    assert "calibrated (k_shift, v_shift, k_scale" in fmts[0].describe()
+    one = kv_format(cfg, 64, 2, layer=1, num_layers=3)
+    assert torch.equal(one.v_shift, st.mu_v[1])
+    with pytest.raises(ValueError, match="pass num_layers"):
+        kv_format(cfg, 64, 2)
+    no_smooth = config.from_dict({**cfg.model_dump(exclude={"key", "value"}), "key": "turboquant3",
+                                  "value": "turboquant3", "smooth_keys": False})
+    f = formats_from_config(no_smooth, num_layers=3, num_kv_heads=2, head_size=64)[0]
+    assert f.k_scale is None and f.k_shift is not None
+    # uncalibrated configs build uncalibrated formats
+    assert not formats_from_config(config.load("turboquant3"), num_layers=3, num_kv_heads=2, head_size=64)[0].calibrated
+
+
+def test_config_calibration_errors(tmp_path):
+    base = {"key": "turboquant3", "value": "turboquant3"}
+    missing = str(tmp_path / "nope.safetensors")
+    with pytest.raises(config.ConfigError, match=r"calibration: cannot read calibration file.*nope\.safetensors"):
+        config.from_dict({**base, "calibration": missing})
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a tensor file")
+    with pytest.raises(config.ConfigError, match="calibration: not a calibration file"):
+        config.from_dict({**base, "calibration": str(junk)})
+    with pytest.raises(config.ConfigError, match="calibration: Input should be a valid string"):
+        config.from_dict({**base, "calibration": 3})
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+    save_file({"mu_k": torch.zeros(1, 1, 4)}, str(other))
+    with pytest.raises(config.ConfigError, match=r"missing tensors \['mu_v', 'k_smooth'\]"):
+        config.from_dict({**base, "calibration": str(other)})
+    cfg = config.from_dict({**base, "calibration": str(_write_stats(tmp_path / "s.safetensors", (30, 3, 64)))})
+    with pytest.raises(config.ConfigError, match=r"calibration: expected \(layers, kv_heads, head_size\) = "
+                                                  r"\(4, 8, 128\) for every tensor, got mu_k \(30, 3, 64\)"):
+        formats_from_config(cfg, num_layers=4, num_kv_heads=8, head_size=128)
+
+
+@pytest.mark.parametrize("path", sorted(CALIB_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_calibrated_configs(path):
+    """configs/calibration/ holds model-specific configs (not presets: they fit one model's shape)."""
+    cfg = config.load(path)
+    assert cfg.name == path.stem and cfg.description and cfg.calibration
+    assert os.path.getsize(cfg.calibration) < 100_000
+    fmts = formats_from_config(cfg, num_layers=30, num_kv_heads=3, head_size=64, uniform_slot=True)
+    assert all(f.calibrated for f in fmts) and len(fmts) == 30
+    assert path.stem not in config.preset_names()

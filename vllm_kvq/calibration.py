@@ -1,0 +1,127 @@
+"""Calibrated KV statistics: a fixed per-(layer, KV head) key mean, value mean and key channel scale.
+
+A cache stores ``(k - mu_k) / s`` and ``v - mu_v`` instead of k and v. Neither costs a byte per token:
+
+* ``q . mu_k`` is the same for every key a query sees, so softmax ignores it and keys are never shifted
+  back; the query is multiplied by ``s`` instead of the keys (``(q * s) . ((k - mu_k) / s) = q . (k - mu_k)``).
+* Attention weights sum to one, so ``mu_v`` is added once to each output row.
+
+Centring removes the large common component of post-RoPE keys (and of values) that a norm-scaled quantizer
+otherwise spends its levels on; ``s = rms(k - mu_k) ** alpha`` per channel (geometric mean 1) evens out the
+outlier channels of keys before the codec's rotation spreads them.
+
+    stats = compute(model, input_ids)                      # one eager forward of a HF causal LM
+    stats.save("smollm2.safetensors"); CalibrationStats.load(path).check(num_layers, num_kv_heads, head_size)
+
+The file holds three float32 tensors of shape (L, Hk, D): ``mu_k``, ``mu_v``, ``k_smooth``. Nothing here
+imports vLLM; transformers is imported only by ``compute``'s caller (it takes a loaded model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+TENSORS = ("mu_k", "mu_v", "k_smooth")
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    mu_k: torch.Tensor  # (L, Hk, D) float32, mean of post-RoPE keys
+    mu_v: torch.Tensor  # (L, Hk, D) float32, mean of values
+    k_smooth: torch.Tensor  # (L, Hk, D) float32 > 0, per-channel key scale, geometric mean 1 per head
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.mu_k.shape)
+
+    def check(self, num_layers: int, num_kv_heads: int, head_size: int) -> None:
+        """Raises ValueError naming the expected and found shapes."""
+        want = (num_layers, num_kv_heads, head_size)
+        bad = [f"{n} {tuple(getattr(self, n).shape)}" for n in TENSORS if tuple(getattr(self, n).shape) != want]
+        if bad:
+            raise ValueError(f"expected (layers, kv_heads, head_size) = {want} for every tensor, got "
+                             + ", ".join(bad))
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({n: getattr(self, n).float().contiguous() for n in TENSORS}, str(path),
+                  metadata=dict(self.metadata))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationStats":
+        """Raises ValueError when the file is not a calibration file (OSError when it cannot be read)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except SafetensorError as e:
+            raise ValueError(f"not a safetensors file ({e})") from None
+        missing = [n for n in TENSORS if n not in tensors]
+        if missing:
+            raise ValueError(f"missing tensors {missing}; found {sorted(tensors)}, need {list(TENSORS)}")
+        t = {n: tensors[n].float() for n in TENSORS}
+        if any(x.dim() != 3 for x in t.values()) or len({x.shape for x in t.values()}) != 1:
+            raise ValueError("expected three tensors of one shape (layers, kv_heads, head_size), got "
+                             + ", ".join(f"{n} {tuple(x.shape)}" for n, x in t.items()))
+        if not bool((t["k_smooth"] > 0).all()) or not all(bool(x.isfinite().all()) for x in t.values()):
+            raise ValueError("k_smooth must be positive and every value finite")
+        return cls(**t, metadata=tuple(sorted(meta.items())))
+
+
+def statistics(keys: torch.Tensor,  # (Hk, N, D) post-RoPE keys of one layer
+               values: torch.Tensor,  # (Hk, N, D)
+               smooth_alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mu_k, mu_v, k_smooth), each (Hk, D) float32, from one layer's keys and values."""
+    k, v = keys.float(), values.float()
+    mu_k, mu_v = k.mean(1), v.mean(1)
+    rms = (k - mu_k[:, None]).pow(2).mean(1).sqrt().clamp(min=1e-6)
+    s = rms ** smooth_alpha
+    s = s / s.log().mean(-1, keepdim=True).exp()  # geometric mean 1: the codec's scale absorbs the rest
+    return mu_k, mu_v, s
+
+
+@torch.no_grad()
+def capture_kv(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Post-RoPE keys and values of every layer, [(k, v)] each (Hk, N, D), from one forward of a HF causal LM.
+
+    They are read from the KV cache the forward fills, which holds exactly what attention consumes (keys after
+    the rotary embedding) for any architecture transformers supports, with no per-model hook to maintain.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    model(input_ids=input_ids.reshape(1, -1), past_key_values=cache, use_cache=True)
+    out = []
+    for layer in cache.layers:
+        out.append((layer.keys[0].float(), layer.values[0].float()))
+    return out
+
+
+def compute(model, input_ids: torch.Tensor, *, skip_first: int = 4, smooth_alpha: float = 0.5,
+            progress: Callable[[str], None] | None = None) -> CalibrationStats:
+    """Statistics of one forward over ``input_ids`` (N,), ignoring the first ``skip_first`` positions
+    (attention sinks: their keys and values are far from the rest and would pull the means)."""
+    n = int(input_ids.numel())
+    if n <= skip_first:
+        raise ValueError(f"need more than skip_first={skip_first} tokens, got {n}")
+    say = progress or (lambda msg: None)
+    say(f"forward over {n} tokens")
+    kv = capture_kv(model, input_ids)
+    rows = []
+    for i, (k, v) in enumerate(kv):
+        rows.append(statistics(k[:, skip_first:], v[:, skip_first:], smooth_alpha))
+        mk, mv, s = rows[-1]
+        say(f"layer {i:3d}: |mu_k| {mk.norm(dim=-1).mean():8.3f}  |mu_v| {mv.norm(dim=-1).mean():7.3f}  "
+            f"k_smooth {s.min():.3f}..{s.max():.3f}")
+    mu_k, mu_v, ks = (torch.stack(x) for x in zip(*rows))
+    meta = (("skip_first", str(skip_first)), ("smooth_alpha", str(smooth_alpha)), ("tokens", str(n)))
+    return CalibrationStats(mu_k, mu_v, ks, metadata=meta)
