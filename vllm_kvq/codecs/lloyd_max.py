@@ -71,7 +71,10 @@ def _solve(dim: int, bits: int) -> Codebook:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("VLLM_KVQ_CACHE", Path.home() / ".cache" / "vllm_kvq"))
+    """``$VLLM_KVQ_CACHE``, else ``$XDG_CACHE_HOME/vllm_kvq`` (default ``~/.cache/vllm_kvq``)."""
+    if os.environ.get("VLLM_KVQ_CACHE"):
+        return Path(os.environ["VLLM_KVQ_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm_kvq"
 
 
 @functools.lru_cache(maxsize=None)
