@@ -12,7 +12,7 @@ COMMANDS = {
     "config": ("vllm_kvq.config.cli", "inspect YAML configs: resolved per-layer/head table, bytes, compression"),
     "model": ("vllm_kvq.eval.models", "prepare models offline (the SmolLM2-135M demo model)"),
     "eval": ("vllm_kvq.eval.cli", "measure quality through a running OpenAI-compatible server"),
-    "calibrate": ("vllm_kvq.calibration_cli", "compute the K/V means and key scales a config's calibration: key points to"),
+    "calibrate": ("vllm_kvq.calibration_cli", "compute the K/V means and key scales for a config's calibration:"),
     "serve-demo": ("vllm_kvq.vllm.serve_demo", "prepare the demo model and run `vllm serve` with a quantized cache"),
 }
 

@@ -114,5 +114,6 @@ def calibration(cfg: KVQConfig, num_layers: int, num_kv_heads: int, head_size: i
     return stats
 
 
-__all__ = ["calibration", "ConfigError", "CodecSpec", "KVQConfig", "Override", "load", "from_dict", "resolve", "preset_names",
+__all__ = ["calibration", "load_calibration",
+           "ConfigError", "CodecSpec", "KVQConfig", "Override", "load", "from_dict", "resolve", "preset_names",
            "preset_dir", "parse_codec"]
