@@ -13,6 +13,7 @@ implementations whose op says so with a true ``supports_calibration`` attribute 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -26,7 +27,9 @@ IMPLS = ("reference", "triton", "cuda", "cpu")
 _announced: set[tuple[str, str]] = set()
 
 
+@functools.cache
 def _impl_table(op: str) -> dict:
+    """op -> {impl name: function}; built once per process (the ops sit on vLLM's per-layer hot path)."""
     table = {"reference": getattr(reference, op)}
     try:
         from vllm_kvq.kernels import triton as _triton  # noqa: F401
