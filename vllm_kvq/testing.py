@@ -110,20 +110,25 @@ def random_paged_batch(seq_lens: list[int], query_lens: list[int], block_size: i
         ctx_slots=torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long), ctx_start=starts)
 
 
+def _sequences(batch: "PagedBatch"):
+    """Per sequence with new tokens: (its query rows, its context rows in the concatenated K/V, the new
+    tokens' positions)."""
+    qsl = batch.query_start_loc.tolist()
+    for i, s in enumerate(batch.seq_lens.tolist()):
+        q0, q1 = qsl[i], qsl[i + 1]
+        if q1 > q0:
+            c0 = batch.ctx_start[i]
+            yield slice(q0, q1), slice(c0, c0 + s), torch.arange(s - (q1 - q0), s)
+
+
 def paged_reference(query: torch.Tensor,  # (N, Hq, D) new tokens, in batch order
                     k_ctx: torch.Tensor,  # (sum(seq_lens), Hk, D) every context token, sequences concatenated
                     v_ctx: torch.Tensor,  # (sum(seq_lens), Hk, D)
                     batch: PagedBatch, scale: float) -> torch.Tensor:
     """What ``ops.paged_attention`` must return for ``batch``, from dense K/V -> (N, Hq, D) float32."""
     out = torch.zeros(query.shape, dtype=torch.float32)
-    qsl = batch.query_start_loc.tolist()
-    for i, s in enumerate(batch.seq_lens.tolist()):
-        q0, q1 = qsl[i], qsl[i + 1]
-        if q1 == q0:
-            continue
-        c0 = batch.ctx_start[i]
-        pos = torch.arange(s - (q1 - q0), s)
-        out[q0:q1] = dense_attention(query[q0:q1], k_ctx[c0:c0 + s], v_ctx[c0:c0 + s], pos, scale)
+    for rows, ctx, pos in _sequences(batch):
+        out[rows] = dense_attention(query[rows], k_ctx[ctx], v_ctx[ctx], pos, scale)
     return out
 
 
@@ -131,14 +136,8 @@ def paged_probs_sq(query: torch.Tensor, k_ctx: torch.Tensor, batch: PagedBatch, 
     """(N, Hq) sum_j p_ij^2 of each query row: the effective 1 / (number of keys attended), which sets how
     much independent per-token codec errors average out in the attention output."""
     out = torch.zeros(query.shape[:2], dtype=torch.float32)
-    qsl = batch.query_start_loc.tolist()
-    for i, s in enumerate(batch.seq_lens.tolist()):
-        q0, q1 = qsl[i], qsl[i + 1]
-        if q1 == q0:
-            continue
-        c0 = batch.ctx_start[i]
-        p = attention_probs(query[q0:q1], k_ctx[c0:c0 + s], torch.arange(s - (q1 - q0), s), scale)
-        out[q0:q1] = p.pow(2).sum(-1).T
+    for rows, ctx, pos in _sequences(batch):
+        out[rows] = attention_probs(query[rows], k_ctx[ctx], pos, scale).pow(2).sum(-1).T
     return out
 
 
