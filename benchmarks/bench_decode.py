@@ -32,6 +32,24 @@ SMOKE_SHAPES = [(2, 48)]
 PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12}
 
 
+def parse_common(ap: argparse.ArgumentParser, argv=None):
+    """Add the options every benchmark takes, parse, set up the device. Returns (args, device), device None
+    when there is nothing to run (no GPU and no --smoke)."""
+    ap.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    ap.add_argument("--codecs", default="turboquant4,turboquant3")
+    ap.add_argument("--impl", choices=["auto", "triton", "cuda"], default="auto")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--peak-gbps", type=float, default=None, help="HBM peak, if the device name is not known")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one rep: checks the script (CPU ok)")
+    a = ap.parse_args(argv)
+    device = setup_device()
+    if device.type != "cuda" and not a.smoke:
+        print("no CUDA device: run with --smoke to check the script under the Triton interpreter")
+        return a, None
+    return a, device
+
+
 def setup_device() -> torch.device:
     """CUDA when present; otherwise the Triton interpreter (a smoke run of the script, not a measurement)."""
     if torch.cuda.is_available():
@@ -138,23 +156,14 @@ def list_upstream_turboquant(vllm_dir: str) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=[*MODELS, "all"], default="all")
-    ap.add_argument("--codecs", default="turboquant4,turboquant3")
     ap.add_argument("--shapes", default=None, help="comma list of BATCHxCONTEXT, e.g. 1x4096,64x32768")
-    ap.add_argument("--impl", choices=["auto", "triton", "cuda"], default="auto")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--peak-gbps", type=float, default=None, help="HBM peak, if the device name is not known")
     ap.add_argument("--vllm-dir", default=None, help="an unpacked vLLM wheel: list its TurboQuant Triton files")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one rep: checks the script (CPU ok)")
-    a = ap.parse_args(argv)
-    device = setup_device()
+    a, device = parse_common(ap, argv)
+    if device is None:
+        return 0
     from vllm_kvq import codecs, ops
     from vllm_kvq.kv_format import KVFormat
 
-    if device.type != "cuda" and not a.smoke:
-        print("no CUDA device: run with --smoke to check the script under the Triton interpreter")
-        return 0
     shapes = SMOKE_SHAPES if a.smoke else (
         [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")] if a.shapes else SHAPES)
     models = list(MODELS) if a.model == "all" else [a.model]

@@ -15,29 +15,20 @@ import sys
 
 import torch
 
-from bench_decode import MODELS, Timer, fmt_row, peak_bandwidth, setup_device
+from bench_decode import MODELS, Timer, fmt_row, parse_common, peak_bandwidth
 
 TOKENS = [1, 64, 512, 4096, 16384, 65536]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=[*MODELS, "all"], default="all")
-    ap.add_argument("--codecs", default="turboquant4,turboquant3")
     ap.add_argument("--tokens", default=None, help="comma list of token counts per call")
-    ap.add_argument("--impl", choices=["auto", "triton", "cuda"], default="auto")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--peak-gbps", type=float, default=None)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one rep: checks the script (CPU ok)")
-    a = ap.parse_args(argv)
-    device = setup_device()
+    a, device = parse_common(ap, argv)
+    if device is None:
+        return 0
     from vllm_kvq import codecs, ops
     from vllm_kvq.kv_format import KVFormat
 
-    if device.type != "cuda" and not a.smoke:
-        print("no CUDA device: run with --smoke to check the script under the Triton interpreter")
-        return 0
     tokens = [20] if a.smoke else ([int(t) for t in a.tokens.split(",")] if a.tokens else TOKENS)
     models = list(MODELS) if a.model == "all" else [a.model]
     peak = peak_bandwidth(device, a.peak_gbps)
