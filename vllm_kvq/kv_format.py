@@ -9,15 +9,14 @@ One slot holds everything about one (token, KV head), metadata inline:
 to an even number so fp16 metadata stays 2-byte aligned, or a larger ``pad_to`` when vLLM needs one page
 size for several layers.
 
-A *calibrated* format (see ``vllm_kvq.calibration``) also carries per-head float32 tensors (Hk, D):
-``k_shift`` and ``v_shift`` (subtracted before encoding) and ``k_scale`` (centred keys are divided by it
-before encoding; attention multiplies the query by it). They cost no cache bytes. Attention never adds
-``k_shift`` back (it shifts every score of a query equally) and adds ``v_shift`` to each output row.
+Per-head state (calibrated shifts and channel scales, see ``vllm_kvq.calibration``) is bound to each head's
+codecs (``VectorCodec.bind``) and costs no cache bytes; ``KVFormat(k_shift=, v_shift=, k_scale=)`` is a
+shorthand that binds (Hk, D) tensors head by head. Heads whose codecs share parameters and kinds of state
+form one ``HeadGroup``: one kernel launch, with the state stacked to (heads, D).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,13 +26,29 @@ from vllm_kvq import config as _config
 from vllm_kvq.codecs.base import VectorCodec
 
 
-@dataclass(frozen=True)
 class HeadGroup:
-    """KV heads of a layer that share one (K codec, V codec) pair; the ops batch over them."""
+    """KV heads of a layer that share one (K codec, V codec) structure; the ops batch over them.
 
-    heads: tuple[int, ...]
-    key: VectorCodec
-    value: VectorCodec
+    ``key`` / ``value`` are the first head's codecs (layout, tables, hooks); ``keys`` / ``values`` hold every
+    head's (bound) codec, whose state ``state(side, name, device)`` stacks to (len(heads), D).
+    """
+
+    def __init__(self, heads: tuple[int, ...], keys: tuple[VectorCodec, ...], values: tuple[VectorCodec, ...]):
+        self.heads, self.keys, self.values = heads, keys, values
+        self.key, self.value = keys[0], values[0]
+        self._state: dict = {}
+
+    def state(self, side: str, name: str, device) -> torch.Tensor | None:
+        """(len(heads), D) float32 stacked state ``name`` of the "k" or "v" codecs, or None if unbound."""
+        k = (side, name, str(device))
+        if k not in self._state:
+            cs = self.keys if side == "k" else self.values
+            ts = [getattr(c, name) for c in cs]
+            self._state[k] = None if ts[0] is None else torch.stack(ts).to(device).contiguous()
+        return self._state[k]
+
+    def __repr__(self) -> str:
+        return f"HeadGroup(heads={self.heads}, key={self.key.name}, value={self.value.name})"
 
 
 class KVFormat:
@@ -47,9 +62,20 @@ class KVFormat:
         for c in (*keys, *values):
             if c.head_dim != head_size:
                 raise ValueError(f"codec {c.name} has head_dim {c.head_dim}, format has head_size {head_size}")
+        hk = len(keys)
+        for label, t in (("k_shift", k_shift), ("v_shift", v_shift), ("k_scale", k_scale)):
+            if t is not None and tuple(t.shape) != (hk, head_size):
+                raise ValueError(f"{label}: expected ({hk}, {head_size}), got {tuple(t.shape)}")
+        if k_scale is not None and not bool((k_scale > 0).all()):
+            raise ValueError("k_scale must be positive")
+        if k_shift is not None or k_scale is not None:
+            keys = [c.bind(shift=None if k_shift is None else k_shift[h], scale=None if k_scale is None else k_scale[h])
+                    for h, c in enumerate(keys)]
+        if v_shift is not None:
+            values = [c.bind(shift=v_shift[h]) for h, c in enumerate(values)]
         self.name = name
         self.head_size = head_size
-        self.num_kv_heads = len(keys)
+        self.num_kv_heads = hk
         self.keys, self.values = list(keys), list(values)
         need = max(k.nbytes + v.nbytes for k, v in zip(keys, values))
         need += need % 2
@@ -59,23 +85,32 @@ class KVFormat:
         groups: dict[tuple, list[int]] = {}
         for h, (k, v) in enumerate(zip(keys, values)):
             groups.setdefault((k.key, v.key), []).append(h)
-        self.groups = [HeadGroup(tuple(hs), keys[hs[0]], values[hs[0]]) for hs in groups.values()]
-        for label, t in (("k_shift", k_shift), ("v_shift", v_shift), ("k_scale", k_scale)):
-            if t is not None and tuple(t.shape) != (self.num_kv_heads, head_size):
-                raise ValueError(f"{label}: expected ({self.num_kv_heads}, {head_size}), got {tuple(t.shape)}")
-        if k_scale is not None and not bool((k_scale > 0).all()):
-            raise ValueError("k_scale must be positive")
-        as32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
-        self.k_shift, self.v_shift, self.k_scale = as32(k_shift), as32(v_shift), as32(k_scale)
+        self.groups = [HeadGroup(tuple(hs), tuple(keys[h] for h in hs), tuple(values[h] for h in hs))
+                       for hs in groups.values()]
+
+    def _stacked(self, cs: list[VectorCodec], name: str, identity: float) -> torch.Tensor | None:
+        ts = [getattr(c, name) for c in cs]
+        if all(t is None for t in ts):
+            return None
+        return torch.stack([torch.full((self.head_size,), identity) if t is None else t for t in ts])
+
+    @property
+    def k_shift(self) -> torch.Tensor | None:
+        """(Hk, D) key shifts bound to the key codecs (zeros for unbound heads), or None."""
+        return self._stacked(self.keys, "shift", 0.0)
+
+    @property
+    def k_scale(self) -> torch.Tensor | None:
+        return self._stacked(self.keys, "scale", 1.0)
+
+    @property
+    def v_shift(self) -> torch.Tensor | None:
+        return self._stacked(self.values, "shift", 0.0)
 
     @property
     def calibrated(self) -> bool:
-        """True when keys or values are shifted or keys scaled before encoding (the ops must know)."""
-        return any(t is not None for t in (self.k_shift, self.v_shift, self.k_scale))
-
-    def calibration(self) -> dict:
-        """The calibration tensors as keyword arguments of ``KVFormat`` (to rebuild a format, e.g. padded)."""
-        return {"k_shift": self.k_shift, "v_shift": self.v_shift, "k_scale": self.k_scale}
+        """True when some head's codecs carry state (shifted or scaled K/V)."""
+        return any(c.state_names for c in (*self.keys, *self.values))
 
     @property
     def uniform(self) -> bool:
@@ -116,12 +151,10 @@ class KVFormat:
                     lines.append(f"    [{base + f.offset:4d}:{base + f.offset + f.nbytes:4d}] {label}.{f.name:<10} {f.what}")
             if k.nbytes + v.nbytes < self.slot_bytes:
                 lines.append(f"    [{k.nbytes + v.nbytes:4d}:{self.slot_bytes:4d}] padding")
-        if self.calibrated:
-            parts = [n for n, t in self.calibration().items() if t is not None]
-            lines.append(f"  calibrated ({', '.join(parts)} per head; no cache bytes): K stored as "
-                         f"{'(k - k_shift)' if self.k_shift is not None else 'k'}"
-                         f"{' / k_scale' if self.k_scale is not None else ''}, V as "
-                         f"{'v - v_shift' if self.v_shift is not None else 'v'}")
+            if k.state_names or v.state_names:
+                lines.append(f"    state per head (no cache bytes): K stored as "
+                             f"{'(k - shift)' if k.shift is not None else 'k'}{' / scale' if k.scale is not None else ''}"
+                             f", V as {'v - shift' if v.shift is not None else 'v'}")
         return "\n".join(lines)
 
     __str__ = describe
@@ -143,7 +176,7 @@ def formats_from_config(cfg: "_config.KVQConfig", *, num_layers: int, num_kv_hea
                              **_layer_calibration(cfg, stats, layer)))
     if uniform_slot:
         pad = max(f.slot_bytes for f in fmts)
-        fmts = [KVFormat(head_size, f.keys, f.values, name=f.name, pad_to=pad, **f.calibration()) for f in fmts]
+        fmts = [KVFormat(head_size, f.keys, f.values, name=f.name, pad_to=pad) for f in fmts]
     return fmts
 
 

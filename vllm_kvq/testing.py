@@ -145,8 +145,8 @@ def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
     """k, v (L, Hk, D) -> what the format's codecs give back after encode + decode, per head (float32)."""
     kh, vh = torch.empty(k.shape), torch.empty(v.shape)
     for h in range(fmt.num_kv_heads):
-        kh[:, h] = fmt.keys[h].decode(fmt.keys[h].encode(k[:, h]))
-        vh[:, h] = fmt.values[h].decode(fmt.values[h].encode(v[:, h]))
+        kh[:, h] = fmt.keys[h].dequantize(fmt.keys[h].quantize(k[:, h]))
+        vh[:, h] = fmt.values[h].dequantize(fmt.values[h].quantize(v[:, h]))
     return kh, vh
 
 
