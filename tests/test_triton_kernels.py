@@ -97,6 +97,18 @@ def _check_cache(fmt, x_k, x_v, slots, got, want):
     keep = slots >= 0
     blk, off = slots[keep] // t, slots[keep] % t
     written[blk, off] = True
+    if fmt.sink_tokens:  # the blocks' sink areas: bf16 records, each value within 1 ulp (rotation sums)
+        area = slice(fmt.sink_offset, fmt.sink_offset + fmt.sink_bytes)
+        ga, wa = got[..., area].contiguous(), want[..., area].contiguous()
+        g16 = ga.reshape(ga.shape[0], ga.shape[1], -1)[..., : fmt.sink_tokens * fmt.sink_record_bytes]
+        w16 = wa.reshape(wa.shape[0], wa.shape[1], -1)[..., : fmt.sink_tokens * fmt.sink_record_bytes]
+        as_int = lambda b: (lambda i: torch.where(i == -32768, 0, i))(b.contiguous().view(torch.int16).int())  # noqa: E731  (-0 == +0)
+        diff = (as_int(g16) - as_int(w16)).abs()
+        assert diff.max() <= 1, f"sink records differ by {diff.max()} bf16 ulps"
+        assert diff.float().mean() < 0.05
+        assert torch.equal(ga.reshape(ga.shape[0], ga.shape[1], -1)[..., fmt.sink_tokens * fmt.sink_record_bytes:],
+                           wa.reshape(wa.shape[0], wa.shape[1], -1)[..., fmt.sink_tokens * fmt.sink_record_bytes:])
+        got, want = got[..., : fmt.sink_offset], want[..., : fmt.sink_offset]
     g_rest, w_rest = got.permute(0, 2, 1, 3)[~written], want.permute(0, 2, 1, 3)[~written]
     assert torch.equal(g_rest, w_rest), "bytes outside the written slots changed"
     for h in range(fmt.num_kv_heads):
@@ -106,6 +118,12 @@ def _check_cache(fmt, x_k, x_v, slots, got, want):
         _check_rows(kc, kc.store_transform(x_k[keep, h].cpu()), gk[:, :kn], wk[:, :kn])
         _check_rows(vc, vc.store_transform(x_v[keep, h].cpu()), gk[:, kn:kn + vn], wk[:, kn:kn + vn])
         assert torch.equal(gk[:, kn + vn:], wk[:, kn + vn:]), "padding bytes differ"
+
+
+def sink_fmt(cid: str, d: int, hk: int, t: int = 16, sinks: int = 2) -> KVFormat:
+    case = codec_cases.case(cid)
+    cs = [case.build(d, h) for h in range(hk)]
+    return KVFormat(d, cs, cs, name=f"{cid}+sink{sinks}", sink_tokens=sinks, block_size=t)
 
 
 def _store_case(fmt, n, blocks, t, layout, gen, dtype=torch.bfloat16, scale=1.0):
@@ -207,7 +225,7 @@ def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, t=16, layout="contiguous", num
     if dtype == torch.float32:
         assert err <= 1e-4, f"float32 kernel differs from the reference by {err}"
         return
-    k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx)
+    k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx, batch.block_offsets())
     lowp = _lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype)
     err_lowp = (lowp.float() - ref).abs().max().item()
     assert err <= 2 * err_lowp + 1e-5, f"kernel error {err} > 2 x bf16 PyTorch error {err_lowp}"
@@ -259,6 +277,14 @@ def test_attention_float32_queries_match_tightly(cid, gen):
 def test_attention_one_token_prefill_in_decode_shape(gen):
     """N == S takes the one-token-per-tile path even when a sequence has 2 new tokens and another 0."""
     _attn_case(uniform_fmt("turboquant3", 64, 2), 4, [12, 30, 3], [2, 0, 1], gen, num_splits=2)
+
+
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5+shift", "uniform4+shift+scale", "bf16"])
+def test_sinks_store_and_attention(cid, gen):
+    fmt = sink_fmt(cid, 64, 2)
+    _store_case(fmt, 40, 6, 16, "token-major", gen)
+    _attn_case(fmt, 6, *MIXED, gen, layout="byte-stride-2")
+    _attn_case(fmt, 6, *DECODE, gen, num_splits=3)
 
 
 def test_split_k_is_sized_from_max_seq_len_not_the_block_table(gen):

@@ -9,6 +9,19 @@ One slot holds everything about one (token, KV head), metadata inline:
 to an even number so fp16 metadata stays 2-byte aligned, or a larger ``pad_to`` when vLLM needs one page
 size for several layers.
 
+**Sinks** (``sink_tokens=S``): every block also keeps its first S tokens at bf16, in the codecs' rotated
+domain, in a per-block area spread over ``sink_bytes`` extra bytes at the end of each of its T slots:
+
+    [ K codes | K meta | V codes | V meta | pad to even ][ sink area: sink_bytes ][ pad to slot_bytes ]
+
+Record j (the token at block offset j < S) is ``bf16(R_K k') ++ bf16(R_V v')`` (4·D bytes, k' and v' after the
+codecs' state transforms); its byte b lies at area offset o = j·4D + b, i.e. in slot o // sink_bytes at byte
+``sink_offset + o % sink_bytes``. Attention reads a position p from the record when p % T < S: the first S
+tokens of every sequence (the attention sinks, in its first block) are then exact up to bf16, and since every
+block keeps its own records, a block's bytes depend only on its tokens, so a prefix-cache hit and a chunked
+prefill see what a cold single-chunk run sees. Cost: ceil(S·4·D / T) bytes per slot (T = 16: D / 4 per sink
+token, T = 128: D / 32).
+
 Per-head state (calibrated shifts and channel scales, see ``vllm_kvq.calibration``) is bound to each head's
 codecs (``VectorCodec.bind``) and costs no cache bytes; ``KVFormat(k_shift=, v_shift=, k_scale=)`` is a
 shorthand that binds (Hk, D) tensors head by head. Heads whose codecs share parameters and kinds of state
@@ -53,7 +66,7 @@ class HeadGroup:
 
 class KVFormat:
     def __init__(self, head_size: int, keys: list[VectorCodec], values: list[VectorCodec], *, name: str = "custom",
-                 pad_to: int | None = None,
+                 pad_to: int | None = None, sink_tokens: int = 0, block_size: int | None = None,
                  k_shift: torch.Tensor | None = None,  # (Hk, D)
                  v_shift: torch.Tensor | None = None,  # (Hk, D)
                  k_scale: torch.Tensor | None = None):  # (Hk, D), > 0
@@ -79,6 +92,18 @@ class KVFormat:
         self.keys, self.values = list(keys), list(values)
         need = max(k.nbytes + v.nbytes for k, v in zip(keys, values))
         need += need % 2
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+        self.sink_tokens = sink_tokens
+        self.block_size = block_size
+        self.sink_offset = need
+        self.sink_bytes = 0
+        if sink_tokens:
+            if not isinstance(block_size, int) or block_size < sink_tokens:
+                raise ValueError(f"sink_tokens={sink_tokens} needs the cache's block size (>= sink_tokens) to "
+                                 f"size the per-block sink area, got block_size={block_size!r}")
+            self.sink_bytes = -(-sink_tokens * self.sink_record_bytes // block_size)
+            need += self.sink_bytes + self.sink_bytes % 2
         if pad_to is not None and pad_to < need:
             raise ValueError(f"pad_to={pad_to} is smaller than the {need} bytes this format needs")
         self.slot_bytes = pad_to or need
@@ -87,6 +112,16 @@ class KVFormat:
             groups.setdefault((k.key, v.key), []).append(h)
         self.groups = [HeadGroup(tuple(hs), tuple(keys[h] for h in hs), tuple(values[h] for h in hs))
                        for hs in groups.values()]
+
+    @property
+    def sink_record_bytes(self) -> int:
+        """Bytes of one sink token's record: bf16 rotated K and V."""
+        return 4 * self.head_size
+
+    def with_block_size(self, block_size: int, pad_to: int | None = None) -> "KVFormat":
+        """The same format for another block size (the sink area depends on it)."""
+        return KVFormat(self.head_size, self.keys, self.values, name=self.name, pad_to=pad_to,
+                        sink_tokens=self.sink_tokens, block_size=block_size)
 
     def _stacked(self, cs: list[VectorCodec], name: str, identity: float) -> torch.Tensor | None:
         ts = [getattr(c, name) for c in cs]
@@ -134,6 +169,9 @@ class KVFormat:
     def check_cache(self, cache: torch.Tensor) -> None:
         if cache.dtype != torch.uint8 or cache.dim() != 4:
             raise ValueError(f"expected a uint8 cache (blocks, heads, tokens, slot), got {cache.dtype} {tuple(cache.shape)}")
+        if self.sink_tokens and cache.shape[2] != self.block_size:
+            raise ValueError(f"format {self.name!r} sizes its sink area for blocks of {self.block_size} tokens, "
+                             f"the cache has {cache.shape[2]}")
         if cache.shape[1] != self.num_kv_heads or cache.shape[3] != self.slot_bytes:
             raise ValueError(f"cache shape {tuple(cache.shape)} does not match format {self.name!r}: expected "
                              f"(blocks, {self.num_kv_heads}, tokens, {self.slot_bytes})")
@@ -149,12 +187,19 @@ class KVFormat:
             for base, c, label in ((0, k, "K"), (k.nbytes, v, "V")):
                 for f in c.fields():
                     lines.append(f"    [{base + f.offset:4d}:{base + f.offset + f.nbytes:4d}] {label}.{f.name:<10} {f.what}")
-            if k.nbytes + v.nbytes < self.slot_bytes:
-                lines.append(f"    [{k.nbytes + v.nbytes:4d}:{self.slot_bytes:4d}] padding")
+            end = self.sink_offset if self.sink_tokens else self.slot_bytes
+            if k.nbytes + v.nbytes < end:
+                lines.append(f"    [{k.nbytes + v.nbytes:4d}:{end:4d}] padding")
             if k.state_names or v.state_names:
                 lines.append(f"    state per head (no cache bytes): K stored as "
                              f"{'(k - shift)' if k.shift is not None else 'k'}{' / scale' if k.scale is not None else ''}"
                              f", V as {'v - shift' if v.shift is not None else 'v'}")
+        if self.sink_tokens:
+            so, sb = self.sink_offset, self.sink_bytes
+            lines.append(f"  [{so:4d}:{so + sb:4d}] sink area: the block's first {self.sink_tokens} token(s) as bf16 "
+                         f"rotated K+V ({self.sink_record_bytes} B each), spread over the {self.block_size} slots")
+            if so + sb < self.slot_bytes:
+                lines.append(f"  [{so + sb:4d}:{self.slot_bytes:4d}] padding")
         return "\n".join(lines)
 
     __str__ = describe
@@ -164,8 +209,9 @@ class KVFormat:
 
 
 def formats_from_config(cfg: "_config.KVQConfig", *, num_layers: int, num_kv_heads: int, head_size: int,
-                        uniform_slot: bool = False) -> list[KVFormat]:
-    """One format per layer. ``uniform_slot`` pads every layer to the largest slot (one vLLM page size)."""
+                        uniform_slot: bool = False, block_size: int | None = None) -> list[KVFormat]:
+    """One format per layer. ``uniform_slot`` pads every layer to the largest slot (one vLLM page size);
+    ``block_size`` sizes the sink area of configs with ``sink_tokens``."""
     table = _config.resolve(cfg, num_layers, num_kv_heads)
     stats = _config.calibration(cfg, num_layers, num_kv_heads, head_size)
     fmts = []
@@ -173,10 +219,11 @@ def formats_from_config(cfg: "_config.KVQConfig", *, num_layers: int, num_kv_hea
         keys = [k.build(head_size, cfg.seed) for k, _ in row]
         values = [v.build(head_size, cfg.seed) for _, v in row]
         fmts.append(KVFormat(head_size, keys, values, name=f"{cfg.name}[layer {layer}]",
+                             sink_tokens=cfg.sink_tokens, block_size=block_size,
                              **_layer_calibration(cfg, stats, layer)))
     if uniform_slot:
         pad = max(f.slot_bytes for f in fmts)
-        fmts = [KVFormat(head_size, f.keys, f.values, name=f.name, pad_to=pad) for f in fmts]
+        fmts = [f.with_block_size(block_size, pad_to=pad) for f in fmts]
     return fmts
 
 
@@ -188,7 +235,7 @@ def _layer_calibration(cfg: "_config.KVQConfig", stats, layer: int) -> dict:
 
 
 def kv_format(spec: "str | Path | _config.KVQConfig", head_size: int, num_kv_heads: int, *, layer: int = 0,
-              num_layers: int | None = None, pad_to: int | None = None) -> KVFormat:
+              num_layers: int | None = None, pad_to: int | None = None, block_size: int | None = None) -> KVFormat:
     """The format of one layer: ``spec`` is a preset or codec name, a YAML path, or a loaded config."""
     if isinstance(spec, str) and spec in _codecs.names() and spec not in _config.preset_names():
         codec = _codecs.get(spec, head_dim=head_size)
@@ -206,4 +253,5 @@ def kv_format(spec: "str | Path | _config.KVQConfig", head_size: int, num_kv_hea
     keys = [k.build(head_size, cfg.seed) for k, _ in row]
     values = [v.build(head_size, cfg.seed) for _, v in row]
     name = cfg.name if num_layers is None else f"{cfg.name}[layer {layer}]"
-    return KVFormat(head_size, keys, values, name=name, pad_to=pad_to, **_layer_calibration(cfg, stats, layer))
+    return KVFormat(head_size, keys, values, name=name, pad_to=pad_to, sink_tokens=cfg.sink_tokens,
+                    block_size=block_size, **_layer_calibration(cfg, stats, layer))

@@ -62,6 +62,8 @@ def why_not(fmt: KVFormat, op: str = "paged_attention", decode: bool = True, gro
         return f"GQA groups of 1..8 query heads are compiled, got {group}"
     if fmt.head_size not in (64, 128):
         return f"head size {fmt.head_size} is not compiled (64, 128)"
+    if fmt.sink_tokens:
+        return "sink records are not implemented in the CUDA kernels"
     for g in fmt.groups:
         for c in (g.key, g.value):
             if not isinstance(c, TurboQuantCodec):

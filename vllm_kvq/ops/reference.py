@@ -52,7 +52,43 @@ def store(key: torch.Tensor,  # (N, Hk, D)
         kb = g.key.nbytes
         slot[..., :kb] = k_codes
         slot[..., kb:kb + g.value.nbytes] = v_codes
+        if fmt.sink_tokens:  # the sink area belongs to the block: keep the bytes other tokens wrote there
+            area = slice(fmt.sink_offset, fmt.sink_offset + fmt.sink_bytes)
+            slot[..., area] = cache[blk[:, None], heads[None, :], off[:, None], area]
         cache[blk[:, None], heads[None, :], off[:, None]] = slot
+        if fmt.sink_tokens:
+            _store_sinks(cache, blk, off, heads, g, k, v, fmt)
+
+
+def _sink_bytes_index(fmt: KVFormat, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot (S, R), byte (S, R)) within a block of each byte of each sink record (see ``kv_format``)."""
+    o = torch.arange(fmt.sink_tokens * fmt.sink_record_bytes, device=device).reshape(fmt.sink_tokens, -1)
+    return o // fmt.sink_bytes, fmt.sink_offset + o % fmt.sink_bytes
+
+
+def _store_sinks(cache, blk, off, heads, g, k, v, fmt: KVFormat) -> None:
+    """Records of the tokens at block offsets < sink_tokens: bf16 of the rotated, state-transformed K and V."""
+    sel = off < fmt.sink_tokens
+    if not bool(sel.any()):
+        return
+    blk, off, k, v = blk[sel], off[sel], k[sel], v[sel]
+    m, gh, d = k.shape
+    rk = g.key.rotate(k.reshape(m * gh, d)).to(torch.bfloat16).reshape(m, gh, d)
+    rv = g.value.rotate(v.reshape(m * gh, d)).to(torch.bfloat16).reshape(m, gh, d)
+    rec = torch.cat((rk, rv), -1).contiguous().view(torch.uint8)  # (m, gh, 4D)
+    slot_i, byte_i = _sink_bytes_index(fmt, cache.device)
+    cache[blk[:, None, None], heads[None, :, None], slot_i[off][:, None], byte_i[off][:, None]] = rec
+
+
+def _load_sinks(slots: torch.Tensor,  # (S, gh, nb * T, C) whole blocks
+                fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) sink records of every block, each (S, gh, nb, sink_tokens, D) float32 (rotated domain)."""
+    s, gh, L, c = slots.shape
+    t = fmt.block_size
+    area = slots.reshape(s, gh, L // t, t, c)[..., fmt.sink_offset:fmt.sink_offset + fmt.sink_bytes]
+    rec = area.reshape(s, gh, L // t, -1)[..., : fmt.sink_tokens * fmt.sink_record_bytes]
+    rec = rec.contiguous().view(torch.bfloat16).float().reshape(s, gh, L // t, fmt.sink_tokens, 2, fmt.head_size)
+    return rec[..., 0, :], rec[..., 1, :]
 
 
 def _per_head(x: torch.Tensor,  # (..., gh, D)
@@ -100,6 +136,10 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
             flat = slots.reshape(-1, slots.shape[-1])
             k = g.key.decode_rotated(flat[:, :kb].contiguous()).reshape(s, gh, L, d)
             v = g.value.decode_rotated(flat[:, kb:kb + vb].contiguous()).reshape(s, gh, L, d)
+            if fmt.sink_tokens:  # each block's first tokens from its bf16 records
+                ks, vs = _load_sinks(slots, fmt)
+                k.view(s, gh, nb, t, d)[:, :, :, :fmt.sink_tokens] = ks
+                v.view(s, gh, nb, t, d)[:, :, :, :fmt.sink_tokens] = vs
             pos = torch.arange(b0 * t, b0 * t + L, device=q.device)
             scores = torch.einsum("sqhgd,shld->sqhgl", q_rot, k)
             ok = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < kv_len[:, None, None])

@@ -124,6 +124,7 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
                  D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                  BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NUM_SPLITS: tl.constexpr,
                  VOFF: tl.constexpr, DOT: tl.constexpr, RC: tl.constexpr,
+                 SINK: tl.constexpr, SOFF: tl.constexpr, SB: tl.constexpr,
                  K_PREP: tl.constexpr, K_DEC: tl.constexpr, K_P: tl.constexpr, K_ROT: tl.constexpr,
                  K_SUB: tl.constexpr, K_FAC: tl.constexpr,
                  V_PREP: tl.constexpr, V_DEC: tl.constexpr, V_P: tl.constexpr, V_ROT: tl.constexpr,
@@ -173,6 +174,13 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
         blk = tl.load(bt_ptr + s.to(tl.int64) * sbt + pos // T, mask=nmask, other=0).to(tl.int64)
         rows = cache_ptr + blk * sB + head_off + (pos % T).to(tl.int64) * sT
         kv, ks = K_DEC(rows, sC, nmask, D, kctx, k_tab0, k_tab1, DP, BN, K_P)
+        if SINK > 0:  # each block's first tokens come from its bf16 sink records
+            off = pos % T
+            smask = nmask & (off < SINK)
+            blockrow = cache_ptr + blk * sB + head_off
+            if tl.max(smask.to(tl.int32), axis=0) > 0:
+                kv = tl.where(smask[:, None], cm.load_sink(blockrow, off, smask, 0, sT, sC, D, DP, SOFF, SB), kv)
+                ks = tl.where(smask, 1.0, ks)
         sc = _mm(q, tl.trans(kv), DOT) * ks[None, :]
         ok = (pos[None, :] <= qpos[:, None]) & nmask[None, :]
         sc = tl.where(ok, sc, float("-inf"))
@@ -182,6 +190,10 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
         vv, vs = V_DEC(rows + VOFF * sC, sC, nmask, D, vctx, v_tab0, v_tab1, DP, BN, V_P)
+        if SINK > 0:
+            if tl.max(smask.to(tl.int32), axis=0) > 0:
+                vv = tl.where(smask[:, None], cm.load_sink(blockrow, off, smask, 1, sT, sC, D, DP, SOFF, SB), vv)
+                vs = tl.where(smask, 1.0, vs)
         acc = acc * alpha[:, None] + _mm(p * vs[None, :], vv, DOT)
         m = m_new
 
@@ -301,7 +313,8 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
             cache, *cache.stride(), bt, bt.stride(0), seq_lens, qsl, heads,
             *kp, *vp, part, ml, s, n, hq, scale * LOG2E, split_tokens,
             D=d, DP=dp, T=t, G=grp, GP=gp, BQ=bq, BM=bm, BN=bn, NUM_SPLITS=splits,
-            VOFF=g.key.nbytes, DOT=dot, RC=min(32, dp), K_PREP=kh.prep, K_DEC=kh.decode, **kc,
+            VOFF=g.key.nbytes, DOT=dot, RC=min(32, dp), SINK=fmt.sink_tokens, SOFF=fmt.sink_offset,
+            SB=max(1, fmt.sink_bytes), K_PREP=kh.prep, K_DEC=kh.decode, **kc,
             V_PREP=vh.prep, V_DEC=vh.decode, **vc, num_warps=warps)
         if splits > 1:
             _merge_kernel[(n, len(g.heads))](

@@ -1,8 +1,10 @@
 """Device helpers the generic store and attention kernels share: the rotation matmul with a codec's
-per-head state transform folded into its input, and the inverse rotation on the way out."""
+per-head state transform folded into its input, and the sink records' bytes (``kv_format``)."""
 
 import triton
 import triton.language as tl
+
+from vllm_kvq.codecs._triton import bf16_bits
 
 
 @triton.jit
@@ -36,3 +38,34 @@ def transform(x, j, jm, sub_ptr, fac_ptr, SUB: tl.constexpr, FAC: tl.constexpr, 
         else:
             x = x * f
     return x
+
+
+@triton.jit
+def area_ptrs(blockrow, o, sT, sC, SOFF: tl.constexpr, SB: tl.constexpr):
+    """Pointers to byte ``o`` (any shape, offset into a block's sink area) of the block whose (head's) first
+    slot is ``blockrow`` (broadcastable to o): slot o // SB, byte SOFF + o % SB (see ``kv_format``)."""
+    return blockrow + (o // SB) * sT + (SOFF + o % SB) * sC
+
+
+@triton.jit
+def store_sink(blockrow, off, smask, y, half: tl.constexpr, sT, sC, D, DP: tl.constexpr,
+               SOFF: tl.constexpr, SB: tl.constexpr):
+    """Writes bf16(y) (BN, DP) as the K (half 0) or V (half 1) part of the sink records ``off`` (BN,)."""
+    d = tl.arange(0, DP)[None, :]
+    m = smask[:, None] & (d < D)
+    bits = bf16_bits(y)
+    o = off[:, None] * (4 * D) + half * 2 * D + 2 * d
+    tl.store(area_ptrs(blockrow[:, None], o, sT, sC, SOFF, SB), (bits & 0xFF).to(tl.uint8), mask=m)
+    tl.store(area_ptrs(blockrow[:, None], o + 1, sT, sC, SOFF, SB), ((bits >> 8) & 0xFF).to(tl.uint8), mask=m)
+
+
+@triton.jit
+def load_sink(blockrow, off, smask, half: tl.constexpr, sT, sC, D, DP: tl.constexpr,
+              SOFF: tl.constexpr, SB: tl.constexpr):
+    """(BN, DP) float32 K (half 0) or V (half 1) of the sink records ``off`` (BN,) of the blocks at blockrow."""
+    d = tl.arange(0, DP)[None, :]
+    m = smask[:, None] & (d < D)
+    o = off[:, None] * (4 * D) + half * 2 * D + 2 * d
+    lo = tl.load(area_ptrs(blockrow[:, None], o, sT, sC, SOFF, SB), mask=m, other=0).to(tl.int32)
+    hi = tl.load(area_ptrs(blockrow[:, None], o + 1, sT, sC, SOFF, SB), mask=m, other=0).to(tl.int32)
+    return (lo | (hi << 8)).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)

@@ -27,6 +27,7 @@ def _encode_side(src, rows, nmask, sC, D, rt_ptr, tab0, tab1, sub_ptr, fac_ptr,
     else:
         y = x
     ENC(x, y, rows, nmask, sC, D, tab0, tab1, DP, BN, P)
+    return y
 
 
 @triton.jit
@@ -35,6 +36,7 @@ def _store_kernel(k_ptr, skn, skh, v_ptr, svn, svh,
                   k_rt, k_tab0, k_tab1, k_sub, k_fac, v_rt, v_tab0, v_tab1, v_sub, v_fac,
                   D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, RC: tl.constexpr,
                   VOFF: tl.constexpr, PAD0: tl.constexpr, PADP: tl.constexpr, SLOT: tl.constexpr,
+                  SINK: tl.constexpr, SOFF: tl.constexpr, SB: tl.constexpr,
                   K_ENC: tl.constexpr, K_P: tl.constexpr, K_ROT: tl.constexpr, K_SUB: tl.constexpr,
                   K_FAC: tl.constexpr,
                   V_ENC: tl.constexpr, V_P: tl.constexpr, V_ROT: tl.constexpr, V_SUB: tl.constexpr,
@@ -47,15 +49,22 @@ def _store_kernel(k_ptr, skn, skh, v_ptr, svn, svh,
     slot = tl.where(nmask, slot, 0)
     rows = cache_ptr + (slot // T) * sB + h * sH + (slot % T) * sT
     n64 = n.to(tl.int64)[:, None]
-    _encode_side(k_ptr + n64 * skn + h * skh, rows, nmask, sC, D, k_rt, k_tab0, k_tab1, k_sub + gh * D,
-                 k_fac + gh * D, DP, BN, RC, K_ENC, K_P, K_ROT, K_SUB, K_FAC)
-    _encode_side(v_ptr + n64 * svn + h * svh, rows + VOFF * sC, nmask, sC, D, v_rt, v_tab0, v_tab1,
-                 v_sub + gh * D, v_fac + gh * D, DP, BN, RC, V_ENC, V_P, V_ROT, V_SUB, V_FAC)
+    yk = _encode_side(k_ptr + n64 * skn + h * skh, rows, nmask, sC, D, k_rt, k_tab0, k_tab1, k_sub + gh * D,
+                      k_fac + gh * D, DP, BN, RC, K_ENC, K_P, K_ROT, K_SUB, K_FAC)
+    yv = _encode_side(v_ptr + n64 * svn + h * svh, rows + VOFF * sC, nmask, sC, D, v_rt, v_tab0, v_tab1,
+                      v_sub + gh * D, v_fac + gh * D, DP, BN, RC, V_ENC, V_P, V_ROT, V_SUB, V_FAC)
     if PAD0 < SLOT:
-        # The reference writes whole slots: zero the padding so pages compare (and hash) byte for byte.
+        # The reference writes whole slots: zero the padding so pages compare (and hash) byte for byte. The
+        # sink area [SOFF, SOFF + SB) belongs to the block, not to this slot: it is left alone.
         p = PAD0 + tl.arange(0, PADP)
-        tl.store(rows[:, None] + p[None, :] * sC, tl.zeros((BN, PADP), tl.uint8),
-                 mask=nmask[:, None] & (p[None, :] < SLOT))
+        pm = (p < SLOT) & ((p < SOFF) | (p >= SOFF + SB)) if SINK > 0 else p < SLOT
+        tl.store(rows[:, None] + p[None, :] * sC, tl.zeros((BN, PADP), tl.uint8), mask=nmask[:, None] & pm[None, :])
+    if SINK > 0:
+        off = slot % T
+        smask = nmask & (off < SINK)
+        blockrow = rows - off * sT
+        cm.store_sink(blockrow, off, smask, yk, 0, sT, sC, D, DP, SOFF, SB)
+        cm.store_sink(blockrow, off, smask, yv, 1, sT, sC, D, DP, SOFF, SB)
 
 
 def side_args(group, side: str, device) -> tuple[list, dict, object]:
@@ -98,4 +107,5 @@ def store(key: torch.Tensor,  # (N, Hk, D)
             slot_mapping, heads, n, *kp, *vp,
             D=d, DP=dp, BN=bn, T=t, RC=min(32, dp), VOFF=g.key.nbytes, PAD0=pad0,
             PADP=max(1, triton.next_power_of_2(fmt.slot_bytes - pad0)), SLOT=fmt.slot_bytes,
+            SINK=fmt.sink_tokens, SOFF=fmt.sink_offset, SB=max(1, fmt.sink_bytes),
             K_ENC=kh.encode, V_ENC=vh.encode, **kc, **vc, num_warps=8 if dp >= 128 else 4)
