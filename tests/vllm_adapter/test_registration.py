@@ -92,8 +92,11 @@ def test_cli_lists_our_dtypes_and_rejects_unknown():
 def test_selector_routes_our_dtypes(dtype):
     from vllm.v1.attention.selector import AttentionSelectorConfig, _cached_get_attn_backend
 
+    from vllm.config import VllmConfig, set_current_vllm_config
+
     sel = AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype=dtype, block_size=None)
-    backend = _cached_get_attn_backend(None, sel)
+    with set_current_vllm_config(VllmConfig(additional_config={"kvq_config": "turboquant3"})):
+        backend = _cached_get_attn_backend(None, sel)
     assert backend.kvq_dtype == dtype and backend.get_name() == "CUSTOM"
     other = _cached_get_attn_backend(None, sel._replace(kv_cache_dtype="auto"))
     assert not hasattr(other, "kvq_dtype")
