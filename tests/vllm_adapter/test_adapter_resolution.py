@@ -261,3 +261,35 @@ def test_decode_metadata_reads_nothing_back_to_the_host(monkeypatch):
     assert md.seq_lens.data_ptr() == cam.seq_lens.data_ptr()  # views of vLLM's persistent buffers
     assert md.block_table.data_ptr() == cam.block_table_tensor.data_ptr()
     assert md.seq_lens.shape == (s,) and md.query_start_loc.shape == (s + 1,) and md.block_table.shape[0] == s
+
+
+# Issue 8: one source of truth for served dtypes, no import cycle.
+
+def test_served_dtypes_are_the_presets():
+    from vllm_kvq.vllm.dtypes import CONFIG_DTYPE, KVQ_DTYPES, NAMED_DTYPES
+
+    assert set(NAMED_DTYPES) == set(_config.preset_names()) and KVQ_DTYPES == NAMED_DTYPES + (CONFIG_DTYPE,)
+
+
+@pytest.mark.parametrize("name", ["fp8_mine", "nvfp4x", "turboquant_5bit", "octave_k2", "int8_per_token_head",
+                                  "my_ds_mla", "auto", "kvq"])
+def test_a_preset_whose_name_collides_with_vllm_is_refused(tmp_path, name):
+    from vllm_kvq.vllm.dtypes import served_dtypes
+
+    (tmp_path / "turboquant3.yaml").write_text("name: t\nkey: turboquant3\nvalue: turboquant3\n")
+    assert served_dtypes(tmp_path) == ("turboquant3",)
+    (tmp_path / f"{name}.yaml").write_text("name: t\nkey: turboquant3\nvalue: turboquant3\n")
+    with pytest.raises(_config.ConfigError) as e:
+        served_dtypes(tmp_path)
+    assert name in str(e.value) and "Rename" in str(e.value)
+
+
+def test_selection_does_not_import_the_backend():
+    import subprocess
+    import sys
+
+    code = ("import sys, vllm_kvq.vllm.selection, vllm_kvq.vllm.dtypes, vllm_kvq.vllm.formats; "
+            "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith(('vllm.', 'vllm_kvq.vllm.backend'))))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[]"  # neither vLLM nor our backend until a layer is routed
