@@ -158,8 +158,11 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         vc = get_current_vllm_config_or_none()
         if vc is None or vc.model_config is None:
             raise RuntimeError("vllm_kvq: the vLLM config is not current while building an attention layer")
-        # Resolve now, while the vLLM config is current, so a bad YAML fails at start-up.
-        self._formats = self.served(model_shape(vc, head_size))
+        # Resolve now, while the vLLM config is current, so a bad YAML fails at start-up. Sink areas depend on
+        # the block size: the cache's own (kv_cache.shape[2]) decides at first use (``_format``).
+        self._shape = model_shape(vc, head_size)
+        self._formats = self.served(self._shape, getattr(vc.cache_config, "block_size", None) or 16)
+        self._refuse_reference_on_gpu(vc)
         got = self._formats.layers[0].num_kv_heads
         if got != self.num_kv_heads:
             raise ValueError(f"vllm_kvq: this rank holds {self.num_kv_heads} KV heads but the model's "
@@ -168,16 +171,36 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         self._fmt: KVFormat | None = None
 
     @classmethod
-    def served(cls, shape: ModelShape) -> ServedFormats:
-        if shape not in cls._served:
-            f = cls._served[shape] = ServedFormats(cls.kvq_config, shape)
+    def served(cls, shape: ModelShape, block_size: int | None = None) -> ServedFormats:
+        key = (shape, block_size if cls.kvq_config.sink_tokens else None)
+        if key not in cls._served:
+            f = cls._served[key] = ServedFormats(cls.kvq_config, shape, key[1])
             logger.info("vllm_kvq: %s -> %d layers, slot %d B per token per KV head (K+V), %.2fx vs bf16",
                         cls.kvq_config.name, len(f.layers), f.slot_bytes, f.default.compression())
-        return cls._served[shape]
+        return cls._served[key]
 
-    def _format(self, layer) -> KVFormat:
-        if self._fmt is None:
-            self._fmt = self._formats.for_layer(_layer_index(layer.layer_name))
+    def _refuse_reference_on_gpu(self, vc) -> None:
+        """On a GPU every format must run in a kernel: the PyTorch reference's host syncs, per-sequence loops
+        and gathers would stall serving and use memory vLLM's profile never saw."""
+        device = getattr(getattr(vc, "device_config", None), "device_type", None)
+        if device != "cuda":
+            return
+        for fmt in {id(f): f for f in (*self._formats.layers, self._formats.default)}.values():
+            for op, decode in (("store", False), ("paged_attention", True), ("paged_attention", False)):
+                plan = ops.plan(fmt, "cuda", op, decode, self.num_heads // self.num_kv_heads)
+                first = next(name for name, why in plan.items() if why is None)
+                if first == "reference":
+                    reasons = "; ".join(f"{n}: {why}" for n, why in plan.items() if why is not None)
+                    raise ValueError(f"vllm_kvq: no GPU kernel runs {op} for {fmt.name!r} ({reasons}); "
+                                     f"choose codecs with Triton support (e.g. a turboquant* preset)")
+
+    def _format(self, layer, block_size: int | None = None) -> KVFormat:
+        """The layer's format; ``block_size`` (the cache's) re-sizes the sink area when it differs."""
+        if block_size is None:
+            block_size = self._formats.block_size
+        if self._fmt is None or (self._fmt.sink_tokens and self._fmt.block_size != block_size):
+            formats = self.served(self._shape, block_size) if self.kvq_config.sink_tokens else self._formats
+            self._fmt = formats.for_layer(_layer_index(layer.layer_name))
         return self._fmt
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -187,7 +210,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
             return
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        ops.store(k, v, kv_cache, slot_mapping, self._format(layer))
+        ops.store(k, v, kv_cache, slot_mapping, self._format(layer, kv_cache.shape[2]))
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: KVQMetadata, output: torch.Tensor | None = None,
@@ -202,7 +225,8 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = ops.paged_attention(q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                                  attn_metadata.query_start_loc, self._format(layer), scale=self.scale)
+                                  attn_metadata.query_start_loc, self._format(layer, kv_cache.shape[2]),
+                                  scale=self.scale, max_seq_len=attn_metadata.max_seq_len)
         flat = output.view(num_tokens, -1)
         flat[:n] = out.reshape(n, -1).to(output.dtype)
         if n < num_tokens:
@@ -258,7 +282,7 @@ class KVQAttentionBackend(AttentionBackend):
     def customize_spec(cls, spec):
         if spec.state_content_bytes is not None or cls.kvq_config is None or not cls.is_ours(spec):
             return spec
-        return replace(spec, state_content_bytes=slot_bytes(cls.kvq_config, spec.head_size))
+        return replace(spec, state_content_bytes=slot_bytes(cls.kvq_config, spec.head_size, spec.block_size))
 
 
 def backend_for(dtype: str, cfg: _config.KVQConfig) -> type[KVQAttentionBackend]:

@@ -51,28 +51,38 @@ class ModelShape:
         return (self.tp_rank * self.num_kv_heads // self.tp_size,)
 
 
-def slot_bytes(cfg: _config.KVQConfig, head_size: int) -> int:
-    """Bytes per (token, KV head), K and V, for every layer and head of any model served with ``cfg``."""
+def slot_bytes(cfg: _config.KVQConfig, head_size: int, block_size: int | None = None) -> int:
+    """Bytes per (token, KV head), K and V, for every layer and head of any model served with ``cfg`` in
+    blocks of ``block_size`` tokens (which sizes the sink area of configs with ``sink_tokens``)."""
     keys = [cfg.key] + [ov.key for ov in cfg.overrides if ov.key is not None]
     values = [cfg.value] + [ov.value for ov in cfg.overrides if ov.value is not None]
     need = (max(k.build(head_size, cfg.seed).nbytes for k in keys)
             + max(v.build(head_size, cfg.seed).nbytes for v in values))
-    return need + need % 2  # even, so fp16 metadata stays 2-byte aligned (as KVFormat does)
+    need += need % 2  # even, so fp16 metadata stays 2-byte aligned (as KVFormat does)
+    if cfg.sink_tokens:
+        if not block_size:
+            raise ValueError(f"config {cfg.name!r} keeps {cfg.sink_tokens} sink token(s) per block: the slot "
+                             f"size depends on the block size, which is not known here")
+        sink = -(-cfg.sink_tokens * 4 * head_size // block_size)
+        need += sink + sink % 2
+    return need
 
 
 class ServedFormats:
     """The formats of one config on one rank: ``for_layer(i)`` for any global layer index ``i >= 0``."""
 
-    def __init__(self, cfg: _config.KVQConfig, shape: ModelShape):
+    def __init__(self, cfg: _config.KVQConfig, shape: ModelShape, block_size: int | None = None):
         self.shape = shape
-        self.slot_bytes = slot_bytes(cfg, shape.head_size)
+        self.block_size = block_size
+        self.slot_bytes = slot_bytes(cfg, shape.head_size, block_size)
         heads = list(shape.rank_heads())
         full = formats_from_config(cfg, num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
-                                   head_size=shape.head_size)
+                                   head_size=shape.head_size, block_size=block_size)
         self.layers = [_take_heads(f, heads, self.slot_bytes) for f in full]
         k, v = cfg.key.build(shape.head_size, cfg.seed), cfg.value.build(shape.head_size, cfg.seed)
         self.default = KVFormat(shape.head_size, [k] * len(heads), [v] * len(heads),
-                                name=f"{cfg.name}[default]", pad_to=self.slot_bytes)
+                                name=f"{cfg.name}[default]", pad_to=self.slot_bytes, sink_tokens=cfg.sink_tokens,
+                                block_size=block_size)
 
     def for_layer(self, index: int) -> KVFormat:
         if index < 0:
@@ -81,7 +91,7 @@ class ServedFormats:
 
 
 def _take_heads(fmt: KVFormat, heads: list[int], pad_to: int) -> KVFormat:
-    cal = {name: None if t is None else t[heads] for name, t in fmt.calibration().items()}
+    # Per-head state (calibration) is bound to each head's codecs, so it travels with them.
     return KVFormat(fmt.head_size, [fmt.keys[h] for h in heads], [fmt.values[h] for h in heads],
-                    name=fmt.name, pad_to=pad_to, **cal)
+                    name=fmt.name, pad_to=pad_to, sink_tokens=fmt.sink_tokens, block_size=fmt.block_size)
 
