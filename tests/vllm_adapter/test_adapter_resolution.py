@@ -307,3 +307,15 @@ def test_each_engine_gets_its_own_kvq_yaml(tmp_path):
             chosen.append(_cached_get_attn_backend(None, sel))
     assert [b.kvq_config.name for b in chosen] == ["turboquant3", "turboquant4"]
     assert _cached_get_attn_backend(None, sel._replace(kv_cache_dtype="turboquant3")).kvq_dtype == "turboquant3"
+
+
+def test_no_host_context_bound_is_baked_into_a_captured_graph(monkeypatch):
+    """Split-K sized from max_seq_len at capture would drop the tokens of longer contexts at replay."""
+    from vllm_kvq.vllm.backend import replay_safe_max_seq_len
+
+    md = SimpleNamespace(max_seq_len=300)
+    cuda_query = SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert replay_safe_max_seq_len(cuda_query, md) is None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert replay_safe_max_seq_len(cuda_query, md) == 300  # eager steps keep the tighter split-K sizing
