@@ -108,8 +108,9 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
 
 def replay_safe_max_seq_len(query: torch.Tensor, attn_metadata: KVQMetadata) -> int | None:
     """The host bound on context lengths that split-K may be sized from. A CUDA graph keeps the host values
-    it was captured with and replays on later, longer contexts, so while capturing the bound is dropped
-    (None: splits cover the block table's whole width, which vLLM fixes per captured batch size)."""
+    it was captured with and replays on later, longer contexts: the Triton kernels split each sequence's
+    own context and stay exact with a stale bound, but the CUDA extension sizes splits on the host, so while
+    capturing the bound is dropped (None: the block table's width, fixed per captured batch size)."""
     if query.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     return attn_metadata.max_seq_len
