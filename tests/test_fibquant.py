@@ -210,3 +210,31 @@ def test_bad_inputs():
         c.encode(torch.zeros(3, 32))
     with pytest.raises(ValueError, match=r"expected codes uint8 \(N, 18\)"):
         c.decode(torch.zeros(3, 17, dtype=torch.uint8))
+
+
+@pytest.mark.slow
+def test_triton_hooks_with_10_bit_indices(gen):
+    """The 3-byte read window of the decode hook and the wide packing of the store hook (1024 codewords)."""
+    pytest.importorskip("triton")
+    import os
+
+    from vllm_kvq.kernels import triton as kt
+    from vllm_kvq.kv_format import KVFormat
+    from vllm_kvq.ops import reference
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    c = codecs.get("fibquant", head_dim=64, bits=2.5, block=4)
+    fmt = KVFormat(64, [c], [c], name="fib2.5-k4")
+    k, v = torch.randn(9, 1, 64, generator=gen).to(dev), torch.randn(9, 1, 64, generator=gen).to(dev)
+    slots = torch.arange(9, device=dev)
+    got, want = fmt.allocate(1, 16, device=dev), fmt.allocate(1, 16, device=dev)
+    kt.store(k, v, got, slots, fmt)
+    reference.store(k, v, want, slots, fmt)
+    differ = (got != want).any(-1).flatten()
+    assert differ.float().mean() <= 0.2  # only a tie may flip a code (boundary_distance-checked elsewhere)
+    q = torch.randn(1, 2, 64, generator=gen).to(dev)
+    args = (q, want, torch.zeros(1, 1, dtype=torch.int32, device=dev), torch.tensor([9], dtype=torch.int32, device=dev),
+            torch.tensor([0, 1], dtype=torch.int32, device=dev), fmt)
+    torch.testing.assert_close(kt.paged_attention(*args, scale=0.125).float().cpu(),
+                               reference.paged_attention(*args, scale=0.125).float().cpu(), rtol=1e-4, atol=1e-4)

@@ -19,13 +19,18 @@ stores <y, c> ||x|| / ||c||^2, the least-squares scale of c against the rotated 
 
 Packed row: [indices: D/k codes of k*b bits, an exact little-endian bit stream][scale, fp16]. Index j
 occupies bits [j*L, (j+1)*L), L = k*b; for L <= 8 this is exactly ``packing.pack_bits``.
+
+Kernel hooks (bottom of this file): decode reads each coordinate's block index with one <= 3-byte window
+load and gathers the codeword coordinate from the (L1-resident) codebook; encode is the exact
+nearest-codeword search, one pass over the codebook with the reference's criterion
+(0.5 ||w||^2 - <y, w>, first minimum wins), then packs the indices byte by byte.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_kvq.codecs.base import Field, VectorCodec, bytes_to_fp16, fp16_to_bytes
+from vllm_kvq.codecs.base import Field, TritonHooks, VectorCodec, bytes_to_fp16, fp16_to_bytes
 from vllm_kvq.codecs.fib_codebook import MAX_BLOCK, MAX_INDEX_BITS, check_params, fib_codebook, nearest
 from vllm_kvq.codecs.packing import pack_bits, packed_nbytes, unpack_bits
 from vllm_kvq.codecs.rotation import make_rotation
@@ -116,6 +121,39 @@ class FibQuantCodec(VectorCodec):
             self._words[key] = self.codebook.tensor(device)
         return self._words[key]
 
+    def codec_tables(self):
+        """(codewords (2**L * k,) row-major, half squared norms (2**L,)): what the Triton hooks read. The half
+        norms are computed exactly as ``fib_codebook.nearest`` computes them, so the search compares the same
+        numbers."""
+        words = self.codeword_table()
+        return words.reshape(-1).contiguous(), 0.5 * (words * words).sum(1)
+
+    def triton_hooks(self):
+        if self.block & (self.block - 1):
+            raise NotImplementedError(f"{self.name}: the Triton hooks need a power-of-two block size, got "
+                                      f"{self.block}")
+        return TritonHooks(_fib_prep, _fib_decode, _fib_encode,
+                           (self.block, self.index_bits, 1 << self.index_bits, self.num_blocks, self.code_nbytes,
+                            SCALE_MODES.index(self.scale_mode), 1 << (self.code_nbytes - 1).bit_length()))
+
+    def boundary_distance(self, x, codes):
+        """Per coordinate: the index of its block's codeword (repeated over the block) and the distance of
+        the block to the boundary of that codeword's Voronoi cell, min over other codewords w_j of
+        (|y - w_j|^2 - |y - w_i|^2) / (2 |w_j - w_i|), in units of the normalised rotated vector."""
+        x = x.double()
+        n = x.shape[0]
+        y = x @ self.rotation.matrix(dtype=torch.float64).T / x.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        words = self.codeword_table().double()
+        blocks = y.reshape(-1, self.block)
+        idx = self.unpack_codes(codes).reshape(-1)
+        d2 = torch.cdist(blocks, words) ** 2
+        wi = words[idx]
+        gap = (words.unsqueeze(0) - wi.unsqueeze(1)).norm(dim=-1)  # (n*m, 2**L)
+        dist = (d2 - d2.gather(1, idx[:, None])) / (2 * gap.clamp(min=1e-300))
+        dist = dist.masked_fill(gap == 0, float("inf")).amin(1).clamp(min=0)
+        rep = lambda t: t.reshape(n, self.num_blocks, 1).expand(n, self.num_blocks, self.block).reshape(n, -1)  # noqa: E731
+        return rep(idx), rep(dist)
+
     def encode(self, x):
         self._check_input(x)
         x = x.float()
@@ -142,3 +180,87 @@ class FibQuantCodec(VectorCodec):
         c = self.codeword_table(codes.device)[self.unpack_codes(codes)].reshape(n, self.head_dim)
         scale = bytes_to_fp16(codes[:, self.code_nbytes:self.code_nbytes + 2])
         return c * scale.unsqueeze(-1)
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from vllm_kvq.codecs import _triton as _t
+except ModuleNotFoundError:  # the reference needs no Triton
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _fib_prep(tab0, tab1, D, DP: tl.constexpr, P: tl.constexpr):
+        """Nothing to stage: the codebook (<= 4096 x k floats) is gathered from memory, where it stays in L1."""
+        return tl.zeros((1, DP), tl.float32)
+
+    @triton.jit
+    def _fib_decode(rows, sC, nmask, D, ctx, tab0, tab1, DP: tl.constexpr, BN: tl.constexpr, P: tl.constexpr):
+        K: tl.constexpr = P[0]
+        L: tl.constexpr = P[1]
+        META: tl.constexpr = P[4]
+        d = tl.arange(0, DP)[None, :]
+        m = nmask[:, None] & (d < D)
+        o = (d // K) * L  # first bit of this coordinate's block index
+        first = o >> 3
+        r = rows[:, None]
+        # An index spans at most 3 bytes (bit offset <= 7, L <= 12); the bytes after the codes are the
+        # row's own fp16 scale, so the window never leaves the row and its extra bits are masked off.
+        word = tl.load(r + first * sC, mask=m, other=0).to(tl.int32)
+        word |= tl.load(r + (first + 1) * sC, mask=m, other=0).to(tl.int32) << 8
+        if L > 9:
+            word |= tl.load(r + (first + 2) * sC, mask=m, other=0).to(tl.int32) << 16
+        idx = (word >> (o & 7)) & ((1 << L) - 1)
+        vals = tl.load(tab0 + idx * K + d % K, mask=m, other=0.0)
+        scale = _t.load_f16(rows + META * sC, sC, nmask)
+        return vals, scale
+
+    @triton.jit
+    def _fib_encode(x, y, rows, nmask, sC, D, tab0, tab1, DP: tl.constexpr, BN: tl.constexpr, P: tl.constexpr):
+        K: tl.constexpr = P[0]
+        L: tl.constexpr = P[1]
+        NW: tl.constexpr = P[2]
+        M: tl.constexpr = P[3]
+        META: tl.constexpr = P[4]
+        SMODE: tl.constexpr = P[5]
+        MP: tl.constexpr = DP // K
+        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+        y = tl.math.div_rn(y, tl.maximum(norm, 1e-30)[:, None])
+        y3 = tl.reshape(y, (BN, MP, K))
+        kk = tl.arange(0, K)
+        best = tl.full((BN, MP), float("inf"), tl.float32)
+        bidx = tl.zeros((BN, MP), tl.int32)
+        for c in range(NW):  # exact search; strict < keeps the first minimum, as torch.argmin does
+            w = tl.load(tab0 + c * K + kk)
+            s = tl.load(tab1 + c) - tl.sum(y3 * w[None, None, :], axis=2)
+            better = s < best
+            best = tl.where(better, s, best)
+            bidx = tl.where(better, c, bidx)
+        c3 = tl.load(tab0 + bidx[:, :, None] * K + kk[None, None, :])
+        d = tl.arange(0, DP)
+        cw = tl.where((d < D)[None, :], tl.reshape(c3, (BN, DP)), 0.0)
+        if SMODE == 0:
+            scale = norm
+        else:
+            c2 = tl.maximum(tl.sum(cw * cw, axis=1), 1e-30)
+            if SMODE == 1:
+                scale = tl.math.div_rn(norm, tl.sqrt_rn(c2))
+            else:
+                scale = tl.math.div_rn(norm * tl.sum(y * cw, axis=1), c2)
+        _t.store_u16(rows + META * sC, sC, _t.f16_bits(scale), nmask)
+        # Byte b of the bit stream holds bits [8b, 8b + 8): pieces of at most T consecutive indices.
+        NB: tl.constexpr = META
+        NBP: tl.constexpr = P[6]
+        T: tl.constexpr = (8 + L - 1) // L + 1
+        b = tl.arange(0, NBP)[None, :]
+        j0 = (8 * b) // L
+        acc = tl.zeros((BN, NBP), tl.int32)
+        for t in tl.static_range(T):
+            j = j0 + t
+            code = tl.gather(bidx, tl.broadcast_to(tl.minimum(j, MP - 1), (BN, NBP)), 1)
+            off = j * L - 8 * b  # where index j starts relative to this byte (negative: before it)
+            piece = tl.where(off >= 0, code << tl.maximum(off, 0), code >> tl.maximum(-off, 0))
+            acc |= tl.where(j < M, piece, 0) & 0xFF
+        tl.store(rows[:, None] + b * sC, acc.to(tl.uint8), mask=nmask[:, None] & (b < NB))
