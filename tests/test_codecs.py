@@ -21,6 +21,7 @@ from tests import codec_cases
 # Families need parameters to be built; a new family without an entry here fails test_every_name_builds,
 # which is the point: every registered name is exercised.
 FAMILY_EXAMPLES = {
+    "fibquant": {"bits": 1.25, "block": 4, "scale_mode": "norm"},
     "raw": {"dtype": "fp16"},
     "turboquant": {"bits": 3.5, "scale_mode": "norm"},
     "uniform": {"bits": 3, "group_size": 16, "rotate": True},

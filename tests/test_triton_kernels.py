@@ -79,7 +79,8 @@ def _check_rows(codec, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -
     flip = cg != cw
     assert flip.float().mean() < 0.01, f"{codec.name}: {flip.sum().item()} of {flip.numel()} codes differ"
     assert (dist[flip] < 1e-5).all(), f"{codec.name}: a code differs away from a tie: {dist[flip].max()}"
-    assert ((cg - cw).abs() <= 1).all()
+    if not getattr(codec, "block", 1) > 1:  # scalar codes tie with a neighbouring level; vector codes with any
+        assert ((cg - cw).abs() <= 1).all()
     meta = slice(code_bytes, codec.nbytes)
     mg = got[:, meta].contiguous().view(torch.int16).int()
     mw = want[:, meta].contiguous().view(torch.int16).int()

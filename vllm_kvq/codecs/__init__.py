@@ -14,6 +14,7 @@ import functools
 from typing import Callable
 
 from vllm_kvq.codecs.base import Field, VectorCodec
+from vllm_kvq.codecs.fibquant import FibQuantCodec
 from vllm_kvq.codecs.lloyd_max import Codebook, lloyd_max_codebook
 from vllm_kvq.codecs.raw import RawCodec
 from vllm_kvq.codecs.turboquant import TurboQuantCodec
@@ -80,12 +81,17 @@ def _build(family: str, head_dim: int, label: str | None, items: tuple) -> Vecto
 register_family("turboquant", TurboQuantCodec, {"bits", "scale_mode", "rotation"})
 register_family("uniform", UniformCodec, {"bits", "group_size", "rotate"})
 register_family("raw", RawCodec, {"dtype"})
+register_family("fibquant", FibQuantCodec, {"bits", "block", "scale_mode", "rotation"})
 for _b in (2, 2.5, 3, 3.5, 4):
     register_preset(f"turboquant{_b:g}", "turboquant", bits=_b)
+# Default block sizes (fibquant.default_block): k = 8 at 0.75 bits, 4 at 1.5-2 bits, 2 at 2.5-3 bits.
+for _b in (0.75, 1.5, 1.75, 2, 2.5, 3):
+    register_preset(f"fibquant{_b:g}", "fibquant", bits=_b)
 register_preset("uniform4", "uniform", bits=4)
 register_preset("uniform8", "uniform", bits=8)
 register_preset("bf16", "raw", dtype="bf16")
 register_preset("fp16", "raw", dtype="fp16")
 
 __all__ = ["VectorCodec", "Field", "Codebook", "get", "names", "register_family", "register_preset",
-           "lloyd_max_codebook", "TurboQuantCodec", "UniformCodec", "RawCodec", "family_params", "family_names"]
+           "lloyd_max_codebook", "TurboQuantCodec", "FibQuantCodec", "UniformCodec", "RawCodec", "family_params",
+           "family_names"]

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
 
 def preset_dir() -> Path:
     """configs/ of the source tree, installed as the package data ``vllm_kvq.presets``."""
+    # A source checkout imported from its own directory (a git worktree, PYTHONPATH=.) uses its own configs/:
+    # the package data alias points at whichever tree was installed, which may be another checkout.
+    src = Path(__file__).resolve().parents[2]
+    if (src / "pyproject.toml").is_file() and (src / "configs").is_dir():
+        return src / "configs"
     try:
         return Path(str(importlib.resources.files("vllm_kvq.presets")))
     except ModuleNotFoundError:  # a source tree used without installing

@@ -13,6 +13,12 @@ compared with attention over the original K/V:
   vector after a random rotation (what the codec is designed for; real keys with outlier channels differ).
 
 Each layer sees the exact inputs of the bf16 model: errors do not propagate between layers.
+
+A name ``KEY/VALUE`` (``fibquant2/fibquant1.75``) codes keys and values with different codecs.
+``--calibration FILE`` applies a calibration file's per-(layer, KV head) statistics as the served format
+does (keys (k - mu_k) / s, values v - mu_v, undone after decoding); ``--sink-tokens n`` keeps the first n
+tokens exact (the format's bf16 sink area holds the first tokens of every block; over one 1024-token text
+with vLLM-CPU's 128-token blocks that is what decides).
 """
 
 from __future__ import annotations
@@ -74,7 +80,10 @@ def capture_qkv(model_dir: str | Path, token_ids: list[int]) -> list[LayerQKV]:
 
 
 def lloyd_max_dmse(codec) -> float | None:
-    """D_mse of a unit vector for codecs built on Lloyd-Max codebooks (sum over coordinates), else None."""
+    """D_mse of a unit vector for codecs built on Lloyd-Max codebooks (sum over coordinates), the design
+    distortion of codecs that state one (``design_dmse``: FibQuant's vector codebooks), else None."""
+    if getattr(codec, "design_dmse", None) is not None:
+        return codec.design_dmse
     books, segs = getattr(codec, "codebooks", None), getattr(codec, "segments", None)
     if not books or not segs:
         return None
@@ -96,12 +105,21 @@ class CodecLayer:
     value_rel_mse: float
 
 
-def measure(codec, qkv: list[LayerQKV]) -> list[CodecLayer]:
+def measure(codec, qkv: list[LayerQKV], value_codec=None, calibration=None, sink_tokens: int = 0) -> list[CodecLayer]:
+    """Per-layer errors of ``codec`` for keys and ``value_codec`` (default: the same) for values."""
+    value_codec = value_codec or codec
     out = []
     for i, t in enumerate(qkv):
         pos = torch.arange(t.q.shape[0])
         ref = dense_attention(t.q, t.k, t.v, pos, t.scale)
-        k_hat, v_hat = roundtrip(codec, t.k), roundtrip(codec, t.v)
+        if calibration is not None:
+            mu_k, mu_v, s = calibration.mu_k[i], calibration.mu_v[i], calibration.k_smooth[i]
+            k_hat = roundtrip(codec, (t.k - mu_k) / s) * s + mu_k
+            v_hat = roundtrip(value_codec, t.v - mu_v) + mu_v
+        else:
+            k_hat, v_hat = roundtrip(codec, t.k), roundtrip(value_codec, t.v)
+        if sink_tokens:
+            k_hat[:sink_tokens], v_hat[:sink_tokens] = t.k[:sink_tokens], t.v[:sink_tokens]
         got = dense_attention(t.q, k_hat, v_hat, pos, t.scale)
         cos = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1).mean()
         out.append(CodecLayer(i, relative_error(got, ref), float(cos),
@@ -123,7 +141,8 @@ def codec_names() -> list[str]:
 
 
 def run_report(model_dir: str | Path, text: str = "shakespeare:hamlet", tokens: int = 1024, skip_tokens: int = 2000,
-               names: list[str] | None = None, progress: bool = True) -> dict:
+               names: list[str] | None = None, progress: bool = True, calibration: str | None = None,
+               sink_tokens: int = 0) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -135,13 +154,22 @@ def run_report(model_dir: str | Path, text: str = "shakespeare:hamlet", tokens: 
     qkv = capture_qkv(model_dir, ids)
     head_dim = qkv[0].k.shape[-1]
     names = names or codec_names()
+    stats = None
+    if calibration is not None:
+        from vllm_kvq.calibration import CalibrationStats
+
+        stats = CalibrationStats.load(calibration)
+        stats.check(len(qkv), qkv[0].k.shape[1], head_dim)
     rows = {}
     for name in tqdm(names, desc="codecs", unit="codec", file=sys.stderr, disable=not progress):
-        codec = _codecs.get(name, head_dim=head_dim)
-        layers = measure(codec, qkv)
+        kname, _, vname = name.partition("/")
+        codec = _codecs.get(kname, head_dim=head_dim)
+        vcodec = _codecs.get(vname, head_dim=head_dim) if vname else codec
+        layers = measure(codec, qkv, vcodec, stats, sink_tokens)
         n = len(layers)
         rows[name] = {
-            "bytes": codec.nbytes, "bits": codec.bits_per_value, "dmse_theory": lloyd_max_dmse(codec),
+            "bytes": (codec.nbytes + vcodec.nbytes) / 2, "bits": (codec.bits_per_value + vcodec.bits_per_value) / 2,
+            "dmse_theory": lloyd_max_dmse(codec) if not vname else None,
             "attn_rel_err": sum(r.attn_rel_err for r in layers) / n,
             "attn_cos": sum(r.attn_cos for r in layers) / n,
             "key_rel_mse": sum(r.key_rel_mse for r in layers) / n,
@@ -149,6 +177,7 @@ def run_report(model_dir: str | Path, text: str = "shakespeare:hamlet", tokens: 
             "worst_layer": max(layers, key=lambda r: r.attn_rel_err).layer,
             "layers": [asdict(r) for r in layers]}
     return {"model": str(model_dir), "text": text, "tokens": len(ids), "head_dim": head_dim,
+            "calibration": calibration, "sink_tokens": sink_tokens,
             "num_layers": len(qkv), "kv_heads": qkv[0].k.shape[1], "q_heads": qkv[0].q.shape[1], "codecs": rows}
 
 
@@ -161,13 +190,15 @@ def markdown(rep: dict, per_layer: bool = True) -> str:
     lines = [f"Model {Path(rep['model']).name}: {rep['num_layers']} layers, {rep['q_heads']} query / "
              f"{rep['kv_heads']} KV heads, head_dim {rep['head_dim']}; {rep['tokens']} tokens of {rep['text']}. "
              "Means over layers; K+V bytes per token per KV head (bf16 = "
-             f"{bf16}).", "",
+             f"{bf16})."
+             + (f" Calibration {Path(rep['calibration']).name} applied." if rep.get("calibration") else "")
+             + (f" First {rep['sink_tokens']} token(s) exact." if rep.get("sink_tokens") else ""), "",
              "| codec | K+V bytes | compression | attn rel. error | attn cosine | key rel. MSE | value rel. MSE "
              "| Lloyd-Max D_mse | key / theory | worst layer |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(rep["codecs"].items(), key=lambda kv: -kv[1]["bytes"]):
         th = r["dmse_theory"]
         ratio = r["key_rel_mse"] / th if th else None
-        lines.append(f"| `{name}` | {2 * r['bytes']} | {bf16 / (2 * r['bytes']):.2f}x | {r['attn_rel_err']:.4f} | "
+        lines.append(f"| `{name}` | {2 * r['bytes']:g} | {bf16 / (2 * r['bytes']):.2f}x | {r['attn_rel_err']:.4f} | "
                      f"{r['attn_cos']:.5f} | {r['key_rel_mse']:.4f} | {r['value_rel_mse']:.4f} | {_f(th, '.4f')} | "
                      f"{_f(ratio, '.2f')} | {r['worst_layer']} |")
     if per_layer:
@@ -185,6 +216,8 @@ def add_arguments(p) -> None:
     p.add_argument("--text", default="shakespeare:hamlet")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--codecs", default=None, help="comma-separated names (default: every registered codec)")
+    p.add_argument("--calibration", default=None, help="a calibration file (vllm-kvq calibrate) to apply")
+    p.add_argument("--sink-tokens", type=int, default=0, help="keep the first n tokens exact")
     p.add_argument("--out", default="codec_report.md", help="Markdown output (a .json beside it holds the numbers)")
 
 
@@ -194,7 +227,8 @@ def run(args) -> int:
         from vllm_kvq.eval.models import prepare_smollm2
 
         model = str(prepare_smollm2())
-    rep = run_report(model, args.text, args.tokens, names=args.codecs.split(",") if args.codecs else None)
+    rep = run_report(model, args.text, args.tokens, names=args.codecs.split(",") if args.codecs else None,
+                     calibration=args.calibration, sink_tokens=args.sink_tokens)
     md = markdown(rep)
     Path(args.out).write_text(md + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps(rep, indent=1) + "\n")
