@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim_protos import PROTO_HEADS, make_proto  # noqa: E402
 
-from vllm_kvq import calibration, config, fake_quant  # noqa: E402
+from vllm_kvq import calibration, codecs, config, fake_quant  # noqa: E402
 from vllm_kvq.kv_format import KVFormat, formats_from_config  # noqa: E402
 
 TOP_K = 64  # reference tokens per position for the KL estimate (a 135M model keeps ~all mass in its top 64)
@@ -78,7 +78,8 @@ def codec_yaml(spec: str):
                 d["rotation"] = o
             else:
                 raise ValueError(f"unknown option {o!r} in {spec!r}: allowed norm/corrected/lsq, haar/hadamard/identity")
-        return d if opts else f"turboquant{bits:g}"
+        preset = f"turboquant{bits:g}"
+        return preset if not opts and preset in codecs.names() else d
     if not opts:
         config.parse_codec(head)  # a registered name, or ValueError listing them
         return head
@@ -102,7 +103,8 @@ class Variant:
         if unknown:
             raise ValueError(f"variant {spec!r}: unknown fields {sorted(unknown)}")
         k = f.get("K", "bf16")
-        per_layer = [(k, f.get("V", k))] * n_layers
+        self.base = (k, f.get("V", k))
+        per_layer = [self.base] * n_layers
         for field, layers_of in (("edge", lambda n: list(range(int(n))) + list(range(n_layers - int(n), n_layers))),
                                  ("layers", lambda s: [int(i) % n_layers for i in s.split("+")])):
             if field in f:
@@ -132,7 +134,7 @@ class Variant:
     def yaml_dict(self, calib_file: str | None, name: str = "sim") -> dict:
         """The package part as a config mapping; prototype sides stand in as bf16 (replaced at run time)."""
         y = lambda s: "bf16" if is_proto(s) else codec_yaml(s)  # noqa: E731
-        base_k, base_v = max(set(self.per_layer), key=self.per_layer.count)
+        base_k, base_v = self.base
         d = {"name": name, "description": f"quality_sim variant {self.spec}", "key": y(base_k), "value": y(base_v)}
         ov = [{"layers": i, "key": y(k), "value": y(v)} for i, (k, v) in enumerate(self.per_layer)
               if (k, v) != (base_k, base_v)]
@@ -305,8 +307,12 @@ def main(argv=None):
     print(f"{'variant':44s} {'B/tok/head':>10s} {'padded':>6s} {'ppl':>9s} {'delta%':>8s} {'±':>5s} {'KL':>7s} "
           f"{'top1':>6s}", flush=True)
     for name, spec in specs:
-        var = Variant(spec, run.n_layers)
-        r = {"variant": name, "context": a.context, **run.evaluate(var)}
+        try:
+            var = Variant(spec, run.n_layers)
+            r = {"variant": name, "context": a.context, **run.evaluate(var)}
+        except (ValueError, KeyError) as e:  # a bad spec in a long list: say so and measure the rest
+            print(f"{name[:44]:44s} ERROR {e}", flush=True)
+            continue
         print(f"{name[:44]:44s} {r['bytes']:10.1f} {r['bytes_padded']:6d} {r['ppl']:9.4f} {r['delta_pct']:+8.2f} "
               f"{r['se_pct']:5.2f} {r['kl']:7.4f} {r['top1']:6.3f}" + (" proto" if r["proto"] else ""), flush=True)
         if a.out:

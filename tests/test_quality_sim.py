@@ -27,6 +27,7 @@ def test_codec_specs_map_to_registered_codecs():
     assert quality_sim.codec_yaml("tq2.5:corrected") == {"codec": "turboquant", "bits": 2.5, "scale_mode": "corrected"}
     assert quality_sim.codec_yaml("u4:g32") == {"codec": "uniform", "bits": 4, "group_size": 32}
     assert quality_sim.codec_yaml("uniform8") == "uniform8"
+    assert quality_sim.codec_yaml("tq4.5") == {"codec": "turboquant", "bits": 4.5}  # no preset of that name
     with pytest.raises(ValueError, match="unknown codec"):
         quality_sim.codec_yaml("zz9")
     assert quality_sim.is_proto("tqo3:16") and quality_sim.is_proto("ds2:2") and not quality_sim.is_proto("tq3")
