@@ -30,6 +30,7 @@ Variant grammar (``--variants`` takes names from VARIANTS or specs ``K=..;V=..;s
   edge=N:spec[/vspec]      the first and last N layers use spec for K (and vspec, default spec, for V)
   layers=i+j:spec[/vspec]  these layers use spec
   only=i+j         only these layers quantized, the rest bf16 (sensitivity runs)
+  config=PATH      a YAML config as it is (e.g. from `vllm-kvq calibrate --budget`); only sink= beside it
   sink=N[:spec]    proto: the first N tokens of each sequence stored with spec (default bf16) instead
 """
 
@@ -99,9 +100,12 @@ class Variant:
             f = dict(kv.split("=", 1) for kv in spec.split(";") if kv)
         except ValueError:
             raise ValueError(f"bad variant {spec!r}: use key=value pairs separated by ';'") from None
-        unknown = set(f) - {"K", "V", "center", "smooth", "edge", "layers", "only", "sink"}
+        unknown = set(f) - {"K", "V", "center", "smooth", "edge", "layers", "only", "sink", "config"}
         if unknown:
             raise ValueError(f"variant {spec!r}: unknown fields {sorted(unknown)}")
+        self.config_path = f.get("config")
+        if self.config_path and set(f) - {"config", "sink"}:
+            raise ValueError(f"variant {spec!r}: config=PATH takes only sink=... beside it (the YAML says the rest)")
         k = f.get("K", "bf16")
         self.base = (k, f.get("V", k))
         per_layer = [self.base] * n_layers
@@ -132,6 +136,9 @@ class Variant:
         return sorted(set(out)) + ([f"sink={self.sink}:{self.sink_spec}"] if self.sink else [])
 
     def yaml_dict(self, calib_file: str | None, name: str = "sim") -> dict:
+        if self.config_path:
+            import yaml
+            return yaml.safe_load(Path(self.config_path).read_text())
         """The package part as a config mapping; prototype sides stand in as bf16 (replaced at run time)."""
         y = lambda s: "bf16" if is_proto(s) else codec_yaml(s)  # noqa: E731
         base_k, base_v = self.base
@@ -187,12 +194,12 @@ class SimRun:
     def build(self, var: Variant):
         """(quantizer, K+V bytes per token per KV head averaged over layers, largest layer's bytes)."""
         calib = self.calib_file(var.smooth or 0.0) if var.center else None
-        cfg = config.from_dict(var.yaml_dict(calib))
+        cfg = config.load(var.config_path) if var.config_path else config.from_dict(var.yaml_dict(calib))
         fmts = formats_from_config(cfg, num_layers=self.n_layers, num_kv_heads=self.n_kv, head_size=self.head_dim)
         protos: dict[tuple[int, int], object] = {}
         layer_bytes = []
         for i, (ks, vs) in enumerate(var.per_layer):
-            nb = [fmts[i].keys[0].nbytes, fmts[i].values[0].nbytes]
+            nb = [max(c.nbytes for c in fmts[i].keys), max(c.nbytes for c in fmts[i].values)]
             for side, s in enumerate((ks, vs)):
                 if is_proto(s):
                     protos[i, side] = make_proto(s, self.head_dim, fmts[i], side, self.calib_kv()[i][side])

@@ -99,6 +99,18 @@ def test_cli_budget_writes_a_config_that_meets_it(tiny, tmp_path, capsys):
     fmts = formats_from_config(cfg, num_layers=3, num_kv_heads=2, head_size=64)
     assert all(f.calibrated for f in fmts)
     assert max(f.slot_bytes for f in fmts) <= 3.25 * 2 * 64 / 8  # uniform slot: every layer within 52 B
+    # a saved measurement serves a second budget without measuring again, and refuses other candidates
+    sens_file = tmp_path / "sens.json"
+    args = ["calibrate", str(tiny), "--text", str(text), "--tokens", "64", "--prompt-tokens", "64",
+            "--candidates", "turboquant2,turboquant3,turboquant4", "--sensitivity", str(sens_file), "--out", str(out)]
+    assert cli.main(args + ["--budget", "4.25"]) == 0 and sens_file.exists()
+    capsys.readouterr()
+    assert cli.main(args + ["--budget", "2.5", "--config-out", str(tmp_path / "b25.yaml")]) == 0
+    assert "sensitivities from" in capsys.readouterr().err
+    assert {f.slot_bytes for f in formats_from_config(config.load(tmp_path / "b25.yaml"), num_layers=3,
+                                                      num_kv_heads=2, head_size=64)} == {36}  # 2 bits K and V
+    with pytest.raises(ValueError, match="holds sensitivities for"):
+        budget.load_sensitivity(sens_file, ["turboquant2"], 3)
     with pytest.raises(SystemExit, match="unknown codecs"):
         cli.main(["calibrate", str(tiny), "--budget", "3", "--candidates", "tq9", "--out", str(out)])
     with pytest.raises(SystemExit, match="below the cheapest pair"):

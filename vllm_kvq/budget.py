@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 
 from vllm_kvq import codecs, fake_quant
@@ -108,6 +110,24 @@ def measure(model, prompts: list[list[int]], *, num_layers: int, num_kv_heads: i
         for layer, h in tqdm(hjobs, desc="head sensitivity", unit="run", file=sys.stderr, disable=not progress):
             head_loss[layer][h] = loss_of(layer, fmt(layer, cands[cheap], cands[cheap], heads={h}))
     return Sensitivity(list(candidates), nbytes, loss, head_loss, tokens)
+
+
+def save_sensitivity(sens: Sensitivity, path) -> None:
+    import dataclasses
+    import json
+
+    Path(path).write_text(json.dumps(dataclasses.asdict(sens)))
+
+
+def load_sensitivity(path, candidates: list[str], num_layers: int) -> Sensitivity:
+    """A saved measurement; ValueError when it was made for other candidates or another layer count."""
+    import json
+
+    d = json.loads(Path(path).read_text())
+    if d["candidates"] != list(candidates) or len(d["loss"]) != num_layers:
+        raise ValueError(f"{path} holds sensitivities for {d['candidates']} over {len(d['loss'])} layers, not "
+                         f"{list(candidates)} over {num_layers}: delete it or pass another --sensitivity file")
+    return Sensitivity(**d)
 
 
 def _best_pair(sens: Sensitivity, layer: int, max_bytes: float) -> tuple[float, str, str] | None:

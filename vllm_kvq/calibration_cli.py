@@ -47,6 +47,9 @@ def add_parser(sub, name, help_):
     b.add_argument("--prompt-tokens", type=_positive, default=512, help="tokens per prompt (default 512)")
     b.add_argument("--head-sensitivity", action="store_true",
                    help="also measure each KV head at the cheapest candidate (reported, not used in the choice)")
+    b.add_argument("--sensitivity", default=None,
+                   help="JSON file of measured sensitivities: read if it exists (same model and candidates), "
+                        "else written, so several budgets share one measurement")
     b.add_argument("--config-out", default=None, help="the YAML to write (default: --out with .yaml)")
     b.add_argument("--name", default=None, help="config name (default: the YAML's file stem)")
     p.set_defaults(run=run)
@@ -116,8 +119,15 @@ def _allocate(args, model, all_ids, stats, calib_path: Path, cands: list[str], s
     prompts = [rest[i * args.prompt_tokens:(i + 1) * args.prompt_tokens] for i in range(args.prompts)]
     smooth = args.smooth_alpha > 0
     say(f"sensitivity: {L} layers x K/V x {len(cands)} codecs on {args.prompts} x {args.prompt_tokens} tokens")
-    sens = budget.measure(model, prompts, num_layers=L, num_kv_heads=H, head_dim=D, calibration_stats=stats,
-                          smooth_keys=smooth, candidates=cands, head_sensitivity=args.head_sensitivity)
+    cache = Path(args.sensitivity) if args.sensitivity else None
+    sens = budget.load_sensitivity(cache, cands, L) if cache and cache.exists() else None
+    if sens is None:
+        sens = budget.measure(model, prompts, num_layers=L, num_kv_heads=H, head_dim=D, calibration_stats=stats,
+                              smooth_keys=smooth, candidates=cands, head_sensitivity=args.head_sensitivity)
+        if cache:
+            budget.save_sensitivity(sens, cache)
+    else:
+        say(f"sensitivities from {cache}")
     try:
         choice = budget.choose(sens, target, args.slot)
     except ValueError as e:
