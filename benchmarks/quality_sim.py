@@ -28,7 +28,7 @@ Variant grammar (``--variants`` takes names from VARIANTS or specs ``K=..;V=..;s
   center=kv        calibrated per-(layer, KV head) K/V means (package: YAML ``calibration:``)
   smooth=a         with center=kv: key channel scales rms^a (package: ``smooth_keys: true``, alpha a)
   edge=N:spec[/vspec]      the first and last N layers use spec for K (and vspec, default spec, for V)
-  layers=i+j:spec[/vspec]  these layers use spec
+  layers=i+j:spec[/vspec][|k:spec...]  these layers use spec (rules separated by '|', later ones win)
   only=i+j         only these layers quantized, the rest bf16 (sensitivity runs)
   config=PATH      a YAML config as it is (e.g. from `vllm-kvq calibrate --budget`); only sink= beside it
   sink=N[:spec]    proto: the first N tokens of each sequence stored with spec (default bf16) instead
@@ -111,8 +111,8 @@ class Variant:
         per_layer = [self.base] * n_layers
         for field, layers_of in (("edge", lambda n: list(range(int(n))) + list(range(n_layers - int(n), n_layers))),
                                  ("layers", lambda s: [int(i) % n_layers for i in s.split("+")])):
-            if field in f:
-                sel, codec = f[field].split(":", 1)
+            for rule in f[field].split("|") if field in f else []:
+                sel, codec = rule.split(":", 1)
                 kv = codec.split("/") if "/" in codec else [codec, codec]
                 for i in layers_of(sel):
                     per_layer[i] = tuple(kv)

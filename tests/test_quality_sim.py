@@ -40,6 +40,8 @@ def test_variant_is_a_yaml_config_with_per_layer_overrides():
     assert got == [("uniform8",) * 2, ("turboquant4", "turboquant3"), ("turboquant2", "turboquant3"),
                    ("turboquant4", "turboquant3"), ("uniform8",) * 2]
     assert not var.protos and var.yaml_dict(None)["key"] == "turboquant4"
+    two = quality_sim.Variant("K=tq3;layers=1:u8|0+2:tq2", 3)
+    assert [f.keys[0].name for f in _formats(two)] == ["turboquant2", "uniform8", "turboquant2"]
     only = quality_sim.Variant("K=tq3;only=1", 3)
     assert [f.keys[0].name for f in _formats(only)] == ["bf16", "turboquant3", "bf16"]
 
