@@ -256,6 +256,38 @@ VARIANTS = {
 }
 
 
+TIERS = ((3.7, 1.5), (4.5, 4.0), (5.8, 12.0))  # (capacity vs bf16, ΔPPL target %) of the quality issue
+
+
+def report(paths: list[str], head_dim: int = 64) -> str:
+    """Markdown table of JSON-line results (``--out`` files), best ΔPPL first within each capacity tier."""
+    rows = {}
+    for p in paths:
+        for ln in Path(p).read_text().splitlines():
+            if ln.strip():
+                r = json.loads(ln)
+                rows[r["spec"], r["context"], r["tokens"]] = r  # a repeated run replaces the earlier one
+    rows = list(rows.values())
+    bf16 = 4 * head_dim
+
+    def tier(r):
+        cap = bf16 / r["bytes"]
+        return next((i for i, (c, _) in enumerate(TIERS) if cap >= c and (i + 1 == len(TIERS) or cap < TIERS[i + 1][0])),
+                    None if cap < TIERS[0][0] else len(TIERS) - 1)
+
+    out = ["| tier | variant | context (scored tokens) | B/token/head (largest layer) | capacity | ΔPPL % ± SE | KL | top-1 | "
+           "prototype features |", "|---|---|---|---|---|---|---|---|---|"]
+    rows.sort(key=lambda r: (-1 if tier(r) is None else tier(r), r["context"], r["delta_pct"]))
+    for r in rows:
+        t = tier(r)
+        label = "< 3.7x" if t is None else f">= {TIERS[t][0]}x (target {TIERS[t][1]:+.1f} %)"
+        met = t is not None and r["delta_pct"] <= TIERS[t][1]
+        out.append(f"| {label} | `{r['spec']}` | {r['context']} ({r['tokens']}) | {r['bytes']:.1f} ({r['bytes_padded']}) | "
+                   f"{bf16 / r['bytes']:.2f}x | {'**' if met else ''}{r['delta_pct']:+.2f}{'**' if met else ''} ± "
+                   f"{r['se_pct']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {', '.join(r['proto']) or '-'} |")
+    return "\n".join(out)
+
+
 def selftest() -> None:
     """fake_quant.roundtrip == what ops.reference.paged_attention reads, on a calibrated format."""
     from vllm_kvq import codecs
@@ -291,9 +323,13 @@ def main(argv=None):
     p.add_argument("--work", default="/tmp/kvq_sim", help="calibration files go here")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--emit-yaml", default=None, help="write each package-only variant's YAML into this dir")
+    p.add_argument("--report", nargs="+", default=None, help="print a Markdown table of these --out files and exit")
     p.add_argument("--list", action="store_true")
     p.add_argument("--selftest", action="store_true")
     a = p.parse_args(argv)
+    if a.report:
+        print(report(a.report))
+        return 0
     if a.list:
         for k, v in VARIANTS.items():
             print(f"{k:12s} {v}")
