@@ -282,7 +282,8 @@ def report(paths: list[str], head_dim: int = 64) -> str:
         t = tier(r)
         label = "< 3.7x" if t is None else f">= {TIERS[t][0]}x (target {TIERS[t][1]:+.1f} %)"
         met = t is not None and r["delta_pct"] <= TIERS[t][1]
-        out.append(f"| {label} | `{r['spec']}` | {r['context']} ({r['tokens']}) | {r['bytes']:.1f} ({r['bytes_padded']}) | "
+        spec = r["spec"].replace("|", "\\|")  # a layer-rule separator, not a table column
+        out.append(f"| {label} | `{spec}` | {r['context']} ({r['tokens']}) | {r['bytes']:.1f} ({r['bytes_padded']}) | "
                    f"{bf16 / r['bytes']:.2f}x | {'**' if met else ''}{r['delta_pct']:+.2f}{'**' if met else ''} ± "
                    f"{r['se_pct']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {', '.join(r['proto']) or '-'} |")
     return "\n".join(out)
