@@ -32,6 +32,8 @@ Variant grammar (``--variants`` takes names from VARIANTS or specs ``K=..;V=..;s
   only=i+j         only these layers quantized, the rest bf16 (sensitivity runs)
   config=PATH      a YAML config as it is (e.g. from `vllm-kvq calibrate --budget`); only sink= beside it
   sink=N[:spec]    proto: the first N tokens of each sequence stored with spec (default bf16) instead
+  window=W         proto: each query reads its W most recent positions at bf16 (KIVI/OSCAR recent window;
+                   its bytes, W bf16 slots per sequence, are not in the per-token bytes)
 """
 
 from __future__ import annotations
@@ -100,11 +102,12 @@ class Variant:
             f = dict(kv.split("=", 1) for kv in spec.split(";") if kv)
         except ValueError:
             raise ValueError(f"bad variant {spec!r}: use key=value pairs separated by ';'") from None
-        unknown = set(f) - {"K", "V", "center", "smooth", "edge", "layers", "only", "sink", "config"}
+        unknown = set(f) - {"K", "V", "center", "smooth", "edge", "layers", "only", "sink", "config", "window"}
         if unknown:
             raise ValueError(f"variant {spec!r}: unknown fields {sorted(unknown)}")
+        self.window = int(f.get("window", 0))
         self.config_path = f.get("config")
-        if self.config_path and set(f) - {"config", "sink"}:
+        if self.config_path and set(f) - {"config", "sink", "window"}:
             raise ValueError(f"variant {spec!r}: config=PATH takes only sink=... beside it (the YAML says the rest)")
         k = f.get("K", "bf16")
         self.base = (k, f.get("V", k))
@@ -133,7 +136,8 @@ class Variant:
     @property
     def protos(self) -> list[str]:
         out = [s for p in self.per_layer for s in p if is_proto(s)]
-        return sorted(set(out)) + ([f"sink={self.sink}:{self.sink_spec}"] if self.sink else [])
+        return (sorted(set(out)) + ([f"sink={self.sink}:{self.sink_spec}"] if self.sink else [])
+                + ([f"window={self.window}"] if self.window else []))
 
     def yaml_dict(self, calib_file: str | None, name: str = "sim") -> dict:
         if self.config_path:
@@ -229,7 +233,7 @@ class SimRun:
         quantizer, avg_bytes, max_bytes, cfg = self.build(var)
         nll, ref_nll, kl, top1 = [], [], [], []
         t0 = time.time()
-        with fake_quant.quantized(self.model, quantizer):
+        with fake_quant.quantized(self.model, quantizer, recent_window=var.window):
             for w, ref in zip(self.wins, self.ref):
                 r = fake_quant.score(self.model, self.ids[w.begin:w.end], score_from=w.score_from - w.begin,
                                      ref_top=ref["top"])

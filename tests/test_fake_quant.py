@@ -75,6 +75,25 @@ def test_quantized_forward_moves_logprobs_and_kl_grows_with_fewer_bits(tiny):
     assert 0 < one < kls[2]
 
 
+def test_recent_window_reads_bf16_for_recent_positions(tiny):
+    tok, model = tiny
+    ids = _ids(tok)
+    c = codecs.get("turboquant2", head_dim=64)
+    q = fake_quant.formats_quantizer([KVFormat(64, [c] * 2, [c] * 2)] * 2)
+    with fake_quant.quantized(model, None):
+        ref = fake_quant.score(model, ids, keep_top=32)
+    kl = {}
+    for w in (0, 8, len(ids)):
+        with fake_quant.quantized(model, q, recent_window=w):
+            kl[w] = fake_quant.score(model, ids, ref_top=ref["top"])["kl"]
+    assert kl[len(ids)].abs().max() < 1e-4  # a window over everything is the bf16 cache
+    assert 0 < kl[8].mean() < kl[0].mean()
+    assert kl[8][:7].abs().max() < 1e-4  # the first positions see only their window
+    with pytest.raises(ValueError, match="recent_window"):
+        with fake_quant.quantized(model, q, recent_window=-1):
+            pass
+
+
 def test_quantized_requires_the_fake_attention(tmp_path):
     from transformers import AutoModelForCausalLM
 

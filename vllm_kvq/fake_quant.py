@@ -30,6 +30,7 @@ Quantizer = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torc
 
 class _State:
     quantizer: Quantizer | None = None
+    recent_window: int = 0  # each query reads its last W positions (itself included) at bf16
     errors: dict[int, list[float]] | None = None  # layer -> attention-output relative error per forward
 
 
@@ -44,6 +45,19 @@ def _attend(q, k, v, scaling, groups):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
 
 
+def _attend_window(q, k, v, kq, vq, scaling, groups, window):
+    """Causal attention where positions within ``window`` of the query read (k, v) and older ones (kq, vq):
+    a bf16 window of recent tokens over a quantized cache (KIVI, OSCAR). Dense (H, N, N): for measurement."""
+    n = q.shape[1]
+    rep = lambda t: t.repeat_interleave(groups, dim=0)  # noqa: E731
+    i = torch.arange(n)
+    dist = i[:, None] - i[None, :]
+    recent = (dist >= 0) & (dist < window)
+    s = torch.where(recent, q @ rep(k).transpose(1, 2), q @ rep(kq).transpose(1, 2)) * scaling
+    p = torch.softmax(s.masked_fill(dist < 0, float("-inf")), dim=-1)
+    return (p * recent) @ rep(v) + (p * ~recent) @ rep(vq)
+
+
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: query (1, Hq, N, D), key/value (1, Hk, N, D) -> ((1, N, Hq, D), None)."""
     if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
@@ -54,7 +68,10 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     q, k, v = query[0].float(), key[0].float(), value[0].float()
     kb, vb = bf16_round(k), bf16_round(v)
     kq, vq = (kb, vb) if _State.quantizer is None else _State.quantizer(layer, kb, vb)
-    out = _attend(q, kq, vq, scaling, groups)
+    if _State.recent_window and _State.quantizer is not None:
+        out = _attend_window(q, kb, vb, kq, vq, scaling, groups, _State.recent_window)
+    else:
+        out = _attend(q, kq, vq, scaling, groups)
     if _State.errors is not None:
         ref = _attend(q, kb, vb, scaling, groups)
         err = (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp(min=1e-30)).item()
@@ -80,18 +97,22 @@ def load_model(model_dir, dtype=torch.float32):
 
 
 @contextlib.contextmanager
-def quantized(model, quantizer: Quantizer | None, *, record_errors: bool = False):
+def quantized(model, quantizer: Quantizer | None, *, record_errors: bool = False, recent_window: int = 0):
     """Runs the block with ``quantizer`` on every layer's K/V (None: the bf16 cache). Yields the per-layer
-    attention-error dict when ``record_errors`` (filled as forwards run)."""
+    attention-error dict when ``record_errors`` (filled as forwards run). ``recent_window`` W > 0: each query
+    reads the W most recent positions (itself included) unquantized, as a cache with a bf16 window would."""
     if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
         raise ValueError(f"model uses attention {model.config._attn_implementation!r}; load it with "
                          f"fake_quant.load_model (attn_implementation={ATTN_NAME!r})")
-    prev = (_State.quantizer, _State.errors)
+    if recent_window < 0:
+        raise ValueError(f"recent_window must be >= 0, got {recent_window}")
+    prev = (_State.quantizer, _State.errors, _State.recent_window)
     _State.quantizer, _State.errors = quantizer, ({} if record_errors else None)
+    _State.recent_window = recent_window
     try:
         yield _State.errors
     finally:
-        _State.quantizer, _State.errors = prev
+        _State.quantizer, _State.errors, _State.recent_window = prev
 
 
 def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
