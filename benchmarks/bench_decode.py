@@ -99,10 +99,15 @@ def fmt_row(cols, widths) -> str:
     return "  ".join(str(c).rjust(w) for c, w in zip(cols, widths))
 
 
-def _paged_inputs(batch: int, ctx: int, hk: int, block: int, device):
+def _paged_inputs(batch: int, ctx: int, hk: int, block: int, device, max_model_len: int | None = None):
+    """A block table per sequence; ``max_model_len`` widens it as vLLM does (its width comes from the
+    longest allowed context, not this batch's), with the unused columns pointing at block 0."""
     blocks_per_seq = math.ceil(ctx / block)
     perm = torch.randperm(batch * blocks_per_seq, device=device).to(torch.int32)
     table = perm.reshape(batch, blocks_per_seq)
+    width = math.ceil(max_model_len / block) if max_model_len else blocks_per_seq
+    if width > blocks_per_seq:
+        table = torch.cat([table, table.new_zeros(batch, width - blocks_per_seq)], dim=1)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     qsl = torch.arange(batch + 1, dtype=torch.int32, device=device)
     return table, seq_lens, qsl, batch * blocks_per_seq
@@ -158,6 +163,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=None, help="comma list of BATCHxCONTEXT, e.g. 1x4096,64x32768")
     ap.add_argument("--vllm-dir", default=None, help="an unpacked vLLM wheel: list its TurboQuant Triton files")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="block tables as wide as this context (vLLM's width; e.g. 131072), not the batch's")
     a, device = parse_common(ap, argv)
     if device is None:
         return 0
@@ -204,7 +211,8 @@ def main(argv=None) -> int:
             for cname in a.codecs.split(","):
                 c = codecs.get(cname, head_dim=d)
                 fmt = KVFormat(d, [c] * hk, [c] * hk, name=cname)
-                table, seq_lens, qsl, nblocks = _paged_inputs(batch, ctx, hk, a.block_size, device)
+                table, seq_lens, qsl, nblocks = _paged_inputs(batch, ctx, hk, a.block_size, device,
+                                                              None if a.smoke else a.max_model_len)
                 cache = fmt.allocate(nblocks, a.block_size, device=device)
                 fill_cache(fmt, cache, device)
                 q = torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16)

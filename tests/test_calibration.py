@@ -177,25 +177,31 @@ def test_calibration_beats_plain_on_offset_outlier_kv(gen):
 
 # ---- dispatch -----------------------------------------------------------------------------------------
 
-def test_fast_impls_decline_calibrated_formats(gen, monkeypatch):
+def test_dispatch_skips_impls_that_decline_a_format(gen, monkeypatch):
+    """ops dispatch asks each implementation's ``why_not``: one that declines bound state is skipped (and
+    named with its reason when asked for explicitly)."""
     calls = []
 
-    def fast(*args, **kw):
-        calls.append(1)
+    def why_not(fmt, op, decode, group):
+        return "no per-head state here" if fmt.calibrated else None
 
-    table = ops._impl_table
-    monkeypatch.setattr(ops, "_impl_table", lambda op: {**table(op), "cpu": fast})
+    fast = ops.Impl("fast", lambda *a, **k: calls.append(1), None, why_not)
+    table = ops._table()
+    monkeypatch.setattr(ops, "_table", lambda: {**table, "fast": fast})
+    monkeypatch.setitem(ops.ORDER, "cpu", ("fast", "reference"))
+    monkeypatch.setattr(ops, "IMPLS", ops.IMPLS + ("fast",))
     tq3 = codecs.get("turboquant3", head_dim=64)
     plain = KVFormat(64, [tq3], [tq3])
     cal = _calibrated_format([tq3], [tq3], gen)
+    assert ops.plan(cal, "cpu", "store") == {"fast": "no per-head state here", "reference": None}
     k = torch.randn(3, 1, 64, generator=gen)
     for fmt in (plain, cal):
         cache = fmt.allocate(1, 16)
         ops.store(k, k, cache, torch.arange(3), fmt)
     assert len(calls) == 1  # the plain format ran the fast one, the calibrated one the reference
     assert cache.any()  # ... which wrote the calibrated format's cache
-    with pytest.raises(ValueError, match="impl 'cpu' does not support calibrated formats"):
-        ops.store(k, k, cache, torch.arange(3), cal, impl="cpu")
+    with pytest.raises(ValueError, match="impl 'fast' cannot run store for format 'cal': no per-head state"):
+        ops.store(k, k, cache, torch.arange(3), cal, impl="fast")
 
 
 def test_format_validates_calibration_tensors():
@@ -229,7 +235,7 @@ def test_config_calibration_relative_path_and_formats(tmp_path, monkeypatch):
     assert all(f.calibrated for f in fmts)
     assert torch.equal(fmts[2].k_shift, st.mu_k[2]) and torch.equal(fmts[2].v_shift, st.mu_v[2])
     assert torch.equal(fmts[2].k_scale, st.k_smooth[2])
-    assert "calibrated (k_shift, v_shift, k_scale" in fmts[0].describe()
+    assert "state per head (no cache bytes): K stored as (k - shift) / scale, V as v - shift" in fmts[0].describe()
     one = kv_format(cfg, 64, 2, layer=1, num_layers=3)
     assert torch.equal(one.v_shift, st.mu_v[1])
     with pytest.raises(ValueError, match="pass num_layers"):

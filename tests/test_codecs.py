@@ -16,6 +16,8 @@ from vllm_kvq.codecs.packing import pack_bits, packed_nbytes, unpack_bits
 from vllm_kvq.codecs.rotation import fwht, make_rotation
 from vllm_kvq.testing import relative_mse
 
+from tests import codec_cases
+
 # Families need parameters to be built; a new family without an entry here fails test_every_name_builds,
 # which is the point: every registered name is exercised.
 FAMILY_EXAMPLES = {
@@ -313,3 +315,42 @@ def test_preset_params_and_names():
     assert codecs.get("turboquant3", head_dim=64).scale_mode == "lsq"
     # a preset with a changed parameter is a different codec (heads group by key, not name)
     assert codecs.get("turboquant3", head_dim=64, scale_mode="norm").key != codecs.get("turboquant3", head_dim=64).key
+
+
+# ---- the shared matrix ---------------------------------------------------------------------------------
+
+def test_every_preset_has_a_case():
+    presets = {n for n in codecs.names() if n not in codecs.family_names()}
+    covered = {c.name for c in codec_cases.CASES}
+    assert presets <= covered, f"presets without a case in tests/codec_cases.py: {sorted(presets - covered)}"
+
+
+@pytest.mark.parametrize("cid", codec_cases.ids())
+def test_case_packed_size_and_state(cid, gen):
+    case = codec_cases.case(cid)
+    for d, want in case.nbytes.items():
+        c = case.build(d)
+        assert c.nbytes == want and c.state_names == case.state
+        x = torch.randn(16, d, generator=gen) * 2 + 1
+        codes = c.quantize(x)
+        assert codes.shape == (16, want)
+        # the state costs no bytes and is undone by dequantize: the error is the codec's on encode's input
+        err = relative_mse(x - (c.shift if c.shift is not None else 0), c.dequantize(codes) - (c.shift if c.shift is not None else 0))
+        plain = codecs.get(case.name, head_dim=d, **case.params)
+        assert torch.equal(codes, plain.encode(c.store_transform(x)))
+        assert err < 0.5
+
+
+def test_bind_validates_and_keys_group_by_state_kind():
+    c = codecs.get("turboquant3", head_dim=64)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        c.bind(scale=torch.zeros(64))
+    with pytest.raises(ValueError, match="shift must be 64 finite values"):
+        c.bind(shift=torch.zeros(32))
+    a, b = c.bind(shift=torch.zeros(64)), c.bind(shift=torch.ones(64))
+    assert a.key == b.key != c.key and a.key_params == c.key_params
+    assert c.shift is None and a.tables("cpu")[1] is c.tables("cpu")[1]  # tables shared, state per copy
+    q = torch.randn(3, 64)
+    s = torch.rand(64) + 0.5
+    torch.testing.assert_close(c.bind(scale=s).query_transform(q), q * s)
+    torch.testing.assert_close(b.output_transform(q), q + 1)

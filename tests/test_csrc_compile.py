@@ -98,13 +98,16 @@ def test_binding_schema_matches_python_caller():
 
 
 def test_codec_spec_order_matches_binding():
-    """cuda.py packs [b0, n0, b1, seg1, meta, w, rotate, scale_mode]; the binding unpacks the same order."""
+    """The codec's ``native_params`` docstring names the order the binding unpacks, and the values follow it."""
+    from vllm_kvq import codecs
+
     text = BINDING.read_text()
     fields = re.findall(r"c\.(\w+) = static_cast<int>\(spec\[(\d)\]\)", text)
-    assert [f for f, _ in sorted(fields, key=lambda x: int(x[1]))] == \
-        ["b0", "n0", "b1", "seg1", "meta", "w", "rotate", "scale_mode"]
-    caller = (ROOT / "vllm_kvq" / "kernels" / "cuda.py").read_text()
-    assert "[s.b0, s.n0, s.b1, s.seg1, s.meta, s.w, int(s.rot), s.smode]" in caller
+    order = [f for f, _ in sorted(fields, key=lambda x: int(x[1]))]
+    assert order == ["b0", "n0", "b1", "seg1", "meta", "w", "rotate", "scale_mode"]
+    c = codecs.get("turboquant", head_dim=128, bits=2.5, scale_mode="corrected")
+    assert "[" + ", ".join(order) + "]" in type(c).native_params.__doc__
+    assert c.native_params() == [3, 64, 2, 24, 40, 8, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------- CPU emulation
@@ -232,8 +235,6 @@ def _emu_fns(lib):
     """Python callers of the emulated kernels, shaped like vllm_kvq/kernels/cuda.py's calls."""
     import torch
 
-    from vllm_kvq.kernels.triton.codec_spec import spec_of, tables
-
     dtypes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
     def ptr(t):
@@ -243,9 +244,8 @@ def _emu_fns(lib):
         return (ctypes.c_long * len(v))(*v)
 
     def codec_args(c):
-        s = spec_of(c)
-        rt, cent, thr = tables(c, "cpu")
-        return [longs(s.b0, s.n0, s.b1, s.seg1, s.meta, s.w, int(s.rot), s.smode), ptr(rt), ptr(cent), ptr(thr)]
+        rt, cent, thr = c.tables("cpu")
+        return [longs(*c.native_params()), ptr(rt), ptr(cent), ptr(thr)]
 
     def emu_store(k, v, cache, slots, fmt):
         for g in fmt.groups:

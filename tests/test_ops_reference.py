@@ -17,7 +17,7 @@ from vllm_kvq.ops import reference
 from vllm_kvq.testing import (paged_probs_sq, paged_reference, random_paged_batch, relative_error, relative_mse,
                               roundtrip)
 
-PRESETS = [n for n in codecs.names() if n not in ("raw", "turboquant", "uniform")]
+from tests import codec_cases  # noqa: E402
 
 # decode, full prefill, chunked-prefill continuation, a sequence with an odd partial last block, a decode at
 # an exact block boundary, and a one-token prefill (looks like a decode to the op)
@@ -67,10 +67,9 @@ def _run(fmt, batch, hq, gen, *, scale=None, cache=None, k_scale=1.0):
     return out, q, k_ctx, v_ctx, scale
 
 
-@pytest.mark.parametrize("name", PRESETS)
-@pytest.mark.parametrize("head_size", [64, 80])
-def test_matches_dense_on_dequantized(name, head_size, gen):
-    fmt = kv_format(name, head_size=head_size, num_kv_heads=2)
+@pytest.mark.parametrize("head_size,cid", [(d, c) for d in (64, 80) for c in codec_cases.ids(head_dim=d)])
+def test_matches_dense_on_dequantized(cid, head_size, gen):
+    fmt = codec_cases.case(cid).fmt(head_size, 2)
     batch = random_paged_batch(MIXED_SEQ, MIXED_Q, block_size=16, generator=gen)
     out, q, k, v, scale = _run(fmt, batch, 8, gen)
     assert out.shape == q.shape and out.dtype == q.dtype

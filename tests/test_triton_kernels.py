@@ -17,57 +17,28 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
 pytest.importorskip("triton")
+import vllm_kvq.kernels.triton as kt  # noqa: E402  (conftest switched the interpreter on without CUDA)
 
-
-def _load_kernels():
-    """The kernel package, re-imported if something imported it before the interpreter was switched on."""
-    import vllm_kvq.kernels.triton as kt
-    store_mod = sys.modules["vllm_kvq.kernels.triton.store"]
-    if not HAS_CUDA and type(store_mod._store_kernel).__name__ != "InterpretedFunction":
-        for name in ("codec_jit", "store", "attention"):
-            importlib.reload(sys.modules[f"vllm_kvq.kernels.triton.{name}"])
-        kt = importlib.reload(kt)
-    return kt
-
-
-kt = _load_kernels()
+assert HAS_CUDA or type(kt.store.__globals__["_store_kernel"]).__name__ == "InterpretedFunction"
 
 from vllm_kvq import codecs, ops  # noqa: E402
-from vllm_kvq.codecs.packing import unpack_bits  # noqa: E402
-from vllm_kvq.codecs.turboquant import TurboQuantCodec  # noqa: E402
-from vllm_kvq.codecs.uniform import UniformCodec  # noqa: E402
+from tests import codec_cases  # noqa: E402
 from vllm_kvq.kv_format import KVFormat, kv_format  # noqa: E402
 from vllm_kvq.ops import reference  # noqa: E402
 from vllm_kvq.testing import random_paged_batch, roundtrip  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 
-# Every preset plus the family parameters the presets do not reach (one matrix: a new codec is one entry).
-CODECS = {n: {} for n in codecs.names() if n not in ("raw", "turboquant", "uniform")}
-CODECS.update({
-    "uniform-g32-rot-2b": ("uniform", dict(bits=2, group_size=32, rotate=True)),
-    "uniform3": ("uniform", dict(bits=3)),
-    "tq3-norm": ("turboquant", dict(bits=3, scale_mode="norm")),
-    "tq4-corrected": ("turboquant", dict(bits=4, scale_mode="corrected")),
-    "tq3-haar": ("turboquant", dict(bits=3, rotation="haar")),
-    "tq2-identity": ("turboquant", dict(bits=2, rotation="identity")),
-    "tq5.5": ("turboquant", dict(bits=5.5)),  # 6/5-bit segments: codebook too wide for registers
-})
+CODECS = codec_cases.ids("triton")  # the shared matrix: a new codec is one entry there
 
 
 def make_codec(cid: str, d: int):
-    spec = CODECS[cid]
-    if isinstance(spec, tuple):
-        return codecs.get(spec[0], head_dim=d, **spec[1])
-    return codecs.get(cid, head_dim=d)
+    return codec_cases.case(cid).build(d)
 
 
 def uniform_fmt(cid: str, d: int, hk: int) -> KVFormat:
-    c = make_codec(cid, d)
-    return KVFormat(d, [c] * hk, [c] * hk, name=cid)
+    return codec_cases.case(cid).fmt(d, hk)
 
 
 def mixed_fmt(d: int) -> KVFormat:
@@ -95,48 +66,21 @@ def _cache(fmt, blocks, t, layout):
 # ---------------------------------------------------------------------------------------------- store
 
 
-def _thresholds(codec: TurboQuantCodec) -> torch.Tensor:
-    """(D, 2**max_bits - 1) float64 thresholds per coordinate, padded with nan."""
-    w = (1 << max(b for b, _ in codec.segments)) - 1
-    out = torch.full((codec.head_dim, w), float("nan"), dtype=torch.float64)
-    start = 0
-    for book, (b, n) in zip(codec.codebooks, codec.segments):
-        out[start:start + n, : (1 << b) - 1] = torch.tensor(book.thresholds, dtype=torch.float64)
-        start += n
-    return out
-
-
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16).float().reshape(-1)
-
-
 def _check_rows(codec, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> None:
-    """got/want (M, nbytes) packed rows of x (M, D). Exact for deterministic codecs; rotating codecs may
-    only differ by codes on a threshold tie, and then in the scale that depends on them."""
-    exact = codec.rotation.kind == "identity" and not isinstance(codec, TurboQuantCodec)
-    if exact or torch.equal(got, want):
-        assert torch.equal(got, want), f"{codec.name}: {(got != want).sum().item()} bytes differ"
+    """got/want (M, nbytes) packed rows of x (M, D), x as the codec encodes it (state applied). Exact where
+    the codec has no rounding decision to flip (``boundary_distance`` is None); otherwise codes may differ
+    only on a tie, and then in the metadata that depends on them."""
+    if torch.equal(got, want):
         return
-    x64 = x.double()
-    y = x64 @ codec.rotation.matrix(dtype=torch.float64).T
-    if isinstance(codec, TurboQuantCodec):
-        y = y / x64.norm(dim=1, keepdim=True).clamp(min=1e-30)
-        cg, cw = codec.unpack_codes(got), codec.unpack_codes(want)
-        dist = (y[:, :, None] - _thresholds(codec)[None]).abs().nan_to_num(float("inf")).amin(-1)
-        meta = slice(codec.code_nbytes, codec.code_nbytes + 2)
-    else:
-        assert isinstance(codec, UniformCodec)
-        cg = unpack_bits(got[:, : codec.code_nbytes], codec.bits, codec.head_dim)
-        cw = unpack_bits(want[:, : codec.code_nbytes], codec.bits, codec.head_dim)
-        m = want[:, codec.code_nbytes:].contiguous().view(torch.float16).double().reshape(len(x), codec.groups, 2)
-        s = m[..., 0].repeat_interleave(codec.group_size, 1)
-        t = (y - m[..., 1].repeat_interleave(codec.group_size, 1)) / torch.where(s > 0, s, 1)
-        dist = ((t - t.floor()) - 0.5).abs() * s  # distance to a rounding tie, in value units
-        meta = slice(codec.code_nbytes, codec.nbytes)
+    bw = codec.boundary_distance(x.double(), want)
+    assert bw is not None, f"{codec.name}: {(got != want).sum().item()} bytes differ"
+    (cw, dist), (cg, _) = bw, codec.boundary_distance(x.double(), got)
+    code_bytes = sum(f.nbytes for f in codec.fields() if f.name.startswith("codes"))
     flip = cg != cw
     assert flip.float().mean() < 0.01, f"{codec.name}: {flip.sum().item()} of {flip.numel()} codes differ"
     assert (dist[flip] < 1e-5).all(), f"{codec.name}: a code differs away from a tie: {dist[flip].max()}"
     assert ((cg - cw).abs() <= 1).all()
+    meta = slice(code_bytes, codec.nbytes)
     mg = got[:, meta].contiguous().view(torch.int16).int()
     mw = want[:, meta].contiguous().view(torch.int16).int()
     clean = ~flip.any(1)
@@ -153,14 +97,33 @@ def _check_cache(fmt, x_k, x_v, slots, got, want):
     keep = slots >= 0
     blk, off = slots[keep] // t, slots[keep] % t
     written[blk, off] = True
+    if fmt.sink_tokens:  # the blocks' sink areas: bf16 records, each value within 1 ulp (rotation sums)
+        area = slice(fmt.sink_offset, fmt.sink_offset + fmt.sink_bytes)
+        ga, wa = got[..., area].contiguous(), want[..., area].contiguous()
+        g16 = ga.reshape(ga.shape[0], ga.shape[1], -1)[..., : fmt.sink_tokens * fmt.sink_record_bytes]
+        w16 = wa.reshape(wa.shape[0], wa.shape[1], -1)[..., : fmt.sink_tokens * fmt.sink_record_bytes]
+        as_int = lambda b: (lambda i: torch.where(i == -32768, 0, i))(b.contiguous().view(torch.int16).int())  # noqa: E731  (-0 == +0)
+        diff = (as_int(g16) - as_int(w16)).abs()
+        assert diff.max() <= 1, f"sink records differ by {diff.max()} bf16 ulps"
+        assert diff.float().mean() < 0.05
+        assert torch.equal(ga.reshape(ga.shape[0], ga.shape[1], -1)[..., fmt.sink_tokens * fmt.sink_record_bytes:],
+                           wa.reshape(wa.shape[0], wa.shape[1], -1)[..., fmt.sink_tokens * fmt.sink_record_bytes:])
+        got, want = got[..., : fmt.sink_offset], want[..., : fmt.sink_offset]
     g_rest, w_rest = got.permute(0, 2, 1, 3)[~written], want.permute(0, 2, 1, 3)[~written]
     assert torch.equal(g_rest, w_rest), "bytes outside the written slots changed"
     for h in range(fmt.num_kv_heads):
         gk, wk = got[blk, h, off].cpu(), want[blk, h, off].cpu()
         kn, vn = fmt.keys[h].nbytes, fmt.values[h].nbytes
-        _check_rows(fmt.keys[h], x_k[keep, h].cpu(), gk[:, :kn], wk[:, :kn])
-        _check_rows(fmt.values[h], x_v[keep, h].cpu(), gk[:, kn:kn + vn], wk[:, kn:kn + vn])
+        kc, vc = fmt.keys[h], fmt.values[h]
+        _check_rows(kc, kc.store_transform(x_k[keep, h].cpu()), gk[:, :kn], wk[:, :kn])
+        _check_rows(vc, vc.store_transform(x_v[keep, h].cpu()), gk[:, kn:kn + vn], wk[:, kn:kn + vn])
         assert torch.equal(gk[:, kn + vn:], wk[:, kn + vn:]), "padding bytes differ"
+
+
+def sink_fmt(cid: str, d: int, hk: int, t: int = 16, sinks: int = 2) -> KVFormat:
+    case = codec_cases.case(cid)
+    cs = [case.build(d, h) for h in range(hk)]
+    return KVFormat(d, cs, cs, name=f"{cid}+sink{sinks}", sink_tokens=sinks, block_size=t)
 
 
 def _store_case(fmt, n, blocks, t, layout, gen, dtype=torch.bfloat16, scale=1.0):
@@ -262,7 +225,7 @@ def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, t=16, layout="contiguous", num
     if dtype == torch.float32:
         assert err <= 1e-4, f"float32 kernel differs from the reference by {err}"
         return
-    k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx)
+    k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx, batch.block_offsets())
     lowp = _lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype)
     err_lowp = (lowp.float() - ref).abs().max().item()
     assert err <= 2 * err_lowp + 1e-5, f"kernel error {err} > 2 x bf16 PyTorch error {err_lowp}"
@@ -314,6 +277,50 @@ def test_attention_float32_queries_match_tightly(cid, gen):
 def test_attention_one_token_prefill_in_decode_shape(gen):
     """N == S takes the one-token-per-tile path even when a sequence has 2 new tokens and another 0."""
     _attn_case(uniform_fmt("turboquant3", 64, 2), 4, [12, 30, 3], [2, 0, 1], gen, num_splits=2)
+
+
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5+shift", "uniform4+shift+scale", "bf16"])
+def test_sinks_store_and_attention(cid, gen):
+    fmt = sink_fmt(cid, 64, 2)
+    _store_case(fmt, 40, 6, 16, "token-major", gen)
+    _attn_case(fmt, 6, *MIXED, gen, layout="byte-stride-2")
+    _attn_case(fmt, 6, *DECODE, gen, num_splits=3)
+
+
+def test_split_k_divides_each_sequences_own_context(gen):
+    """Block tables as wide as a 128K max_model_len and short contexts: every split of a sequence gets part of
+    *its* context (issue 12, item 8), and a stale ``max_seq_len`` (a CUDA graph captured at shorter contexts
+    replaying at longer ones) changes no result."""
+    from vllm_kvq.kernels.triton import aot_check
+
+    fmt = uniform_fmt("turboquant3", 64, 2)
+    _attn_case(fmt, 4, [70, 9, 33], [1, 1, 1], gen, num_splits=4)
+    batch = random_paged_batch([70, 9, 33], [1, 1, 1], 16, generator=gen)
+    cache = fmt.allocate(batch.num_blocks, 16)
+    reference.store(torch.randn(112, 2, 64, generator=gen), torch.randn(112, 2, 64, generator=gen), cache,
+                    batch.ctx_slots, fmt)
+    wide = torch.zeros(3, 131072 // 16, dtype=torch.int32)
+    wide[:, : batch.block_table.shape[1]] = batch.block_table
+    q = torch.randn(3, 4, 64, generator=gen).to(torch.bfloat16)
+    args = (q, cache, wide, batch.seq_lens, batch.query_start_loc, fmt)
+    want = kt.paged_attention(*args, scale=0.125, num_splits=4)
+    for stale in (1, 16, None):  # other tile sizes: bf16 rounding differs, a dropped token would not (~0.1-1)
+        got = kt.paged_attention(*args, scale=0.125, num_splits=4, max_seq_len=stale)
+        torch.testing.assert_close(got, want, atol=3e-3, rtol=2e-2)
+    launches = []
+    with aot_check._recording(launches):
+        kt.paged_attention(*args, scale=0.125, num_splits=4)
+    assert "split_tokens" not in __import__("inspect").signature(launches[0].kernel.fn).parameters
+
+
+def test_split_count_is_a_power_of_two_bounded_by_context():
+    from vllm_kvq.kernels import split_count
+
+    assert split_count(132, 64, 131072, 32) == 4  # ceil(264 / 64) = 5 -> 4
+    assert split_count(132, 1, 131072, 32) == 64
+    assert split_count(132, 1, 2048, 32) == 16  # each split at least 4 tiles of 32 tokens
+    assert split_count(132, 1, 100, 32) == 1
+    assert {split_count(132, p, 65536, 32) for p in range(1, 300)} <= {1, 2, 4, 8, 16, 32, 64}
 
 
 def test_attention_empty_batch():

@@ -9,15 +9,27 @@ One slot holds everything about one (token, KV head), metadata inline:
 to an even number so fp16 metadata stays 2-byte aligned, or a larger ``pad_to`` when vLLM needs one page
 size for several layers.
 
-A *calibrated* format (see ``vllm_kvq.calibration``) also carries per-head float32 tensors (Hk, D):
-``k_shift`` and ``v_shift`` (subtracted before encoding) and ``k_scale`` (centred keys are divided by it
-before encoding; attention multiplies the query by it). They cost no cache bytes. Attention never adds
-``k_shift`` back (it shifts every score of a query equally) and adds ``v_shift`` to each output row.
+**Sinks** (``sink_tokens=S``): every block also keeps its first S tokens at bf16, in the codecs' rotated
+domain, in a per-block area spread over ``sink_bytes`` extra bytes at the end of each of its T slots:
+
+    [ K codes | K meta | V codes | V meta | pad to even ][ sink area: sink_bytes ][ pad to slot_bytes ]
+
+Record j (the token at block offset j < S) is ``bf16(R_K k') ++ bf16(R_V v')`` (4·D bytes, k' and v' after the
+codecs' state transforms); its byte b lies at area offset o = j·4D + b, i.e. in slot o // sink_bytes at byte
+``sink_offset + o % sink_bytes``. Attention reads a position p from the record when p % T < S: the first S
+tokens of every sequence (the attention sinks, in its first block) are then exact up to bf16, and since every
+block keeps its own records, a block's bytes depend only on its tokens, so a prefix-cache hit and a chunked
+prefill see what a cold single-chunk run sees. Cost: ceil(S·4·D / T) bytes per slot (T = 16: D / 4 per sink
+token, T = 128: D / 32).
+
+Per-head state (calibrated shifts and channel scales, see ``vllm_kvq.calibration``) is bound to each head's
+codecs (``VectorCodec.bind``) and costs no cache bytes; ``KVFormat(k_shift=, v_shift=, k_scale=)`` is a
+shorthand that binds (Hk, D) tensors head by head. Heads whose codecs share parameters and kinds of state
+form one ``HeadGroup``: one kernel launch, with the state stacked to (heads, D).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,18 +39,34 @@ from vllm_kvq import config as _config
 from vllm_kvq.codecs.base import VectorCodec
 
 
-@dataclass(frozen=True)
 class HeadGroup:
-    """KV heads of a layer that share one (K codec, V codec) pair; the ops batch over them."""
+    """KV heads of a layer that share one (K codec, V codec) structure; the ops batch over them.
 
-    heads: tuple[int, ...]
-    key: VectorCodec
-    value: VectorCodec
+    ``key`` / ``value`` are the first head's codecs (layout, tables, hooks); ``keys`` / ``values`` hold every
+    head's (bound) codec, whose state ``state(side, name, device)`` stacks to (len(heads), D).
+    """
+
+    def __init__(self, heads: tuple[int, ...], keys: tuple[VectorCodec, ...], values: tuple[VectorCodec, ...]):
+        self.heads, self.keys, self.values = heads, keys, values
+        self.key, self.value = keys[0], values[0]
+        self._state: dict = {}
+
+    def state(self, side: str, name: str, device) -> torch.Tensor | None:
+        """(len(heads), D) float32 stacked state ``name`` of the "k" or "v" codecs, or None if unbound."""
+        k = (side, name, str(device))
+        if k not in self._state:
+            cs = self.keys if side == "k" else self.values
+            ts = [getattr(c, name) for c in cs]
+            self._state[k] = None if ts[0] is None else torch.stack(ts).to(device).contiguous()
+        return self._state[k]
+
+    def __repr__(self) -> str:
+        return f"HeadGroup(heads={self.heads}, key={self.key.name}, value={self.value.name})"
 
 
 class KVFormat:
     def __init__(self, head_size: int, keys: list[VectorCodec], values: list[VectorCodec], *, name: str = "custom",
-                 pad_to: int | None = None,
+                 pad_to: int | None = None, sink_tokens: int = 0, block_size: int | None = None,
                  k_shift: torch.Tensor | None = None,  # (Hk, D)
                  v_shift: torch.Tensor | None = None,  # (Hk, D)
                  k_scale: torch.Tensor | None = None):  # (Hk, D), > 0
@@ -47,35 +75,77 @@ class KVFormat:
         for c in (*keys, *values):
             if c.head_dim != head_size:
                 raise ValueError(f"codec {c.name} has head_dim {c.head_dim}, format has head_size {head_size}")
+        hk = len(keys)
+        for label, t in (("k_shift", k_shift), ("v_shift", v_shift), ("k_scale", k_scale)):
+            if t is not None and tuple(t.shape) != (hk, head_size):
+                raise ValueError(f"{label}: expected ({hk}, {head_size}), got {tuple(t.shape)}")
+        if k_scale is not None and not bool((k_scale > 0).all()):
+            raise ValueError("k_scale must be positive")
+        if k_shift is not None or k_scale is not None:
+            keys = [c.bind(shift=None if k_shift is None else k_shift[h], scale=None if k_scale is None else k_scale[h])
+                    for h, c in enumerate(keys)]
+        if v_shift is not None:
+            values = [c.bind(shift=v_shift[h]) for h, c in enumerate(values)]
         self.name = name
         self.head_size = head_size
-        self.num_kv_heads = len(keys)
+        self.num_kv_heads = hk
         self.keys, self.values = list(keys), list(values)
         need = max(k.nbytes + v.nbytes for k, v in zip(keys, values))
         need += need % 2
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+        self.sink_tokens = sink_tokens
+        self.block_size = block_size
+        self.sink_offset = need
+        self.sink_bytes = 0
+        if sink_tokens:
+            if not isinstance(block_size, int) or block_size < sink_tokens:
+                raise ValueError(f"sink_tokens={sink_tokens} needs the cache's block size (>= sink_tokens) to "
+                                 f"size the per-block sink area, got block_size={block_size!r}")
+            self.sink_bytes = -(-sink_tokens * self.sink_record_bytes // block_size)
+            need += self.sink_bytes + self.sink_bytes % 2
         if pad_to is not None and pad_to < need:
             raise ValueError(f"pad_to={pad_to} is smaller than the {need} bytes this format needs")
         self.slot_bytes = pad_to or need
         groups: dict[tuple, list[int]] = {}
         for h, (k, v) in enumerate(zip(keys, values)):
             groups.setdefault((k.key, v.key), []).append(h)
-        self.groups = [HeadGroup(tuple(hs), keys[hs[0]], values[hs[0]]) for hs in groups.values()]
-        for label, t in (("k_shift", k_shift), ("v_shift", v_shift), ("k_scale", k_scale)):
-            if t is not None and tuple(t.shape) != (self.num_kv_heads, head_size):
-                raise ValueError(f"{label}: expected ({self.num_kv_heads}, {head_size}), got {tuple(t.shape)}")
-        if k_scale is not None and not bool((k_scale > 0).all()):
-            raise ValueError("k_scale must be positive")
-        as32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
-        self.k_shift, self.v_shift, self.k_scale = as32(k_shift), as32(v_shift), as32(k_scale)
+        self.groups = [HeadGroup(tuple(hs), tuple(keys[h] for h in hs), tuple(values[h] for h in hs))
+                       for hs in groups.values()]
+
+    @property
+    def sink_record_bytes(self) -> int:
+        """Bytes of one sink token's record: bf16 rotated K and V."""
+        return 4 * self.head_size
+
+    def with_block_size(self, block_size: int, pad_to: int | None = None) -> "KVFormat":
+        """The same format for another block size (the sink area depends on it)."""
+        return KVFormat(self.head_size, self.keys, self.values, name=self.name, pad_to=pad_to,
+                        sink_tokens=self.sink_tokens, block_size=block_size)
+
+    def _stacked(self, cs: list[VectorCodec], name: str, identity: float) -> torch.Tensor | None:
+        ts = [getattr(c, name) for c in cs]
+        if all(t is None for t in ts):
+            return None
+        return torch.stack([torch.full((self.head_size,), identity) if t is None else t for t in ts])
+
+    @property
+    def k_shift(self) -> torch.Tensor | None:
+        """(Hk, D) key shifts bound to the key codecs (zeros for unbound heads), or None."""
+        return self._stacked(self.keys, "shift", 0.0)
+
+    @property
+    def k_scale(self) -> torch.Tensor | None:
+        return self._stacked(self.keys, "scale", 1.0)
+
+    @property
+    def v_shift(self) -> torch.Tensor | None:
+        return self._stacked(self.values, "shift", 0.0)
 
     @property
     def calibrated(self) -> bool:
-        """True when keys or values are shifted or keys scaled before encoding (the ops must know)."""
-        return any(t is not None for t in (self.k_shift, self.v_shift, self.k_scale))
-
-    def calibration(self) -> dict:
-        """The calibration tensors as keyword arguments of ``KVFormat`` (to rebuild a format, e.g. padded)."""
-        return {"k_shift": self.k_shift, "v_shift": self.v_shift, "k_scale": self.k_scale}
+        """True when some head's codecs carry state (shifted or scaled K/V)."""
+        return any(c.state_names for c in (*self.keys, *self.values))
 
     @property
     def uniform(self) -> bool:
@@ -99,6 +169,9 @@ class KVFormat:
     def check_cache(self, cache: torch.Tensor) -> None:
         if cache.dtype != torch.uint8 or cache.dim() != 4:
             raise ValueError(f"expected a uint8 cache (blocks, heads, tokens, slot), got {cache.dtype} {tuple(cache.shape)}")
+        if self.sink_tokens and cache.shape[2] != self.block_size:
+            raise ValueError(f"format {self.name!r} sizes its sink area for blocks of {self.block_size} tokens, "
+                             f"the cache has {cache.shape[2]}")
         if cache.shape[1] != self.num_kv_heads or cache.shape[3] != self.slot_bytes:
             raise ValueError(f"cache shape {tuple(cache.shape)} does not match format {self.name!r}: expected "
                              f"(blocks, {self.num_kv_heads}, tokens, {self.slot_bytes})")
@@ -114,14 +187,19 @@ class KVFormat:
             for base, c, label in ((0, k, "K"), (k.nbytes, v, "V")):
                 for f in c.fields():
                     lines.append(f"    [{base + f.offset:4d}:{base + f.offset + f.nbytes:4d}] {label}.{f.name:<10} {f.what}")
-            if k.nbytes + v.nbytes < self.slot_bytes:
-                lines.append(f"    [{k.nbytes + v.nbytes:4d}:{self.slot_bytes:4d}] padding")
-        if self.calibrated:
-            parts = [n for n, t in self.calibration().items() if t is not None]
-            lines.append(f"  calibrated ({', '.join(parts)} per head; no cache bytes): K stored as "
-                         f"{'(k - k_shift)' if self.k_shift is not None else 'k'}"
-                         f"{' / k_scale' if self.k_scale is not None else ''}, V as "
-                         f"{'v - v_shift' if self.v_shift is not None else 'v'}")
+            end = self.sink_offset if self.sink_tokens else self.slot_bytes
+            if k.nbytes + v.nbytes < end:
+                lines.append(f"    [{k.nbytes + v.nbytes:4d}:{end:4d}] padding")
+            if k.state_names or v.state_names:
+                lines.append(f"    state per head (no cache bytes): K stored as "
+                             f"{'(k - shift)' if k.shift is not None else 'k'}{' / scale' if k.scale is not None else ''}"
+                             f", V as {'v - shift' if v.shift is not None else 'v'}")
+        if self.sink_tokens:
+            so, sb = self.sink_offset, self.sink_bytes
+            lines.append(f"  [{so:4d}:{so + sb:4d}] sink area: the block's first {self.sink_tokens} token(s) as bf16 "
+                         f"rotated K+V ({self.sink_record_bytes} B each), spread over the {self.block_size} slots")
+            if so + sb < self.slot_bytes:
+                lines.append(f"  [{so + sb:4d}:{self.slot_bytes:4d}] padding")
         return "\n".join(lines)
 
     __str__ = describe
@@ -131,8 +209,9 @@ class KVFormat:
 
 
 def formats_from_config(cfg: "_config.KVQConfig", *, num_layers: int, num_kv_heads: int, head_size: int,
-                        uniform_slot: bool = False) -> list[KVFormat]:
-    """One format per layer. ``uniform_slot`` pads every layer to the largest slot (one vLLM page size)."""
+                        uniform_slot: bool = False, block_size: int | None = None) -> list[KVFormat]:
+    """One format per layer. ``uniform_slot`` pads every layer to the largest slot (one vLLM page size);
+    ``block_size`` sizes the sink area of configs with ``sink_tokens``."""
     table = _config.resolve(cfg, num_layers, num_kv_heads)
     stats = _config.calibration(cfg, num_layers, num_kv_heads, head_size)
     fmts = []
@@ -140,10 +219,11 @@ def formats_from_config(cfg: "_config.KVQConfig", *, num_layers: int, num_kv_hea
         keys = [k.build(head_size, cfg.seed) for k, _ in row]
         values = [v.build(head_size, cfg.seed) for _, v in row]
         fmts.append(KVFormat(head_size, keys, values, name=f"{cfg.name}[layer {layer}]",
+                             sink_tokens=cfg.sink_tokens, block_size=block_size,
                              **_layer_calibration(cfg, stats, layer)))
     if uniform_slot:
         pad = max(f.slot_bytes for f in fmts)
-        fmts = [KVFormat(head_size, f.keys, f.values, name=f.name, pad_to=pad, **f.calibration()) for f in fmts]
+        fmts = [f.with_block_size(block_size, pad_to=pad) for f in fmts]
     return fmts
 
 
@@ -155,7 +235,7 @@ def _layer_calibration(cfg: "_config.KVQConfig", stats, layer: int) -> dict:
 
 
 def kv_format(spec: "str | Path | _config.KVQConfig", head_size: int, num_kv_heads: int, *, layer: int = 0,
-              num_layers: int | None = None, pad_to: int | None = None) -> KVFormat:
+              num_layers: int | None = None, pad_to: int | None = None, block_size: int | None = None) -> KVFormat:
     """The format of one layer: ``spec`` is a preset or codec name, a YAML path, or a loaded config."""
     if isinstance(spec, str) and spec in _codecs.names() and spec not in _config.preset_names():
         codec = _codecs.get(spec, head_dim=head_size)
@@ -173,4 +253,5 @@ def kv_format(spec: "str | Path | _config.KVQConfig", head_size: int, num_kv_hea
     keys = [k.build(head_size, cfg.seed) for k, _ in row]
     values = [v.build(head_size, cfg.seed) for _, v in row]
     name = cfg.name if num_layers is None else f"{cfg.name}[layer {layer}]"
-    return KVFormat(head_size, keys, values, name=name, pad_to=pad_to, **_layer_calibration(cfg, stats, layer))
+    return KVFormat(head_size, keys, values, name=name, pad_to=pad_to, sink_tokens=cfg.sink_tokens,
+                    block_size=block_size, **_layer_calibration(cfg, stats, layer))

@@ -79,6 +79,11 @@ class PagedBatch:
         parts = [self.ctx_slots[e - q:e] for e, q in zip(self.ctx_start[1:], self.query_lens)]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
+    def block_offsets(self) -> torch.Tensor:
+        """(sum(seq_lens),) offset of every context token within its block (sequences concatenated)."""
+        parts = [torch.arange(int(s)) % self.block_size for s in self.seq_lens.tolist()]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
     def new_token_index(self) -> torch.Tensor:
         """(N,) index of each new token into the concatenated context (rows of k_ctx)."""
         parts = [torch.arange(e - q, e) for e, q in zip(self.ctx_start[1:], self.query_lens)]
@@ -141,12 +146,25 @@ def paged_probs_sq(query: torch.Tensor, k_ctx: torch.Tensor, batch: PagedBatch, 
     return out
 
 
-def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v (L, Hk, D) -> what the format's codecs give back after encode + decode, per head (float32)."""
+def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor,
+              block_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v (L, Hk, D) -> what the format's cache gives back, per head (float32): the codecs' quantize +
+    dequantize, except, for a format with sinks, rows whose ``block_offsets`` (L,) are below
+    ``fmt.sink_tokens``: those are the bf16 records (rotated, rounded, rotated back, state undone)."""
     kh, vh = torch.empty(k.shape), torch.empty(v.shape)
+    sink = None
+    if getattr(fmt, "sink_tokens", 0):
+        if block_offsets is None:
+            raise ValueError(f"format {fmt.name!r} keeps sink records: pass block_offsets")
+        sink = block_offsets < fmt.sink_tokens
     for h in range(fmt.num_kv_heads):
-        kh[:, h] = fmt.keys[h].decode(fmt.keys[h].encode(k[:, h]))
-        vh[:, h] = fmt.values[h].decode(fmt.values[h].encode(v[:, h]))
+        for x, out, c in ((k, kh, fmt.keys[h]), (v, vh, fmt.values[h])):
+            out[:, h] = c.dequantize(c.quantize(x[:, h]))
+            if sink is not None and bool(sink.any()):
+                y = c.unrotate(c.rotate(c.store_transform(x[sink, h].float())).to(torch.bfloat16).float())
+                if c.scale is not None:
+                    y = y * c.scale
+                out[sink, h] = y + (c.shift if c.shift is not None else 0)
     return kh, vh
 
 

@@ -7,7 +7,24 @@ from __future__ import annotations
 import pytest
 
 from tests.vllm_adapter.conftest import run_probe
-from vllm_kvq.vllm.dtypes import KVQ_DTYPES, NAMED_DTYPES
+from vllm_kvq import config as _config
+from vllm_kvq.vllm.dtypes import KVQ_DTYPES
+
+
+def _fits_tiny(dtype: str) -> bool:
+    """Presets with per-layer rules for bigger models (kvq-mixed-example names layer 2) do not fit the
+    2-layer tiny model; they get their own error test below."""
+    if dtype == "kvq":
+        return True
+    try:
+        _config.resolve(_config.load(dtype), 2, 2)
+    except _config.ConfigError:
+        return False
+    return True
+
+
+TINY_DTYPES = tuple(d for d in KVQ_DTYPES if _fits_tiny(d))
+TOO_BIG = tuple(d for d in KVQ_DTYPES if not _fits_tiny(d))
 
 PROMPT = [3 + (i * 37) % 400 for i in range(150)]  # 150 token ids of the tiny vocab, no special tokens
 KV_BYTES = 1 << 26
@@ -47,8 +64,13 @@ def results(tiny_model, tiny_model_128, tiny_model_48, tiny_sliding_window_model
     mixed = tmp / "mixed.yaml"
     mixed.write_text(MIXED_YAML)
     jobs = {}
-    for d in ("auto",) + KVQ_DTYPES:
+    for d in ("auto",) + TINY_DTYPES:
         jobs[("all", d)] = _job(tiny_model, d, mixed=str(mixed))
+    for d in TOO_BIG:
+        jobs[("error", d)] = _job(tiny_model, d)
+    for d in ("auto", "turboquant3"):  # layer 0 in the default cache: vLLM pads or scales the pages
+        jobs[("skip0", d)] = _job(tiny_model, d, prompt_logprobs=False, max_tokens=2,
+                                  llm={"kv_cache_dtype_skip_layers": ["0"]})
     for d in ("auto", "turboquant4", "turboquant3", "turboquant2"):
         jobs[("d128", d)] = _job(tiny_model_128, d, prompt_logprobs=False, max_tokens=2)
     for d in ("auto", "turboquant3"):
@@ -75,7 +97,7 @@ def _mean_abs_diff(a, b):
     return sum(abs(x - y) for x, y in zip(pa, pb)) / len(pa)
 
 
-@pytest.mark.parametrize("dtype", ("auto",) + KVQ_DTYPES)
+@pytest.mark.parametrize("dtype", ("auto",) + TINY_DTYPES)
 def test_every_dtype_generates(results, dtype):
     run = _ok(results[("all", dtype)])["runs"][0][0]
     assert len(run["token_ids"]) == 8
@@ -85,7 +107,7 @@ def test_every_dtype_generates(results, dtype):
 def test_logprobs_track_bits(results):
     """Prompt logprobs against the bf16 cache: near-lossless at 8 bits, worse as bits shrink."""
     base = _ok(results[("all", "auto")])
-    diff = {d: _mean_abs_diff(_ok(results[("all", d)]), base) for d in KVQ_DTYPES}
+    diff = {d: _mean_abs_diff(_ok(results[("all", d)]), base) for d in TINY_DTYPES}
     assert diff["uniform8"] < 0.02, diff
     assert diff["uniform8"] < diff["turboquant4"] < diff["turboquant3"] < diff["turboquant2"], diff
     assert diff["turboquant3.5"] < diff["turboquant2.5"], diff
@@ -128,3 +150,19 @@ def test_errors_say_what_to_do(results, case, needles):
     assert err, f"{case}: expected an error, the engine started"
     for n in needles:
         assert n in err, (n, err)
+
+
+@pytest.mark.parametrize("dtype", TOO_BIG)
+def test_preset_for_a_bigger_model_says_which_rule_does_not_fit(results, dtype):
+    err = results[("error", dtype)].get("error")
+    assert err and "overrides" in err and "layer" in err, err
+
+
+def test_skip_layers_report_vllms_block_count(results):
+    """A bf16 skip layer next to turboquant3 layers: the run serves, and vLLM's block count shows what the
+    mixed page costs (printed; vLLM pads our 52-byte pages to the bf16 ones when the ratio is not whole)."""
+    bf16, ours = _ok(results[("skip0", "auto")]), _ok(results[("skip0", "turboquant3")])
+    print(f"skip layer 0: bf16 {bf16['num_blocks']} blocks, turboquant3 {ours['num_blocks']} blocks "
+          f"(block size {ours['block_size']})")
+    assert len(ours["runs"][0][0]["token_ids"]) == 2
+    assert ours["num_blocks"] >= bf16["num_blocks"]

@@ -92,8 +92,11 @@ def test_cli_lists_our_dtypes_and_rejects_unknown():
 def test_selector_routes_our_dtypes(dtype):
     from vllm.v1.attention.selector import AttentionSelectorConfig, _cached_get_attn_backend
 
+    from vllm.config import VllmConfig, set_current_vllm_config
+
     sel = AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype=dtype, block_size=None)
-    backend = _cached_get_attn_backend(None, sel)
+    with set_current_vllm_config(VllmConfig(additional_config={"kvq_config": "turboquant3"})):
+        backend = _cached_get_attn_backend(None, sel)
     assert backend.kvq_dtype == dtype and backend.get_name() == "CUSTOM"
     other = _cached_get_attn_backend(None, sel._replace(kv_cache_dtype="auto"))
     assert not hasattr(other, "kvq_dtype")
@@ -139,13 +142,20 @@ from vllm.v1.attention.selector import AttentionSelectorConfig, _cached_get_attn
 sel = AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="turboquant3", block_size=None)
 b = _cached_get_attn_backend(None, sel)
 assert b.kvq_dtype == "turboquant3", b
-from vllm.config import VllmConfig, ModelConfig, set_current_vllm_config
-from vllm.v1.kv_cache_interface import FullAttentionSpec, get_kv_quant_mode
-with set_current_vllm_config(VllmConfig(model_config=ModelConfig(model=sys.argv[1], dtype="bfloat16"))):
-    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.uint8,
-                             kv_quant_mode=get_kv_quant_mode("turboquant3"))
-    ours = b.customize_spec(spec).page_size_bytes
-base = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16).page_size_bytes
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode, get_kv_quant_mode, is_quantized_kv_cache
+# Our dtypes read as unquantized to vLLM's generic paths: FlashAttention's builder for bf16 skip layers
+# (flash_attn.py: fp8 FA3 schedule when the run-wide dtype "is quantized"), FA4's refusal (fa_utils.py) and the
+# fp8 KV-scale loader (quantization/kv_cache.py) all ask is_quantized_kv_cache(cache_config.cache_dtype).
+for d in KVQ_DTYPES:
+    mode = get_kv_quant_mode(d)
+    assert mode == KVQuantMode.NONE and not mode.is_octave and not is_quantized_kv_cache(d), (d, mode)
+spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.uint8,
+                         kv_quant_mode=get_kv_quant_mode("turboquant3"))
+ours = b.customize_spec(spec).page_size_bytes  # no vLLM config current: the backend's own config sizes it
+skip = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16,
+                         kv_quant_mode=get_kv_quant_mode("auto"))
+assert b.customize_spec(skip) == skip, "a bf16 skip layer's spec must keep its own page"
+base = skip.page_size_bytes
 print("RATIO", base / ours)
 '''
 

@@ -44,6 +44,11 @@ def names() -> list[str]:
     return sorted(_PRESETS) + sorted(_FAMILIES)
 
 
+def family_names() -> list[str]:
+    """Names that need parameters (``get("uniform", bits=4)``), as opposed to presets."""
+    return sorted(_FAMILIES)
+
+
 def family_params(name: str) -> frozenset[str]:
     fam = _PRESETS[name][0] if name in _PRESETS else name
     return _FAMILIES[fam][1]
@@ -83,4 +88,4 @@ register_preset("bf16", "raw", dtype="bf16")
 register_preset("fp16", "raw", dtype="fp16")
 
 __all__ = ["VectorCodec", "Field", "Codebook", "get", "names", "register_family", "register_preset",
-           "lloyd_max_codebook", "TurboQuantCodec", "UniformCodec", "RawCodec", "family_params"]
+           "lloyd_max_codebook", "TurboQuantCodec", "UniformCodec", "RawCodec", "family_params", "family_names"]

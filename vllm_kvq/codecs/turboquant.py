@@ -20,6 +20,10 @@ Scale modes (what the fp16 stores; decode is always ``scale * c`` with c the cen
   -0.7 % / -1.3 % / -1.8 % (d=64: -1.4 % at 2 bits).
 
 Packed row: [codes, ceil(bits*D/8) bytes][scale, fp16].
+
+Kernel hooks (bottom of this file): decode gathers centroids (from registers up to 4-bit codes) and keeps
+the fp16 scale apart, so attention folds it into the score column and the probabilities; encode counts
+thresholds passed per coordinate (torch.bucketize) and bit-packs eight codes at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import math
 
 import torch
 
-from vllm_kvq.codecs.base import Field, VectorCodec, bytes_to_fp16, fp16_to_bytes
+from vllm_kvq.codecs.base import Field, TritonHooks, VectorCodec, bytes_to_fp16, fp16_to_bytes
 from vllm_kvq.codecs.lloyd_max import lloyd_max_codebook
 from vllm_kvq.codecs.packing import pack_bits, packed_nbytes, unpack_bits
 from vllm_kvq.codecs.rotation import make_rotation
@@ -93,6 +97,32 @@ class TurboQuantCodec(VectorCodec):
             start += n
         return table.to(device)
 
+    def codec_tables(self):
+        """(centroids (D, W), thresholds (D, W)) with W = 2**max_bits. Thresholds of coordinate i are padded
+        with +inf past its segment's 2**b - 1 entries, so ``code = sum_j (y > thr[i, j])`` is bucketize."""
+        cent = self.centroid_table()
+        thr = torch.full(cent.shape, float("inf"), dtype=torch.float32)
+        start = 0
+        for book, (b, n) in zip(self.codebooks, self.segments):
+            thr[start:start + n, : (1 << b) - 1] = book.thresholds_tensor()
+            start += n
+        return cent, thr
+
+    def native_params(self) -> list[int]:
+        """[b0, n0, b1, seg1, meta, w, rotate, scale_mode]: the layout constants every kernel needs."""
+        (b0, n0), (b1, _) = self.segments[0], self.segments[-1]
+        return [b0, n0, b1, self.segment_nbytes[0], self.code_nbytes, 1 << max(b0, b1),
+                int(self.rotation.kind != "identity"), SCALE_MODES.index(self.scale_mode)]
+
+    def triton_hooks(self):
+        # The store hook packs codes eight at a time (eight b-bit codes are exactly b bytes), so every
+        # segment must hold a multiple of 8 coordinates: head_dim % 16 == 0 covers every vLLM head size.
+        if any(n % 8 for _, n in self.segments):
+            raise NotImplementedError(f"{self.name}: code segments of {[n for _, n in self.segments]} coordinates "
+                                      f"are not multiples of 8")
+        b0, n0, b1, seg1, meta, w, _, smode = self.native_params()
+        return TritonHooks(_tq_prep, _tq_decode, _tq_encode, (b0, n0, b1, seg1, meta, w, smode))
+
     def encode(self, x):
         self._check_input(x)
         x = x.float()
@@ -123,6 +153,18 @@ class TurboQuantCodec(VectorCodec):
             off += nb
         return torch.cat(out, dim=1)
 
+    def boundary_distance(self, x, codes):
+        x = x.double()
+        y = x @ self.rotation.matrix(dtype=torch.float64).T / x.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        thr = torch.full((self.head_dim, (1 << max(b for b, _ in self.segments)) - 1), float("nan"),
+                         dtype=torch.float64)
+        start = 0
+        for book, (b, n) in zip(self.codebooks, self.segments):
+            thr[start:start + n, : (1 << b) - 1] = torch.tensor(book.thresholds, dtype=torch.float64)
+            start += n
+        dist = (y[:, :, None] - thr[None]).abs().nan_to_num(float("inf")).amin(-1)
+        return self.unpack_codes(codes), dist
+
     def decode_rotated(self, codes):
         self._check_codes(codes)
         idx = self.unpack_codes(codes)
@@ -134,3 +176,73 @@ class TurboQuantCodec(VectorCodec):
         c = torch.cat(c_parts, dim=1)
         scale = bytes_to_fp16(codes[:, self.code_nbytes:self.code_nbytes + 2])
         return c * scale.unsqueeze(-1)
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from vllm_kvq.codecs import _triton as _t
+except ModuleNotFoundError:  # the reference needs no Triton
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _tq_prep(tab0, tab1, D, DP: tl.constexpr, P: tl.constexpr):
+        """(W, DP) centroids: row c holds code c's centroid at every coordinate, loaded once per program so
+        the per-element lookup is a register gather. Wider tables stay in memory (placeholder returned)."""
+        W: tl.constexpr = P[5]
+        if W > 16:
+            table = tl.zeros((1, DP), tl.float32)
+        else:
+            c = tl.arange(0, W)[:, None]
+            d = tl.arange(0, DP)[None, :]
+            table = tl.load(tab0 + d * W + c, mask=d < D, other=0.0)
+        return table
+
+    @triton.jit
+    def _tq_decode(rows, sC, nmask, D, ctx, tab0, tab1, DP: tl.constexpr, BN: tl.constexpr, P: tl.constexpr):
+        B0: tl.constexpr = P[0]
+        N0: tl.constexpr = P[1]
+        B1: tl.constexpr = P[2]
+        SEG1: tl.constexpr = P[3]
+        META: tl.constexpr = P[4]
+        W: tl.constexpr = P[5]
+        code = _t.load_codes_grouped(rows, sC, nmask, D, DP, BN, B0, N0, B1, SEG1)
+        if W <= 16:
+            vals = tl.gather(ctx, code, 0)
+        else:  # 5- to 8-bit codebooks are too wide for registers: gather from the (L1-resident) table
+            dd = tl.arange(0, DP)[None, :]
+            vals = tl.load(tab0 + dd * W + code, mask=nmask[:, None] & (dd < D), other=0.0)
+        scale = _t.load_f16(rows + META * sC, sC, nmask)
+        return vals, scale
+
+    @triton.jit
+    def _tq_encode(x, y, rows, nmask, sC, D, tab0, tab1, DP: tl.constexpr, BN: tl.constexpr, P: tl.constexpr):
+        B0: tl.constexpr = P[0]
+        N0: tl.constexpr = P[1]
+        B1: tl.constexpr = P[2]
+        SEG1: tl.constexpr = P[3]
+        META: tl.constexpr = P[4]
+        W: tl.constexpr = P[5]
+        SMODE: tl.constexpr = P[6]
+        d = tl.arange(0, DP)
+        dm = d < D
+        # Correctly rounded sqrt/div (GPUs default to approximate ones) keep codes on torch's side of a threshold.
+        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+        y = tl.math.div_rn(y, tl.maximum(norm, 1e-30)[:, None])
+        code = tl.zeros((BN, DP), tl.int32)
+        for j in tl.static_range(W - 1):
+            t = tl.load(tab1 + d * W + j, mask=dm, other=float("inf"))
+            code += (y > t[None, :]).to(tl.int32)
+        c = tl.load(tab0 + d[None, :] * W + code, mask=dm[None, :], other=0.0)
+        if SMODE == 0:
+            scale = norm
+        else:
+            c2 = tl.maximum(tl.sum(c * c, axis=1), 1e-30)
+            if SMODE == 1:
+                scale = tl.math.div_rn(norm, tl.sqrt_rn(c2))
+            else:
+                scale = tl.math.div_rn(norm * tl.sum(y * c, axis=1), c2)
+        _t.store_u16(rows + META * sC, sC, _t.f16_bits(scale), nmask)
+        _t.pack_store(code, rows, nmask, sC, D, DP, BN, B0, N0, B1, SEG1)

@@ -11,6 +11,7 @@
         key: bf16                 # optional; value likewise
     calibration: smollm2.safetensors   # optional, from `vllm-kvq calibrate`; relative to this file
     smooth_keys: true             # with calibration: also apply its per-channel key scales
+    sink_tokens: 1                # optional: every block keeps its first tokens at bf16 (attention sinks)
 
 Unknown keys, wrong types and unknown codecs are errors that name the key path, the value and what is
 allowed (``ConfigError``).
@@ -138,6 +139,7 @@ class KVQConfig(BaseModel):
     overrides: list[Override] = []
     calibration: StrictStr | None = None
     smooth_keys: StrictBool = True
+    sink_tokens: StrictInt = Field(0, ge=0, le=16)
 
     _codec = field_validator("key", "value", mode="before")(lambda cls, v: parse_codec(v))
 

@@ -1,10 +1,10 @@
 """Python side of the CUDA extension (csrc/cuda, built as ``vllm_kvq._C`` by setup.py when CUDA torch and
 nvcc are present): ``store`` and ``paged_attention`` with the reference signatures.
 
-The extension covers the hot paths for TurboQuant formats (every head group TurboQuant for K and V, head
-size 64 or 128, up to 8 query heads per KV head): quantize-on-write and decode steps. Anything else in a
-call (prefill chunks, other codecs or shapes) goes to the Triton kernels, so ``impl="cuda"`` is always
-complete where it is offered.
+The extension covers the hot paths for TurboQuant formats (every head group TurboQuant for K and V without
+bound state, head size 64 or 128, up to 8 query heads per KV head): quantize-on-write and decode steps.
+``why_not`` says so for anything else (prefill chunks, other codecs, calibrated formats), and ops dispatch
+moves on to the next implementation: this module never falls back by itself and imports no Triton.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import logging
 import torch
 
 from vllm_kvq.codecs.turboquant import TurboQuantCodec
-from vllm_kvq.kernels.triton.codec_spec import heads_tensor, spec_of, tables
+from vllm_kvq.kernels import heads_tensor
+from vllm_kvq.kernels import num_splits as _num_splits
 from vllm_kvq.kv_format import KVFormat
 
 logger = logging.getLogger(__name__)
@@ -49,23 +50,27 @@ def _register_fakes() -> None:
 
 
 def _spec_args(codec, device):
-
-    s = spec_of(codec)
-    rt, cent, thr = tables(codec, device)
-    return [s.b0, s.n0, s.b1, s.seg1, s.meta, s.w, int(s.rot), s.smode], rt, cent, thr
+    rt, cent, thr = codec.tables(device)
+    return codec.native_params(), rt, cent, thr
 
 
-def supports(fmt: KVFormat, group: int | None = None) -> bool:
-    """Whether every head group of ``fmt`` is a TurboQuant K/V pair the extension compiles for."""
-    if fmt.head_size not in (64, 128) or (group is not None and not 1 <= group <= 8):
-        return False
-    return all(isinstance(g.key, TurboQuantCodec) and isinstance(g.value, TurboQuantCodec) for g in fmt.groups)
-
-
-def _triton():
-    from vllm_kvq.kernels import triton as kt
-
-    return kt
+def why_not(fmt: KVFormat, op: str = "paged_attention", decode: bool = True, group: int = 1) -> str | None:
+    """None when the extension runs ``op`` for ``fmt`` (``group`` query heads per KV head), else why not."""
+    if op == "paged_attention" and not decode:
+        return "the CUDA kernels run decode steps only (prefill chunks are not implemented)"
+    if op == "paged_attention" and not 1 <= group <= 8:
+        return f"GQA groups of 1..8 query heads are compiled, got {group}"
+    if fmt.head_size not in (64, 128):
+        return f"head size {fmt.head_size} is not compiled (64, 128)"
+    if fmt.sink_tokens:
+        return "sink records are not implemented in the CUDA kernels"
+    for g in fmt.groups:
+        for c in (g.key, g.value):
+            if not isinstance(c, TurboQuantCodec):
+                return f"codec {c.name} has no CUDA kernel (TurboQuant only)"
+            if c.state_names:
+                return f"codec {c.name} is bound to per-head state ({', '.join(c.state_names)})"
+    return None
 
 
 def store(key: torch.Tensor,  # (N, Hk, D)
@@ -73,8 +78,9 @@ def store(key: torch.Tensor,  # (N, Hk, D)
           cache: torch.Tensor,  # (B, Hk, T, C) uint8, any strides
           slot_mapping: torch.Tensor,  # (N,) int; -1 = padding
           fmt: KVFormat) -> None:
-    if not supports(fmt) or key.dtype != value.dtype:
-        return _triton().store(key, value, cache, slot_mapping, fmt)
+    why = why_not(fmt, "store") or (None if key.dtype == value.dtype else "K and V dtypes differ")
+    if why:
+        raise ValueError(f"the CUDA store does not take format {fmt.name!r}: {why}")
     if key.shape[0] == 0:
         return
     key = key if key.stride(-1) == 1 else key.contiguous()
@@ -93,23 +99,24 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     block_table: torch.Tensor,  # (S, max_blocks) int
                     seq_lens: torch.Tensor,  # (S,)
                     query_start_loc: torch.Tensor,  # (S + 1,)
-                    fmt: KVFormat, *, scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """Decode steps (N == S) of supported formats run the CUDA kernel; everything else runs Triton."""
+                    fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """Decode steps (N == S) of supported formats (see ``why_not``); ``num_splits`` fixes split-K (tests)."""
     n, hq, d = query.shape
     s = seq_lens.shape[0]
     group = hq // fmt.num_kv_heads
-    if n != s or not supports(fmt, group):
-        return _triton().paged_attention(query, cache, block_table, seq_lens, query_start_loc, fmt, scale=scale,
-                                         num_splits=num_splits)
+    why = why_not(fmt, "paged_attention", n == s, group)
+    if why:
+        raise ValueError(f"the CUDA decode does not take this call for format {fmt.name!r}: {why}")
     out = torch.zeros_like(query) if query.stride(-1) == 1 else torch.zeros(query.shape, dtype=query.dtype,
                                                                            device=query.device)
     if n == 0:
         return out
     query = query if query.stride(-1) == 1 else query.contiguous()
-    from vllm_kvq.kernels.triton.attention import _num_splits
-
     t = cache.shape[2]
     max_ctx = block_table.shape[1] * t
+    if max_seq_len is not None:
+        max_ctx = max(1, min(max_ctx, int(max_seq_len)))
     splits = num_splits if num_splits is not None else _num_splits(query.device, s * fmt.num_kv_heads, max_ctx, 64)
     split_tokens = -(-max_ctx // splits)
     if splits > 1:

@@ -3,18 +3,20 @@
     ops.store(key, value, cache, slot_mapping, fmt, impl=None)
     out = ops.paged_attention(query, cache, block_table, seq_lens, query_start_loc, fmt, scale=..., impl=None)
 
-``impl`` picks "reference", "triton", "cuda" or "cpu"; None picks the fastest available for the tensors'
-device (logged once). Shapes and dtypes are checked here, in the launcher, so kernels need not.
+One implementation table: each entry says on which devices it runs and, through ``why_not``, why it cannot
+take a format (or a call's shape). ``impl=None`` takes the first entry for the tensors' device that
+accepts the call (the choice, and why faster ones declined, are logged once); naming an impl that declines
+is an error that says why. Shapes and dtypes are checked here, in the launcher, so kernels need not.
 
-Calibrated formats (``fmt.calibrated``: shifted/scaled K and V, see ``vllm_kvq.calibration``) run only on
-implementations whose op says so with a true ``supports_calibration`` attribute (the reference does). With
-``impl=None`` a calibrated format falls back to the reference (logged once); naming another impl is an error.
+    ops.plan(fmt, device)    # -> {impl: None or why not}, in the order ``impl=None`` tries them
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -23,60 +25,78 @@ from vllm_kvq.ops import reference
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("reference", "triton", "cuda", "cpu")
-_announced: set[tuple[str, str]] = set()
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    store: Callable
+    paged_attention: Callable
+    # (fmt, op "store" / "paged_attention", decode: every sequence has one new token, group: query heads per
+    # KV head) -> None or why not
+    why_not: Callable[[KVFormat, str, bool, int], str | None]
+
+
+# Fastest first, per device type. Triton runs on CPU only when asked for (the interpreter is for tests).
+ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
+_announced: set = set()
 
 
 @functools.cache
-def _impl_table(op: str) -> dict:
-    """op -> {impl name: function}; built once per process (the ops sit on vLLM's per-layer hot path)."""
-    table = {"reference": getattr(reference, op)}
+def _table() -> dict[str, Impl]:
+    """Every implementation importable in this process; built once (the ops sit on vLLM's hot path).
+
+    Only a missing module (Triton not installed, extension not built) drops an entry; any other import
+    error is a bug and propagates."""
+    table = {"reference": Impl("reference", reference.store, reference.paged_attention, lambda *a: None)}
     try:
-        from vllm_kvq.kernels import triton as _triton  # noqa: F401
-        table["triton"] = getattr(_triton, op)
-    except (ImportError, AttributeError):
+        from vllm_kvq.kernels import triton as _triton
+    except ModuleNotFoundError:
         pass
-    try:
-        from vllm_kvq.kernels import cuda as _cuda
-        if _cuda.available():
-            table["cuda"] = getattr(_cuda, op)
-    except (ImportError, AttributeError):
-        pass
+    else:
+        table["triton"] = Impl("triton", _triton.store, _triton.paged_attention, _triton.why_not)
+    from vllm_kvq.kernels import cuda as _cuda
+    if _cuda.available():
+        table["cuda"] = Impl("cuda", _cuda.store, _cuda.paged_attention, _cuda.why_not)
     return table
 
 
-def available(op: str, device: torch.device) -> list[str]:
-    """Implementations of ``op`` usable on ``device``, fastest first."""
-    table = _impl_table(op)
-    order = ["cuda", "triton", "reference"] if device.type == "cuda" else ["cpu", "reference"]
-    return [i for i in order if i in table]
+IMPLS = ("reference", "triton", "cuda")
 
 
-def _supports(fn, fmt: KVFormat) -> bool:
-    return not fmt.calibrated or bool(getattr(fn, "supports_calibration", False))
+def plan(fmt: KVFormat, device: torch.device | str, op: str = "paged_attention", decode: bool = True,
+         group: int = 1) -> dict[str, str | None]:
+    """{impl: None if it takes ``fmt`` for this op, else why not} for ``device``, in dispatch order;
+    implementations not available here say so."""
+    device = torch.device(device)
+    table = _table()
+    out = {}
+    for name in ORDER.get(device.type, ("reference",)):
+        out[name] = table[name].why_not(fmt, op, decode, group) if name in table else "not available in this process"
+    return out
 
 
-def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat):
-    table = _impl_table(op)
+def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat, decode: bool,
+          group: int = 1) -> Callable:
+    table = _table()
     if impl is None:
-        impl = available(op, device)[0]
-        if not _supports(table[impl], fmt):
-            fast, impl = impl, "reference"
-            if (op, fast, "calibrated") not in _announced:
-                _announced.add((op, fast, "calibrated"))
-                logger.info("vllm_kvq: %s: the %s implementation does not support calibrated formats; "
-                            "running the reference", op, fast)
-        if (op, impl) not in _announced:
-            _announced.add((op, impl))
-            logger.info("vllm_kvq: %s runs the %s implementation on %s", op, impl, device.type)
-    elif impl not in IMPLS:
+        reasons = plan(fmt, device, op, decode, group)
+        name = next(n for n, why in reasons.items() if why is None)
+        key = (op, name, fmt.name)
+        if key not in _announced:
+            _announced.add(key)
+            skipped = "; ".join(f"{n}: {why}" for n, why in reasons.items() if n != name and why is not None
+                                and list(reasons).index(n) < list(reasons).index(name))
+            logger.info("vllm_kvq: %s of %s runs the %s implementation on %s%s", op, fmt.name, name, device.type,
+                        f" ({skipped})" if skipped else "")
+        return getattr(table[name], op)
+    if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; allowed: {', '.join(IMPLS)}")
-    elif impl not in table:
+    if impl not in table:
         raise RuntimeError(f"impl {impl!r} is not available here; available: {', '.join(table)}")
-    elif not _supports(table[impl], fmt):
-        raise ValueError(f"impl {impl!r} does not support calibrated formats ({fmt.name!r}); use impl=None or "
-                         f"'reference'")
-    return table[impl]
+    why = table[impl].why_not(fmt, op, decode, group)
+    if why is not None:
+        raise ValueError(f"impl {impl!r} cannot run {op} for format {fmt.name!r}: {why}")
+    return getattr(table[impl], op)
 
 
 def _check_kv(name, t, n, fmt):
@@ -95,13 +115,16 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
     _check_kv("value", value, n, fmt)
     if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping: expected 1-D int32/int64, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
-    _pick("store", impl, cache.device, fmt)(key, value, cache, slot_mapping, fmt)
+    _pick("store", impl, cache.device, fmt, False)(key, value, cache, slot_mapping, fmt)
 
 
 def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, fmt: KVFormat, *, scale: float,
+                    query_start_loc: torch.Tensor, fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
                     impl: str | None = None) -> torch.Tensor:
-    """Causal paged attention over the packed cache for a batch mixing prefills and decodes -> (N, Hq, D)."""
+    """Causal paged attention over the packed cache for a batch mixing prefills and decodes -> (N, Hq, D).
+
+    ``max_seq_len``: an upper bound of ``seq_lens`` known on the host (vLLM's metadata has it); the GPU
+    kernels size split-K from it instead of from the block table's width."""
     fmt.check_cache(cache)
     if query.dim() != 3 or query.shape[2] != fmt.head_size or query.shape[1] % fmt.num_kv_heads:
         raise ValueError(f"query: expected (N, Hq, {fmt.head_size}) with Hq a multiple of {fmt.num_kv_heads}, "
@@ -110,8 +133,9 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     if query_start_loc.shape != (s + 1,) or block_table.dim() != 2 or block_table.shape[0] < s:
         raise ValueError(f"expected query_start_loc ({s + 1},) and block_table ({s}, max_blocks); got "
                          f"{tuple(query_start_loc.shape)} and {tuple(block_table.shape)}")
-    return _pick("paged_attention", impl, query.device, fmt)(query, cache, block_table[:s], seq_lens, query_start_loc,
-                                                        fmt, scale=scale)
+    # N == S: one new token per sequence in any batch vLLM builds, i.e. a decode step (known from shapes).
+    fn = _pick("paged_attention", impl, query.device, fmt, query.shape[0] == s, query.shape[1] // fmt.num_kv_heads)
+    return fn(query, cache, block_table[:s], seq_lens, query_start_loc, fmt, scale=scale, max_seq_len=max_seq_len)
 
 
-__all__ = ["store", "paged_attention", "available", "IMPLS", "reference"]
+__all__ = ["store", "paged_attention", "plan", "IMPLS", "ORDER", "reference"]

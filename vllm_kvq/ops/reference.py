@@ -8,9 +8,10 @@ Attention works in each codec's rotated domain: the query is rotated once per he
 from the rotated-domain codes, values are summed there and the output is rotated back once. The context
 is read in chunks of blocks with an online softmax, so no dense copy of a whole context is ever built.
 
-A calibrated format stores ``(k - k_shift) / k_scale`` and ``v - v_shift``; attention multiplies the query
-by ``k_scale`` before rotating it, never adds ``k_shift`` back (it moves all of a query's scores equally)
-and adds ``v_shift`` to each output row (attention weights sum to one).
+Codecs bound to per-head state (``VectorCodec.bind``) store ``(x - shift) / scale``; attention multiplies
+the query by the key codec's ``scale`` before rotating it, never adds a key shift back (it moves all of a
+query's scores equally) and adds the value codec's ``shift`` to each output row (weights sum to one): the
+codec's ``store_transform`` / ``query_transform`` / ``output_transform`` hooks, per head.
 """
 
 from __future__ import annotations
@@ -43,19 +44,59 @@ def store(key: torch.Tensor,  # (N, Hk, D)
         heads = torch.tensor(g.heads, device=cache.device)
         gh = len(g.heads)
         k, v = key[:, heads], value[:, heads]  # (N, gh, D)
-        if fmt.k_shift is not None:
-            k = k.float() - fmt.k_shift.to(k.device)[heads]
-        if fmt.k_scale is not None:
-            k = k.float() / fmt.k_scale.to(k.device)[heads]
-        if fmt.v_shift is not None:
-            v = v.float() - fmt.v_shift.to(v.device)[heads]
+        k = _per_head(k, g.keys, "store_transform")
+        v = _per_head(v, g.values, "store_transform")
         k_codes = g.key.encode(k.reshape(n * gh, -1)).reshape(n, gh, -1)
         v_codes = g.value.encode(v.reshape(n * gh, -1)).reshape(n, gh, -1)
         slot = torch.zeros(n, gh, fmt.slot_bytes, dtype=torch.uint8, device=cache.device)
         kb = g.key.nbytes
         slot[..., :kb] = k_codes
         slot[..., kb:kb + g.value.nbytes] = v_codes
+        if fmt.sink_tokens:  # the sink area belongs to the block: keep the bytes other tokens wrote there
+            area = slice(fmt.sink_offset, fmt.sink_offset + fmt.sink_bytes)
+            slot[..., area] = cache[blk[:, None], heads[None, :], off[:, None], area]
         cache[blk[:, None], heads[None, :], off[:, None]] = slot
+        if fmt.sink_tokens:
+            _store_sinks(cache, blk, off, heads, g, k, v, fmt)
+
+
+def _sink_bytes_index(fmt: KVFormat, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot (S, R), byte (S, R)) within a block of each byte of each sink record (see ``kv_format``)."""
+    o = torch.arange(fmt.sink_tokens * fmt.sink_record_bytes, device=device).reshape(fmt.sink_tokens, -1)
+    return o // fmt.sink_bytes, fmt.sink_offset + o % fmt.sink_bytes
+
+
+def _store_sinks(cache, blk, off, heads, g, k, v, fmt: KVFormat) -> None:
+    """Records of the tokens at block offsets < sink_tokens: bf16 of the rotated, state-transformed K and V."""
+    sel = off < fmt.sink_tokens
+    if not bool(sel.any()):
+        return
+    blk, off, k, v = blk[sel], off[sel], k[sel], v[sel]
+    m, gh, d = k.shape
+    rk = g.key.rotate(k.reshape(m * gh, d)).to(torch.bfloat16).reshape(m, gh, d)
+    rv = g.value.rotate(v.reshape(m * gh, d)).to(torch.bfloat16).reshape(m, gh, d)
+    rec = torch.cat((rk, rv), -1).contiguous().view(torch.uint8)  # (m, gh, 4D)
+    slot_i, byte_i = _sink_bytes_index(fmt, cache.device)
+    cache[blk[:, None, None], heads[None, :, None], slot_i[off][:, None], byte_i[off][:, None]] = rec
+
+
+def _load_sinks(slots: torch.Tensor,  # (S, gh, nb * T, C) whole blocks
+                fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) sink records of every block, each (S, gh, nb, sink_tokens, D) float32 (rotated domain)."""
+    s, gh, L, c = slots.shape
+    t = fmt.block_size
+    area = slots.reshape(s, gh, L // t, t, c)[..., fmt.sink_offset:fmt.sink_offset + fmt.sink_bytes]
+    rec = area.reshape(s, gh, L // t, -1)[..., : fmt.sink_tokens * fmt.sink_record_bytes]
+    rec = rec.contiguous().view(torch.bfloat16).float().reshape(s, gh, L // t, fmt.sink_tokens, 2, fmt.head_size)
+    return rec[..., 0, :], rec[..., 1, :]
+
+
+def _per_head(x: torch.Tensor,  # (..., gh, D)
+              cs: tuple, hook: str) -> torch.Tensor:
+    """Apply each head's codec hook to its slice; one call when no codec of the group carries state."""
+    if not cs[0].state_names:
+        return getattr(cs[0], hook)(x)
+    return torch.stack([getattr(c, hook)(x[..., i, :]) for i, c in enumerate(cs)], dim=-2)
 
 
 def _gather_slots(cache, block_table, start_block, n_blocks, heads):
@@ -82,8 +123,7 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
         heads = torch.tensor(g.heads, device=q.device)
         gh = len(g.heads)
         qh = q.reshape(s, lq, hk, group, d)[:, :, heads]  # (S, Lq, gh, G, D)
-        if fmt.k_scale is not None:
-            qh = qh * fmt.k_scale.to(q.device)[heads][:, None]
+        qh = _per_head(qh.transpose(-2, -3), g.keys, "query_transform").transpose(-2, -3)
         q_rot = g.key.rotate(qh.reshape(-1, d)).reshape(s, lq, gh, group, d) * scale
         m = torch.full((s, lq, gh, group), -math.inf, device=q.device)
         l = torch.zeros(s, lq, gh, group, device=q.device)
@@ -96,6 +136,10 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
             flat = slots.reshape(-1, slots.shape[-1])
             k = g.key.decode_rotated(flat[:, :kb].contiguous()).reshape(s, gh, L, d)
             v = g.value.decode_rotated(flat[:, kb:kb + vb].contiguous()).reshape(s, gh, L, d)
+            if fmt.sink_tokens:  # each block's first tokens from its bf16 records
+                ks, vs = _load_sinks(slots, fmt)
+                k.view(s, gh, nb, t, d)[:, :, :, :fmt.sink_tokens] = ks
+                v.view(s, gh, nb, t, d)[:, :, :, :fmt.sink_tokens] = vs
             pos = torch.arange(b0 * t, b0 * t + L, device=q.device)
             scores = torch.einsum("sqhgd,shld->sqhgl", q_rot, k)
             ok = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < kv_len[:, None, None])
@@ -109,8 +153,7 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
             m = m_new
         o_rot = acc / l.clamp(min=1e-30)[..., None]
         o = g.value.unrotate(o_rot.reshape(-1, d)).reshape(s, lq, gh, group, d)
-        if fmt.v_shift is not None:
-            o = o + fmt.v_shift.to(q.device)[heads][:, None]
+        o = _per_head(o.transpose(-2, -3), g.values, "output_transform").transpose(-2, -3)
         out.view(s, lq, hk, group, d)[:, :, heads] = o
     return out
 
@@ -120,8 +163,9 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     block_table: torch.Tensor,  # (S, max_blocks) int
                     seq_lens: torch.Tensor,  # (S,) context length including this step's tokens
                     query_start_loc: torch.Tensor,  # (S + 1,) int, cumulative query lengths
-                    fmt: KVFormat, *, scale: float) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its whole (packed) context -> (N, Hq, D)."""
+                    fmt: KVFormat, *, scale: float, max_seq_len: int | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole (packed) context -> (N, Hq, D).
+    ``max_seq_len`` is a hint for the kernels' work split; the reference reads ``seq_lens``."""
     n, hq, d = query.shape
     out = torch.zeros(n, hq, d, dtype=query.dtype, device=query.device)
     if n == 0 or seq_lens.numel() == 0:
@@ -146,6 +190,3 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         out[qsl[i]:qsl[i + 1]] = o[0].to(query.dtype)
     return out
 
-
-store.supports_calibration = True
-paged_attention.supports_calibration = True

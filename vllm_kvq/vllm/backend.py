@@ -1,9 +1,11 @@
 """The vLLM attention backend for vllm_kvq dtypes: quantize on write, attend the packed cache.
 
-One backend class per dtype (``KVQBackend_turboquant3``, ...; made on first use by the module
-``__getattr__``), so ``customize_spec`` knows the slot size from the class alone. Every layer of a model
-gets one slot size (vLLM wants one page size per KV-cache group): layers whose codecs need fewer bytes
-are padded to the largest.
+One backend class per (dtype, config): ``backend_for`` makes ``KVQBackend_turboquant3``, or for ``kvq``
+``KVQBackend_kvq_<digest of the YAML>``, and binds the config to the class. Everything a class computes
+comes from that config and from the call's own arguments: ``customize_spec`` sizes the slot from the config
+and the spec's head size (see ``formats.slot_bytes``), and each impl resolves its formats against the vLLM
+config current when vLLM builds the layer (so a standalone draft model resolves against itself). No
+process-wide "last model seen".
 
 Prefill reads the cache it has just written (``forward_includes_kv_cache_update = False``: vLLM calls
 ``do_kv_cache_update`` first), so a prefix-cache hit, a chunked prefill and a cold run see the same
@@ -12,6 +14,7 @@ quantized K/V, and prompt-logprob perplexity measures the codec.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass, replace
@@ -32,62 +35,42 @@ from vllm.v1.attention.backend import (
 
 from vllm_kvq import config as _config
 from vllm_kvq import ops
-from vllm_kvq.kv_format import KVFormat, formats_from_config
-from vllm_kvq.vllm.dtypes import ADDITIONAL_CONFIG_KEY, CONFIG_DTYPE, KVQ_DTYPES, config_for_dtype
+from vllm_kvq.kv_format import KVFormat
+from vllm_kvq.vllm.dtypes import CONFIG_DTYPE, SUPPORTED_HEAD_SIZES, config_for_dtype, is_kvq_dtype
+from vllm_kvq.vllm.formats import ModelShape, ServedFormats, slot_bytes
 
 # A child of vLLM's "vllm" logger, so our lines appear in its log with its format and level.
 logger = logging.getLogger("vllm.kvq")
 
 _CLASS_PREFIX = "KVQBackend_"
+# FlashAttention's kernel block granularity: skip layers served by it and our layers then agree on block
+# sizes when vLLM aligns pages (platforms/interface.py, _align_heterogeneous_kv_block_size).
+KERNEL_BLOCK_MULTIPLE = 16
 
 
-def _class_name(dtype: str) -> str:
-    return _CLASS_PREFIX + dtype.replace(".", "_")
+def _digest(cfg: _config.KVQConfig) -> str:
+    return hashlib.sha1(repr(cfg).encode()).hexdigest()[:12]
 
 
-def backend_path(dtype: str) -> str:
-    return f"{__name__}.{_class_name(dtype)}"
+def class_name(dtype: str, cfg: _config.KVQConfig | None = None) -> str:
+    base = _CLASS_PREFIX + re.sub(r"\W", "_", dtype)
+    return f"{base}_{_digest(cfg)}" if dtype == CONFIG_DTYPE else base
 
 
-@dataclass(frozen=True)
-class _ModelShape:
-    num_layers: int
-    additional_config: dict
+def model_shape(vllm_config, head_size: int) -> ModelShape:
+    """The whole model's shape and this process's TP rank, from a vLLM config."""
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    tp = pc.tensor_parallel_size
+    rank = 0
+    if tp > 1:
+        from vllm.distributed import parallel_state
 
-
-def _current_shape() -> _ModelShape | None:
-    from vllm.config import get_current_vllm_config_or_none
-
-    vc = get_current_vllm_config_or_none()
-    if vc is None or vc.model_config is None:
-        return None
-    n = vc.model_config.get_num_layers(vc.parallel_config)
-    return _ModelShape(n, dict(vc.additional_config or {}))
-
-
-# Per-layer formats, padded to one slot size, keyed by everything they depend on. An engine resolves them
-# at model construction (vLLM config current); vLLM may ask ``customize_spec`` later outside that context,
-# which then reuses the shape seen last in this process.
-_FORMATS: dict[tuple, list[KVFormat]] = {}
-_LAST_SHAPE: _ModelShape | None = None
-
-
-def layer_formats(dtype: str, head_size: int, num_kv_heads: int) -> list[KVFormat]:
-    global _LAST_SHAPE
-    shape = _current_shape() or _LAST_SHAPE
-    if shape is None:
-        raise RuntimeError("vllm_kvq: the vLLM config is not available to resolve the KV format")
-    _LAST_SHAPE = shape
-    cfg_ref = shape.additional_config.get(ADDITIONAL_CONFIG_KEY) if dtype == CONFIG_DTYPE else None
-    key = (dtype, head_size, num_kv_heads, shape.num_layers, repr(cfg_ref))
-    if key not in _FORMATS:
-        cfg = config_for_dtype(dtype, shape.additional_config)
-        fmts = formats_from_config(cfg, num_layers=shape.num_layers, num_kv_heads=num_kv_heads,
-                                   head_size=head_size, uniform_slot=True)
-        _FORMATS[key] = fmts
-        logger.info("vllm_kvq: %s -> %d layers, slot %d B per token per KV head (K+V), %.2fx vs bf16",
-                    dtype, len(fmts), fmts[0].slot_bytes, fmts[0].compression())
-    return _FORMATS[key]
+        if not parallel_state.model_parallel_is_initialized():
+            raise RuntimeError("vllm_kvq: tensor parallelism is configured but not initialized; cannot tell "
+                               "which KV heads this rank holds")
+        rank = parallel_state.get_tensor_model_parallel_rank()
+    return ModelShape(num_layers=mc.get_total_num_hidden_layers(), num_kv_heads=mc.get_total_num_kv_heads(),
+                      head_size=head_size, tp_rank=rank, tp_size=tp)
 
 
 @dataclass
@@ -102,19 +85,35 @@ class KVQMetadata(AttentionMetadata):
 
 
 class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # A decode step (one token per sequence) launches shape-only grids: the split count comes from the
+    # block table's width, which vLLM fixes per captured batch size; seq_lens are read on the device; the
+    # codec tables and head lists are cached device tensors made by the eager warm-up runs vLLM does before
+    # capture; nothing here reads a device value on the host. Mixed prefill batches pick their tile shape
+    # from host shapes too, but are left to vLLM's piecewise (eager attention) path.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVQMetadata:
+        # Views of vLLM's persistent buffers only: no copies, no host reads of device tensors.
         cam = common_attn_metadata
         s = cam.num_reqs
         return KVQMetadata(seq_lens=cam.seq_lens[:s], query_start_loc=cam.query_start_loc[:s + 1],
                            block_table=cam.block_table_tensor[:s], slot_mapping=cam.slot_mapping,
                            num_actual_tokens=cam.num_actual_tokens, max_query_len=cam.max_query_len,
                            max_seq_len=cam.max_seq_len)
+
+
+def replay_safe_max_seq_len(query: torch.Tensor, attn_metadata: KVQMetadata) -> int | None:
+    """The host bound on context lengths that split-K may be sized from. A CUDA graph keeps the host values
+    it was captured with and replays on later, longer contexts: the Triton kernels split each sequence's
+    own context and stay exact with a stale bound, but the CUDA extension sizes splits on the host, so while
+    capturing the bound is dropped (None: the block table's width, fixed per captured batch size)."""
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return attn_metadata.max_seq_len
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -128,25 +127,35 @@ def _layer_index(layer_name: str) -> int:
 
 
 class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
+    # Bound per backend class by ``backend_for``.
+    kvq_config: ClassVar[_config.KVQConfig | None] = None
+    # Formats per model shape, for this class's config only (every layer of a model asks for the same).
+    _served: ClassVar[dict[ModelShape, ServedFormats]] = {}
+
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
                  kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
                  attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
                  **kwargs) -> None:
+        if logits_soft_cap:
+            # Every layer of such a model (Gemma 2) soft-caps, so skipping layers cannot help.
+            raise ValueError(f"vllm_kvq: --kv-cache-dtype {kv_cache_dtype} does not support models with logit "
+                             "soft-capping (Gemma 2); serve this model with another --kv-cache-dtype")
         unsupported = []
         if alibi_slopes is not None:
             unsupported.append("ALiBi")
         if sliding_window is not None:
             unsupported.append("sliding window")
-        if logits_soft_cap:
-            unsupported.append("logit soft-capping")
         if kwargs.get("sinks") is not None:
             unsupported.append("attention sinks")
         if kv_sharing_target_layer_name is not None:
             unsupported.append("cross-layer KV sharing")
         if unsupported:
             raise ValueError(f"vllm_kvq: --kv-cache-dtype {kv_cache_dtype} does not support {', '.join(unsupported)}; "
-                             "keep these layers in the default cache with --kv-cache-dtype-skip-layers")
+                             "keep these layers in the default cache with --kv-cache-dtype-skip-layers "
+                             "(layer indices, or sliding_window)")
+        if self.kvq_config is None:
+            raise RuntimeError("vllm_kvq: KVQAttentionImpl used without a config; get it from backend_for()")
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -154,16 +163,54 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        # Resolve now, while the vLLM config is current, so a bad YAML fails at start-up.
-        self._formats = layer_formats(kv_cache_dtype, head_size, self.num_kv_heads)
+        from vllm.config import get_current_vllm_config_or_none
+
+        vc = get_current_vllm_config_or_none()
+        if vc is None or vc.model_config is None:
+            raise RuntimeError("vllm_kvq: the vLLM config is not current while building an attention layer")
+        # Resolve now, while the vLLM config is current, so a bad YAML fails at start-up. Sink areas depend on
+        # the block size: the cache's own (kv_cache.shape[2]) decides at first use (``_format``).
+        self._shape = model_shape(vc, head_size)
+        self._formats = self.served(self._shape, getattr(vc.cache_config, "block_size", None) or 16)
+        self._refuse_reference_on_gpu(vc)
+        got = self._formats.layers[0].num_kv_heads
+        if got != self.num_kv_heads:
+            raise ValueError(f"vllm_kvq: this rank holds {self.num_kv_heads} KV heads but the model's "
+                             f"{self._formats.shape.num_kv_heads} KV heads over {self._formats.shape.tp_size} "
+                             f"TP ranks give {got}")
         self._fmt: KVFormat | None = None
 
-    def _format(self, layer) -> KVFormat:
-        if self._fmt is None:
-            idx = _layer_index(layer.layer_name)
-            if not 0 <= idx < len(self._formats):
-                raise ValueError(f"vllm_kvq: layer {layer.layer_name!r} has index {idx}, model has {len(self._formats)}")
-            self._fmt = self._formats[idx]
+    @classmethod
+    def served(cls, shape: ModelShape, block_size: int | None = None) -> ServedFormats:
+        key = (shape, block_size if cls.kvq_config.sink_tokens else None)
+        if key not in cls._served:
+            f = cls._served[key] = ServedFormats(cls.kvq_config, shape, key[1])
+            logger.info("vllm_kvq: %s -> %d layers, slot %d B per token per KV head (K+V), %.2fx vs bf16",
+                        cls.kvq_config.name, len(f.layers), f.slot_bytes, f.default.compression())
+        return cls._served[key]
+
+    def _refuse_reference_on_gpu(self, vc) -> None:
+        """On a GPU every format must run in a kernel: the PyTorch reference's host syncs, per-sequence loops
+        and gathers would stall serving and use memory vLLM's profile never saw."""
+        device = getattr(getattr(vc, "device_config", None), "device_type", None)
+        if device != "cuda":
+            return
+        for fmt in {id(f): f for f in (*self._formats.layers, self._formats.default)}.values():
+            for op, decode in (("store", False), ("paged_attention", True), ("paged_attention", False)):
+                plan = ops.plan(fmt, "cuda", op, decode, self.num_heads // self.num_kv_heads)
+                first = next(name for name, why in plan.items() if why is None)
+                if first == "reference":
+                    reasons = "; ".join(f"{n}: {why}" for n, why in plan.items() if why is not None)
+                    raise ValueError(f"vllm_kvq: no GPU kernel runs {op} for {fmt.name!r} ({reasons}); "
+                                     f"choose codecs with Triton support (e.g. a turboquant* preset)")
+
+    def _format(self, layer, block_size: int | None = None) -> KVFormat:
+        """The layer's format; ``block_size`` (the cache's) re-sizes the sink area when it differs."""
+        if block_size is None:
+            block_size = self._formats.block_size
+        if self._fmt is None or (self._fmt.sink_tokens and self._fmt.block_size != block_size):
+            formats = self.served(self._shape, block_size) if self.kvq_config.sink_tokens else self._formats
+            self._fmt = formats.for_layer(_layer_index(layer.layer_name))
         return self._fmt
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -173,7 +220,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
             return
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        ops.store(k, v, kv_cache, slot_mapping, self._format(layer))
+        ops.store(k, v, kv_cache, slot_mapping, self._format(layer, kv_cache.shape[2]))
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: KVQMetadata, output: torch.Tensor | None = None,
@@ -188,7 +235,8 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = ops.paged_attention(q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                                  attn_metadata.query_start_loc, self._format(layer), scale=self.scale)
+                                  attn_metadata.query_start_loc, self._format(layer, kv_cache.shape[2]),
+                                  scale=self.scale, max_seq_len=replay_safe_max_seq_len(query, attn_metadata))
         flat = output.view(num_tokens, -1)
         flat[:n] = out.reshape(n, -1).to(output.dtype)
         if n < num_tokens:
@@ -197,22 +245,23 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
 
 
 class KVQAttentionBackend(AttentionBackend):
-    """Base of the per-dtype backends; ``kvq_dtype`` names the dtype."""
+    """Base of the per-(dtype, config) backends that ``backend_for`` makes."""
 
     kvq_dtype: ClassVar[str] = ""
+    kvq_config: ClassVar[_config.KVQConfig | None] = None
     accept_output_buffer: bool = True
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = list(KVQ_DTYPES)
+    _impl: ClassVar[type[KVQAttentionImpl]] = KVQAttentionImpl
 
     @staticmethod
     def get_name() -> str:
         # Must be an AttentionBackendEnum member; CUSTOM is the one reserved for plugins.
         return "CUSTOM"
 
-    @staticmethod
-    def get_impl_cls():
-        return KVQAttentionImpl
+    @classmethod
+    def get_impl_cls(cls):
+        return cls._impl
 
     @staticmethod
     def get_builder_cls():
@@ -220,32 +269,69 @@ class KVQAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None):
-        return [MultipleOf(1)]
+        return [MultipleOf(KERNEL_BLOCK_MULTIPLE)]
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        from vllm_kvq.vllm.selection import SUPPORTED_HEAD_SIZES
-
         return list(SUPPORTED_HEAD_SIZES)
 
     @classmethod
     def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
-        return kv_cache_dtype in KVQ_DTYPES
+        return is_kvq_dtype(kv_cache_dtype)
+
+    @classmethod
+    def is_ours(cls, spec) -> bool:
+        """A spec of one of our layers: uint8 storage that vLLM maps to no quant mode of its own. vLLM also
+        hands us the specs of bf16 skip layers (page alignment asks the first backend for every page)."""
+        from vllm.v1.kv_cache_interface import KVQuantMode
+
+        mode = getattr(spec, "kv_quant_mode", KVQuantMode.NONE)
+        return spec.dtype == torch.uint8 and mode == KVQuantMode.NONE
 
     @classmethod
     def customize_spec(cls, spec):
-        if spec.state_content_bytes is not None or not cls.kvq_dtype:
+        if spec.state_content_bytes is not None or cls.kvq_config is None or not cls.is_ours(spec):
             return spec
-        fmts = layer_formats(cls.kvq_dtype, spec.head_size, spec.num_kv_heads)
-        return replace(spec, state_content_bytes=fmts[0].slot_bytes)
+        return replace(spec, state_content_bytes=slot_bytes(cls.kvq_config, spec.head_size, spec.block_size))
 
 
-def _make_backend(dtype: str) -> type[KVQAttentionBackend]:
-    name = _class_name(dtype)
-    cls = type(name, (KVQAttentionBackend,), {"kvq_dtype": dtype, "__module__": __name__, "__qualname__": name})
-    globals()[name] = cls
+def backend_for(dtype: str, cfg: _config.KVQConfig) -> type[KVQAttentionBackend]:
+    """The backend class serving ``dtype`` with ``cfg``; made once and kept in this module, so vLLM's
+    ``resolve_obj_by_qualname`` finds it by name."""
+    name = class_name(dtype, cfg)
+    cls = globals().get(name)
+    if cls is None:
+        impl = type(name + "Impl", (KVQAttentionImpl,), {"kvq_config": cfg, "_served": {}, "__module__": __name__,
+                                                         "__qualname__": name + "Impl"})
+        cls = type(name, (KVQAttentionBackend,), {"kvq_dtype": dtype, "kvq_config": cfg, "_impl": impl,
+                                                  "supported_kv_cache_dtypes": [dtype],
+                                                  "__module__": __name__, "__qualname__": name})
+        globals()[name] = cls
+        globals()[name + "Impl"] = impl
     return cls
 
 
-for _d in KVQ_DTYPES:
-    _make_backend(_d)
+def backend_path(dtype: str, cfg: _config.KVQConfig) -> str:
+    return f"{__name__}.{backend_for(dtype, cfg).__name__}"
+
+
+def __getattr__(name: str):
+    """Rebuild a backend class by name in a process that has not selected it yet (unpickling, a worker
+    resolving a path): named dtypes from their preset, ``kvq`` from the current vLLM config's YAML, whose
+    digest must match the name."""
+    if not name.startswith(_CLASS_PREFIX) or name.endswith("Impl"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from vllm_kvq.vllm import dtypes
+
+    for d in dtypes.NAMED_DTYPES:
+        if class_name(d) == name:
+            return backend_for(d, config_for_dtype(d))
+    if name.startswith(_CLASS_PREFIX + CONFIG_DTYPE + "_"):
+        from vllm.config import get_current_vllm_config_or_none
+
+        vc = get_current_vllm_config_or_none()
+        if vc is not None:
+            cfg = config_for_dtype(CONFIG_DTYPE, dict(vc.additional_config or {}))
+            if class_name(CONFIG_DTYPE, cfg) == name:
+                return backend_for(CONFIG_DTYPE, cfg)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,16 @@ def _require(obj, attr: str, where: str):
     return getattr(obj, attr)
 
 
+_ADDED_ATTR = "_vllm_kvq_added_dtypes"
+_OURS_ATTR = "_vllm_kvq_handler"
+
+
+def _refuse_collisions(names: list[str]) -> None:
+    if names:
+        raise PatchError(f"vllm_kvq: --kv-cache-dtype {', '.join(names)} already exists in this vLLM as its own "
+                         f"dtype; rename the preset(s) in configs/ so the names stay distinct")
+
+
 def extend_cache_dtype_literal(names: tuple[str, ...]) -> bool:
     """Add ``names`` to vLLM 0.32's closed ``CacheDType`` Literal.
 
@@ -45,6 +55,8 @@ def extend_cache_dtype_literal(names: tuple[str, ...]) -> bool:
     from vllm.utils import torch_utils
 
     current = get_args(_require(cache_mod, "CacheDType", "vllm.config.cache"))
+    ours = getattr(cache_mod, _ADDED_ATTR, set())
+    _refuse_collisions([n for n in names if n in current and n not in ours])
     missing = tuple(n for n in names if n not in current)
     for n in names:
         torch_utils.STR_DTYPE_TO_TORCH_DTYPE.setdefault(n, torch.uint8)
@@ -57,6 +69,7 @@ def extend_cache_dtype_literal(names: tuple[str, ...]) -> bool:
         raise PatchError("vllm_kvq: CacheConfig.cache_dtype is gone; the dtype patch needs updating")
     _require(selector_mod, "CacheDType", "vllm.v1.attention.selector")
     cache_mod.CacheDType = lit
+    setattr(cache_mod, _ADDED_ATTR, ours | set(missing))
     selector_mod.CacheDType = lit
     cfg_cls.__annotations__["cache_dtype"] = lit
     fields["cache_dtype"].type = lit
@@ -76,12 +89,23 @@ def extend_cache_dtype_literal(names: tuple[str, ...]) -> bool:
 
 def register_dtypes_v033(names: tuple[str, ...]) -> bool:
     """Register our dtypes through vLLM 0.33's official ``register_kv_cache_dtype`` (not a patch; kept
-    beside the 0.32 one so both paths read side by side). Returns True when something was registered."""
+    beside the 0.32 one so both paths read side by side). Returns True when something was registered.
+
+    Quant mode: ``KVQuantMode.NONE``. vLLM reads any other mode as "this run's cache is quantized" in code
+    that is not ours: FlashAttention's builder for bf16 skip layers plans an fp8 FA3 schedule when the
+    run-wide dtype is quantized (v1/attention/backends/flash_attn.py), FA4 refuses the run
+    (fa_utils.py), and the KV-scale loader treats our layers as fp8 and rejects per-head checkpoint scales
+    (model_executor/layers/quantization/kv_cache.py). ``CUSTOM`` is no way out: in 0.33 it equals
+    ``OCTAVE_K3V4`` (``is_octave`` is True for it). Our bytes are sized by ``customize_spec`` and our
+    backend dispatches on the dtype name, so no generic path needs to know the cache is quantized.
+    """
     import vllm.config.cache as cache_mod
     from vllm.v1.kv_cache_interface import KVQuantMode
 
     register = _require(cache_mod, "register_kv_cache_dtype", "vllm.config.cache")
     known = _require(cache_mod, "KV_CACHE_DTYPES", "vllm.config.cache")
+    handler_of = _require(cache_mod, "get_kv_cache_dtype_handler", "vllm.config.cache")
+    _refuse_collisions([n for n in names if n in known and not getattr(handler_of(n), _OURS_ATTR, False)])
     changed = False
     for n in names:
         if n in known:
@@ -94,10 +118,9 @@ def register_dtypes_v033(names: tuple[str, ...]) -> bool:
                 return torch.uint8
 
             def quant_mode(self):
-                # Our backend dispatches on the dtype name, never on the mode (CUSTOM aliases an
-                # upstream Octave mode in 0.33).
-                return KVQuantMode.CUSTOM
+                return KVQuantMode.NONE
 
+        setattr(_Handler, _OURS_ATTR, True)
         register(n)(_Handler)
         changed = True
     return changed
@@ -135,4 +158,37 @@ def route_attention_backend(choose: Callable) -> bool:
 
     setattr(get_attn_backend_cls, _HOOK_ATTR, True)
     cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    return True
+
+
+def bypass_selector_cache(names: tuple[str, ...], choose: Callable) -> bool:
+    """Choose the backend of the dtypes in ``names`` on every call instead of through vLLM's memo.
+
+    What: wraps ``vllm.v1.attention.selector._cached_get_attn_backend`` (a ``functools.cache``) so that a
+      selector config whose ``kv_cache_dtype`` is in ``names`` goes to ``choose`` (the backend class path,
+      resolved) each time; every other dtype keeps vLLM's cached path.
+    Why: the memo is keyed by the selector config, which does not hold ``additional_config``; the ``kvq``
+      dtype's backend depends on it (its YAML), so a second engine in one process would silently get the
+      first engine's YAML.
+    Versions: vLLM 0.32 and 0.33.
+    Retire: when the selector's cache key covers the plugin config, or a dtype handler can name its backend.
+    Returns True when the wrapper was installed now (False: already installed).
+    """
+    import vllm.v1.attention.selector as selector_mod
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    orig = _require(selector_mod, "_cached_get_attn_backend", "vllm.v1.attention.selector")
+    if getattr(orig, _HOOK_ATTR, False):
+        return False
+
+    @functools.wraps(orig)
+    def _cached_get_attn_backend(backend, attn_selector_config, *args, **kwargs):
+        if getattr(attn_selector_config, "kv_cache_dtype", None) in names:
+            return resolve_obj_by_qualname(choose(attn_selector_config))
+        return orig(backend, attn_selector_config, *args, **kwargs)
+
+    setattr(_cached_get_attn_backend, _HOOK_ATTR, True)
+    if hasattr(orig, "cache_clear"):
+        _cached_get_attn_backend.cache_clear = orig.cache_clear
+    selector_mod._cached_get_attn_backend = _cached_get_attn_backend
     return True

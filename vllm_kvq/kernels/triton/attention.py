@@ -4,12 +4,14 @@ A program owns one tile of query rows of one sequence and one KV head: ``BQ`` qu
 query heads of the KV head's GQA group (padded to ``GP``), so each KV head's codes are read once for the
 whole group and the QK^T and PV products are ``tl.dot`` calls (tensor cores for fp16/bf16 queries).
 
-- The query is rotated once into the key codec's domain (``q @ R_k^T``) and pre-scaled by
-  ``scale * log2(e)`` so the softmax runs on exp2.
-- Keys: TurboQuant scores are ``(q . centroids[codes]) * fp16_scale`` (the scale is applied to the score
-  column, not to the 128 coordinates); uniform and raw codecs dequantize the tile.
-- Values accumulate in the value codec's rotated domain (TurboQuant folds the per-token scale into the
-  probabilities) and the output is rotated back once (``o @ R_v``).
+- The kernel knows no codec: each side (K, V) calls its codec's Triton hooks (``prep`` once per program,
+  ``decode`` per context tile), passed as constexpr functions with the codec's constexpr parameter tuple.
+- The query goes through the key codec's ``query_transform`` (times the bound channel scale), is rotated
+  once into the key codec's domain (``q @ R_k^T``) and pre-scaled by ``scale * log2(e)`` (softmax on exp2).
+- Keys: scores are ``(q . vals) * row_scale`` with ``decode``'s (vals, row scale): TurboQuant keeps its fp16
+  norm apart, so it multiplies the score column rather than the 128 coordinates.
+- Values accumulate in the value codec's rotated domain (the row scale folds into the probabilities), the
+  output is rotated back once (``o @ R_v``) and gets the value codec's ``output_transform`` (* scale + shift).
 - Tiles map to sequences by a binary search over ``query_start_loc`` (no host synchronization), and the grid
   is sized from tensor shapes alone, so a decode step can be captured in a CUDA graph.
 - Decode steps split the context over ``NUM_SPLITS`` programs (split-K); a second kernel merges their
@@ -25,8 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvq.kernels.triton import codec_jit as cj
-from vllm_kvq.kernels.triton.codec_spec import heads_tensor, spec_of, tables
+from vllm_kvq.codecs import _triton as ct
+from vllm_kvq.kernels import heads_tensor
+from vllm_kvq.kernels import num_splits as _num_splits
+from vllm_kvq.kernels.triton import common as cm
+from vllm_kvq.kernels.triton.store import side_args
 from vllm_kvq.kv_format import KVFormat
 
 LOG2E = 1.4426950408889634
@@ -40,7 +45,7 @@ def _to_dot(x, DOT: tl.constexpr):
     elif DOT == 2:
         return x.to(tl.bfloat16)
     elif DOT == 3:
-        return (cj.bf16_bits(x) << 16).to(tl.float32, bitcast=True)
+        return (ct.bf16_bits(x) << 16).to(tl.float32, bitcast=True)
     else:
         return x
 
@@ -59,27 +64,38 @@ def _mm(a, b, DOT: tl.constexpr):
 def _out(o, o_ptr, DOT: tl.constexpr):  # o_ptr: any pointer tensor of the output
     """o float32 -> the output dtype; DOT == 3 rounds to bf16 itself (the interpreter's cast truncates)."""
     if DOT == 3:
-        return cj.bf16_bits(o).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return ct.bf16_bits(o).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return o.to(o_ptr.dtype.element_ty)
 
 
 @triton.jit
-def _store_out(o, rows, rmask, vrt_ptr, D, DP: tl.constexpr, RC: tl.constexpr, ROT: tl.constexpr,
-               DOT: tl.constexpr):
-    """Stores o (BM, DP) rotated back (``o @ R``) to row pointers ``rows`` (BM, 1), RC columns at a time so
-    only a (DP, RC) slice of R is staged."""
+def _store_out(o, rows, rmask, vrt_ptr, shift_ptr, scale_ptr, D, DP: tl.constexpr, RC: tl.constexpr,
+               ROT: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr, DOT: tl.constexpr):
+    """Stores o (BM, DP) rotated back (``o @ R``) and mapped through the value codec's output transform
+    (``* scale + shift``, per-head rows of the stacked state at ``scale_ptr`` / ``shift_ptr``) to row pointers
+    ``rows`` (BM, 1), RC columns at a time so only a (DP, RC) slice of R is staged."""
     if ROT:
         j = tl.arange(0, DP)
         for c in tl.static_range(0, DP, RC):
             i = c + tl.arange(0, RC)
+            im = i[None, :] < D
             # R[j, i] = R^T[i, j]: the inverse rotation is a transposed load of the same table.
-            r = tl.load(vrt_ptr + i[None, :] * D + j[:, None], mask=(j[:, None] < D) & (i[None, :] < D), other=0.0)
+            r = tl.load(vrt_ptr + i[None, :] * D + j[:, None], mask=(j[:, None] < D) & im, other=0.0)
             oc = tl.dot(o, r, input_precision="tf32x3")
-            tl.store(rows + i[None, :], _out(oc, rows, DOT), mask=rmask[:, None] & (i[None, :] < D))
+            if SCALE:
+                oc = oc * tl.load(scale_ptr + i[None, :], mask=im, other=1.0)
+            if SHIFT:
+                oc += tl.load(shift_ptr + i[None, :], mask=im, other=0.0)
+            tl.store(rows + i[None, :], _out(oc, rows, DOT), mask=rmask[:, None] & im)
     else:
         j = tl.arange(0, DP)
-        tl.store(rows + j[None, :], _out(o, rows, DOT), mask=rmask[:, None] & (j[None, :] < D))
+        jm = j[None, :] < D
+        if SCALE:
+            o = o * tl.load(scale_ptr + j[None, :], mask=jm, other=1.0)
+        if SHIFT:
+            o += tl.load(shift_ptr + j[None, :], mask=jm, other=0.0)
+        tl.store(rows + j[None, :], _out(o, rows, DOT), mask=rmask[:, None] & jm)
 
 
 @triton.jit
@@ -99,20 +115,20 @@ def _find_seq(qsl_ptr, pid, S, BQ: tl.constexpr):
     return lo
 
 
-@triton.jit
+# S and N change with every batch: not specializing them (== 1, % 16) keeps serving on one compiled variant.
+@triton.jit(do_not_specialize=["S", "N"])
 def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
                  cache_ptr, sB, sH, sT, sC, bt_ptr, sbt, seqlen_ptr, qsl_ptr, heads_ptr,
-                 krt_ptr, kcent_ptr, vrt_ptr, vcent_ptr, part_ptr, ml_ptr,
-                 S, N, HQ, qscale, split_tokens,
+                 k_rt, k_tab0, k_tab1, k_sub, k_fac, v_rt, v_tab0, v_tab1, v_sub, v_fac, part_ptr, ml_ptr,
+                 S, N, HQ, qscale,
                  D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                  BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NUM_SPLITS: tl.constexpr,
                  VOFF: tl.constexpr, DOT: tl.constexpr, RC: tl.constexpr,
-                 K_KIND: tl.constexpr, K_B0: tl.constexpr, K_N0: tl.constexpr, K_B1: tl.constexpr,
-                 K_SEG1: tl.constexpr, K_META: tl.constexpr, K_GS: tl.constexpr, K_W: tl.constexpr,
-                 K_ROT: tl.constexpr, K_SMODE: tl.constexpr,
-                 V_KIND: tl.constexpr, V_B0: tl.constexpr, V_N0: tl.constexpr, V_B1: tl.constexpr,
-                 V_SEG1: tl.constexpr, V_META: tl.constexpr, V_GS: tl.constexpr, V_W: tl.constexpr,
-                 V_ROT: tl.constexpr, V_SMODE: tl.constexpr):
+                 SINK: tl.constexpr, SOFF: tl.constexpr, SB: tl.constexpr,
+                 K_PREP: tl.constexpr, K_DEC: tl.constexpr, K_P: tl.constexpr, K_ROT: tl.constexpr,
+                 K_SUB: tl.constexpr, K_FAC: tl.constexpr,
+                 V_PREP: tl.constexpr, V_DEC: tl.constexpr, V_P: tl.constexpr, V_ROT: tl.constexpr,
+                 V_SUB: tl.constexpr, V_FAC: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(2)
     s = _find_seq(qsl_ptr, pid, S, BQ)
@@ -122,7 +138,8 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
     if t0 >= q_len:
         return
     ctx = tl.load(seqlen_ptr + s)
-    kvh = tl.load(heads_ptr + tl.program_id(1))
+    gh = tl.program_id(1)  # head within the group: row of the stacked state
+    kvh = tl.load(heads_ptr + gh)
 
     r = tl.arange(0, BM)
     tok = r // GP
@@ -134,28 +151,39 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
     d = tl.arange(0, DP)
     dm = d < D
     q_rows = q_ptr + qtok[:, None] * sqn + qh[:, None] * sqh
+    # The key codec's query transform: times its bound channel scale (a key shift needs nothing).
     if K_ROT:
-        q = cj.rotate_rows(q_rows, rmask, krt_ptr, D, DP, BM, RC)
+        q = cm.rotate_rows(q_rows, rmask, k_rt, D, DP, BM, RC, k_sub, k_fac + gh * D, False, K_FAC, False)
     else:
         q = tl.load(q_rows + d[None, :], mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        q = cm.transform(q, d, dm, k_sub, k_fac + gh * D, False, K_FAC, False)
     q = q * qscale
 
     kv_end = ctx - q_len + tl.minimum(t0 + BQ, q_len)
-    lo = split * split_tokens
-    hi = tl.minimum(kv_end, lo + split_tokens)
+    # Each sequence splits its own context (whole tiles per split): the host's split count is a launch
+    # parameter only, so a CUDA graph captured at short contexts stays exact when it replays at long ones.
+    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BN) * BN
+    lo = split * split_len
+    hi = tl.minimum(kv_end, lo + split_len)
     m = tl.full((BM,), float("-inf"), tl.float32)
     l = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, DP), tl.float32)
     head_off = kvh.to(tl.int64) * sH
-    kcb = cj.codebook(kcent_ptr, D, DP, K_W)
-    vcb = cj.codebook(vcent_ptr, D, DP, V_W)
+    kctx = K_PREP(k_tab0, k_tab1, D, DP, K_P)
+    vctx = V_PREP(v_tab0, v_tab1, D, DP, V_P)
     for n0 in range(lo, hi, BN):
         pos = n0 + tl.arange(0, BN)
         nmask = pos < hi
         blk = tl.load(bt_ptr + s.to(tl.int64) * sbt + pos // T, mask=nmask, other=0).to(tl.int64)
         rows = cache_ptr + blk * sB + head_off + (pos % T).to(tl.int64) * sT
-        kv, ks = cj.decode_tile(rows, d, sC, nmask, D, kcb, kcent_ptr, DP, BN,
-                                K_KIND, K_B0, K_N0, K_B1, K_SEG1, K_META, K_GS, K_W)
+        kv, ks = K_DEC(rows, sC, nmask, D, kctx, k_tab0, k_tab1, DP, BN, K_P)
+        if SINK > 0:  # each block's first tokens come from its bf16 sink records
+            off = pos % T
+            smask = nmask & (off < SINK)
+            blockrow = cache_ptr + blk * sB + head_off
+            if tl.max(smask.to(tl.int32), axis=0) > 0:
+                kv = tl.where(smask[:, None], cm.load_sink(blockrow, off, smask, 0, sT, sC, D, DP, SOFF, SB), kv)
+                ks = tl.where(smask, 1.0, ks)
         sc = _mm(q, tl.trans(kv), DOT) * ks[None, :]
         ok = (pos[None, :] <= qpos[:, None]) & nmask[None, :]
         sc = tl.where(ok, sc, float("-inf"))
@@ -164,14 +192,18 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
         p = tl.exp2(sc - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
-        vv, vs = cj.decode_tile(rows + VOFF * sC, d, sC, nmask, D, vcb, vcent_ptr, DP, BN,
-                                V_KIND, V_B0, V_N0, V_B1, V_SEG1, V_META, V_GS, V_W)
+        vv, vs = V_DEC(rows + VOFF * sC, sC, nmask, D, vctx, v_tab0, v_tab1, DP, BN, V_P)
+        if SINK > 0:
+            if tl.max(smask.to(tl.int32), axis=0) > 0:
+                vv = tl.where(smask[:, None], cm.load_sink(blockrow, off, smask, 1, sT, sC, D, DP, SOFF, SB), vv)
+                vs = tl.where(smask, 1.0, vs)
         acc = acc * alpha[:, None] + _mm(p * vs[None, :], vv, DOT)
         m = m_new
 
     if NUM_SPLITS == 1:
         o = acc / tl.maximum(l, 1e-30)[:, None]
-        _store_out(o, o_ptr + qtok[:, None] * son + qh[:, None] * soh, rmask, vrt_ptr, D, DP, RC, V_ROT, DOT)
+        _store_out(o, o_ptr + qtok[:, None] * son + qh[:, None] * soh, rmask, v_rt, v_sub + gh * D, v_fac + gh * D,
+                   D, DP, RC, V_ROT, V_SUB, V_FAC, DOT)
     else:
         row = (split * N + qtok) * HQ + qh  # partials are (NUM_SPLITS, N, HQ, ...)
         tl.store(part_ptr + row[:, None] * DP + d[None, :], acc, mask=rmask[:, None])
@@ -180,12 +212,14 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
 
 
 @triton.jit
-def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, N, HQ,
+def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, v_sub, v_fac, N, HQ,
                   D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, V_ROT: tl.constexpr, DOT: tl.constexpr, RC: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, V_ROT: tl.constexpr, V_SUB: tl.constexpr, V_FAC: tl.constexpr,
+                  DOT: tl.constexpr, RC: tl.constexpr):
     """One program per (query token, KV head): merges the splits of the group's query heads."""
     n = tl.program_id(0).to(tl.int64)
-    kvh = tl.load(heads_ptr + tl.program_id(1))
+    gh = tl.program_id(1)
+    kvh = tl.load(heads_ptr + gh)
     g = tl.arange(0, BM)
     gm = g < G
     qh = kvh * G + g
@@ -207,7 +241,8 @@ def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, N, HQ,
         acc = acc * alpha[:, None] + a_j * beta[:, None]
         m = m_new
     o = acc / tl.maximum(l, 1e-30)[:, None]
-    _store_out(o, o_ptr + n * son + qh[:, None] * soh, gm, vrt_ptr, D, DP, RC, V_ROT, DOT)
+    _store_out(o, o_ptr + n * son + qh[:, None] * soh, gm, vrt_ptr, v_sub + gh * D, v_fac + gh * D, D, DP, RC,
+               V_ROT, V_SUB, V_FAC, DOT)
 
 
 def launch_config(dp: int, gp: int, decode: bool) -> tuple[int, int, int, int]:
@@ -224,28 +259,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-_SM_COUNT: dict = {}
-
-
-def _num_splits(device: torch.device, programs: int, max_ctx: int, bn: int) -> int:
-    """Splits that fill the GPU about twice over, each at least 4 tiles long; from shapes only."""
-    if device.type != "cuda":
-        return 1
-    if device.index not in _SM_COUNT:
-        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    want = math.ceil(2 * _SM_COUNT[device.index] / max(programs, 1))
-    return max(1, min(want, max_ctx // (4 * bn), 64))
-
-
 def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     cache: torch.Tensor,  # (B, Hk, T, C) uint8, any strides
                     block_table: torch.Tensor,  # (S, max_blocks) int
                     seq_lens: torch.Tensor,  # (S,) context length including this step's tokens
                     query_start_loc: torch.Tensor,  # (S + 1,) cumulative query lengths
-                    fmt: KVFormat, *, scale: float, num_splits: int | None = None) -> torch.Tensor:
+                    fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its packed context -> (N, Hq, D) in query's dtype.
 
-    ``num_splits`` (decode batches only) overrides the split-K heuristic; tests use it on CPU.
+    ``max_seq_len`` (a bound on ``seq_lens`` the engine knows on the host) picks the split-K count; without
+    it the block table's width is used. Each sequence divides its own context among the splits in the
+    kernel, so a stale bound (a replayed CUDA graph) costs speed, never correctness. ``num_splits`` (decode
+    batches only) overrides the heuristic; tests use it on CPU.
     """
     n, hq, d = query.shape
     s = seq_lens.shape[0]
@@ -263,12 +289,13 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     decode = n == s
     bq, bm, bn, warps = launch_config(dp, gp, decode)
     max_ctx = block_table.shape[1] * t
+    if max_seq_len is not None:
+        max_ctx = max(1, min(max_ctx, int(max_seq_len)))
     splits = 1
     if decode:
         splits = num_splits if num_splits is not None else _num_splits(query.device, s * hk, max_ctx, bn)
     if splits > 1:  # short splits use short tiles, so every split gets work
         bn = max(16, min(bn, triton.next_power_of_2(triton.cdiv(max_ctx, splits))))
-    split_tokens = triton.cdiv(triton.cdiv(max_ctx, splits), bn) * bn
     dot = _DOT_KIND.get(query.dtype, 0)
     if dot == 2 and _interpreting():
         dot = 3
@@ -281,19 +308,20 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     else:
         part = ml = out
     for g in fmt.groups:
-        ks, vs = spec_of(g.key), spec_of(g.value)
-        krt, kcent, _ = tables(g.key, cache.device)
-        vrt, vcent, _ = tables(g.value, cache.device)
+        kp, kc, kh = side_args(g, "k", cache.device)
+        vp, vc, vh = side_args(g, "v", cache.device)
         heads = heads_tensor(g.heads, cache.device)
         _attn_kernel[(n if bq == 1 else n // bq + s, len(g.heads), splits)](
             query, query.stride(0), query.stride(1), out, out.stride(0), out.stride(1),
             cache, *cache.stride(), bt, bt.stride(0), seq_lens, qsl, heads,
-            krt, kcent, vrt, vcent, part, ml, s, n, hq, scale * LOG2E, split_tokens,
+            *kp, *vp, part, ml, s, n, hq, scale * LOG2E,
             D=d, DP=dp, T=t, G=grp, GP=gp, BQ=bq, BM=bm, BN=bn, NUM_SPLITS=splits,
-            VOFF=g.key.nbytes, DOT=dot, RC=min(32, dp), **ks.constexprs("K"), **vs.constexprs("V"),
-            num_warps=warps)
+            VOFF=g.key.nbytes, DOT=dot, RC=min(32, dp), SINK=fmt.sink_tokens, SOFF=fmt.sink_offset,
+            SB=max(1, fmt.sink_bytes), K_PREP=kh.prep, K_DEC=kh.decode, **kc,
+            V_PREP=vh.prep, V_DEC=vh.decode, **vc, num_warps=warps)
         if splits > 1:
             _merge_kernel[(n, len(g.heads))](
-                out, out.stride(0), out.stride(1), part, ml, heads, vrt, n, hq,
-                D=d, DP=dp, G=grp, BM=max(16, gp), NUM_SPLITS=splits, V_ROT=vs.rot, DOT=dot, RC=min(32, dp))
+                out, out.stride(0), out.stride(1), part, ml, heads, vp[0], vp[3], vp[4], n, hq,
+                D=d, DP=dp, G=grp, BM=max(16, gp), NUM_SPLITS=splits, V_ROT=vc["V_ROT"], V_SUB=vc["V_SUB"],
+                V_FAC=vc["V_FAC"], DOT=dot, RC=min(32, dp))
     return out

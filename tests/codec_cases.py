@@ -1,0 +1,94 @@
+"""The one codec matrix every codec and kernel test is parametrized from (kvpress's default_presses idea).
+
+A case is a codec (registry name plus parameters, optionally bound to per-head state), the implementations
+that must run it, whether a fast store must reproduce the reference's bytes exactly (rotating codecs may flip
+a code sitting on a threshold tie: matmul vs fast-transform summation order), and its packed size at head
+sizes 64 and 128. Adding a codec is one file in ``vllm_kvq/codecs/`` plus one entry here; a registered preset
+without an entry fails ``test_every_preset_has_a_case``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_kvq import codecs
+from vllm_kvq.kv_format import KVFormat
+
+ALL_IMPLS = ("reference", "triton")
+
+
+@dataclass(frozen=True)
+class CodecCase:
+    id: str
+    name: str  # registry name (preset or family)
+    params: dict = field(default_factory=dict)
+    nbytes: dict = field(default_factory=dict)  # head_dim -> packed bytes per vector
+    exact: bool = False  # fast stores give the reference's bytes exactly (no rotation ties)
+    state: tuple[str, ...] = ()  # per-head state bound to the codec: "shift", "scale"
+    impls: tuple[str, ...] = ALL_IMPLS
+    head_dims: tuple[int, ...] = (64, 80, 128)  # head sizes the codec takes (group sizes must divide them)
+
+    def build(self, d: int, head: int = 0) -> codecs.VectorCodec:
+        c = codecs.get(self.name, head_dim=d, **self.params)
+        if not self.state:
+            return c
+        g = torch.Generator().manual_seed(1000 + 31 * head + d)
+        shift = torch.randn(d, generator=g) * 2 if "shift" in self.state else None
+        scale = torch.rand(d, generator=g) * 1.5 + 0.25 if "scale" in self.state else None
+        return c.bind(shift=shift, scale=scale)
+
+    def fmt(self, d: int, hk: int) -> KVFormat:
+        """Every KV head with this codec for K and V; bound state differs per head."""
+        cs = [self.build(d, h) for h in range(hk)]
+        return KVFormat(d, cs, cs, name=self.id)
+
+
+def _tq(bits: float, d: int) -> int:
+    lo = int(bits)
+    if bits == lo:
+        return -(-lo * d // 8) + 2
+    return -(-(lo + 1) * (d // 2) // 8) + -(-lo * (d // 2) // 8) + 2
+
+
+def _sizes(fn) -> dict:
+    return {d: fn(d) for d in (64, 128)}
+
+
+CASES: list[CodecCase] = [
+    *[CodecCase(f"turboquant{b:g}", f"turboquant{b:g}", nbytes=_sizes(lambda d, b=b: _tq(b, d)))
+      for b in (2, 2.5, 3, 3.5, 4)],
+    CodecCase("uniform4", "uniform4", nbytes=_sizes(lambda d: d // 2 + 4), exact=True),
+    CodecCase("uniform8", "uniform8", nbytes=_sizes(lambda d: d + 4), exact=True),
+    CodecCase("bf16", "bf16", nbytes=_sizes(lambda d: 2 * d), exact=True),
+    CodecCase("fp16", "fp16", nbytes=_sizes(lambda d: 2 * d), exact=True),
+    # family parameters the presets do not reach
+    CodecCase("uniform-g32-rot-2b", "uniform", dict(bits=2, group_size=32, rotate=True),
+              nbytes=_sizes(lambda d: d // 4 + 4 * (d // 32)), head_dims=(64, 128)),
+    CodecCase("uniform3", "uniform", dict(bits=3), nbytes=_sizes(lambda d: 3 * d // 8 + 4), exact=True),
+    CodecCase("tq3-norm", "turboquant", dict(bits=3, scale_mode="norm"), nbytes=_sizes(lambda d: _tq(3, d))),
+    CodecCase("tq4-corrected", "turboquant", dict(bits=4, scale_mode="corrected"), nbytes=_sizes(lambda d: _tq(4, d))),
+    CodecCase("tq3-haar", "turboquant", dict(bits=3, rotation="haar"), nbytes=_sizes(lambda d: _tq(3, d))),
+    CodecCase("tq2-identity", "turboquant", dict(bits=2, rotation="identity"), nbytes=_sizes(lambda d: _tq(2, d))),
+    # 6/5-bit segments: a codebook too wide for registers
+    CodecCase("tq5.5", "turboquant", dict(bits=5.5), nbytes=_sizes(lambda d: _tq(5.5, d))),
+    # bound per-head state (calibrated centring and key channel scales): no cache bytes
+    CodecCase("turboquant3+shift+scale", "turboquant3", state=("shift", "scale"), nbytes=_sizes(lambda d: _tq(3, d))),
+    CodecCase("turboquant2.5+shift", "turboquant2.5", state=("shift",), nbytes=_sizes(lambda d: _tq(2.5, d))),
+    CodecCase("uniform4+shift+scale", "uniform4", state=("shift", "scale"), nbytes=_sizes(lambda d: d // 2 + 4),
+              exact=True),
+    CodecCase("bf16+shift", "bf16", state=("shift",), nbytes=_sizes(lambda d: 2 * d), exact=True),
+]
+
+BY_ID = {c.id: c for c in CASES}
+
+
+def ids(impl: str | None = None, *, stateful: bool | None = None, head_dim: int | None = None) -> list[str]:
+    """Case ids, optionally only those ``impl`` must run, with / without bound state, taking ``head_dim``."""
+    return [c.id for c in CASES if (impl is None or impl in c.impls)
+            and (stateful is None or bool(c.state) == stateful) and (head_dim is None or head_dim in c.head_dims)]
+
+
+def case(cid: str) -> CodecCase:
+    return BY_ID[cid]

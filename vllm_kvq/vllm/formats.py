@@ -1,0 +1,97 @@
+"""Which KV format each attention layer of a served model gets, on this rank. No vLLM imports.
+
+A YAML config is resolved against the WHOLE model: every layer of every pipeline stage (so ``layers: -1``
+means the model's last layer on every stage) and every KV head of every tensor-parallel rank (so ``heads: 5``
+is global head 5, and calibration statistics of shape (layers, kv_heads, D) check against the checkpoint).
+Then each rank takes its own heads, the way vLLM shards them.
+
+The slot size comes from the config and the head size alone: the largest key codec plus the largest value
+codec the config names. So every layer, every rank, every pipeline stage and every draft layer agrees on
+one page size without knowing anything about the others (vLLM asserts one page size per KV-cache group and
+identical specs on every TP rank), and ``customize_spec``, which sees no model, computes the same number.
+A config whose largest key and largest value never meet in one (layer, head) pays for padding it does not
+need; no preset does that.
+
+Layers past the model's last (EAGLE/EAGLE3/MTP draft layers, numbered after the target's) get the config's
+default key and value codecs at the same slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_kvq import config as _config
+from vllm_kvq.kv_format import KVFormat, formats_from_config
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int  # the whole model's (every PP stage); draft layers are numbered after these
+    num_kv_heads: int  # the whole model's (every TP rank)
+    head_size: int
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self):
+        if self.num_layers < 1 or self.num_kv_heads < 1 or self.tp_size < 1:
+            raise ValueError(f"invalid model shape {self}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank {self.tp_rank} out of range for tp_size {self.tp_size}")
+        if self.num_kv_heads >= self.tp_size and self.num_kv_heads % self.tp_size:
+            raise ValueError(f"{self.num_kv_heads} KV heads cannot be split over {self.tp_size} TP ranks")
+        if self.num_kv_heads < self.tp_size and self.tp_size % self.num_kv_heads:
+            raise ValueError(f"{self.num_kv_heads} KV heads cannot be replicated over {self.tp_size} TP ranks")
+
+    def rank_heads(self) -> tuple[int, ...]:
+        """The global KV heads this TP rank holds, in vLLM's order (QKVParallelLinear's sharding)."""
+        if self.num_kv_heads >= self.tp_size:
+            local = self.num_kv_heads // self.tp_size
+            return tuple(range(self.tp_rank * local, (self.tp_rank + 1) * local))
+        # Fewer KV heads than ranks: each head is replicated on tp_size / num_kv_heads consecutive ranks.
+        return (self.tp_rank * self.num_kv_heads // self.tp_size,)
+
+
+def slot_bytes(cfg: _config.KVQConfig, head_size: int, block_size: int | None = None) -> int:
+    """Bytes per (token, KV head), K and V, for every layer and head of any model served with ``cfg`` in
+    blocks of ``block_size`` tokens (which sizes the sink area of configs with ``sink_tokens``)."""
+    keys = [cfg.key] + [ov.key for ov in cfg.overrides if ov.key is not None]
+    values = [cfg.value] + [ov.value for ov in cfg.overrides if ov.value is not None]
+    need = (max(k.build(head_size, cfg.seed).nbytes for k in keys)
+            + max(v.build(head_size, cfg.seed).nbytes for v in values))
+    need += need % 2  # even, so fp16 metadata stays 2-byte aligned (as KVFormat does)
+    if cfg.sink_tokens:
+        if not block_size:
+            raise ValueError(f"config {cfg.name!r} keeps {cfg.sink_tokens} sink token(s) per block: the slot "
+                             f"size depends on the block size, which is not known here")
+        sink = -(-cfg.sink_tokens * 4 * head_size // block_size)
+        need += sink + sink % 2
+    return need
+
+
+class ServedFormats:
+    """The formats of one config on one rank: ``for_layer(i)`` for any global layer index ``i >= 0``."""
+
+    def __init__(self, cfg: _config.KVQConfig, shape: ModelShape, block_size: int | None = None):
+        self.shape = shape
+        self.block_size = block_size
+        self.slot_bytes = slot_bytes(cfg, shape.head_size, block_size)
+        heads = list(shape.rank_heads())
+        full = formats_from_config(cfg, num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
+                                   head_size=shape.head_size, block_size=block_size)
+        self.layers = [_take_heads(f, heads, self.slot_bytes) for f in full]
+        k, v = cfg.key.build(shape.head_size, cfg.seed), cfg.value.build(shape.head_size, cfg.seed)
+        self.default = KVFormat(shape.head_size, [k] * len(heads), [v] * len(heads),
+                                name=f"{cfg.name}[default]", pad_to=self.slot_bytes, sink_tokens=cfg.sink_tokens,
+                                block_size=block_size)
+
+    def for_layer(self, index: int) -> KVFormat:
+        if index < 0:
+            raise ValueError(f"layer index must be >= 0, got {index}")
+        return self.layers[index] if index < len(self.layers) else self.default
+
+
+def _take_heads(fmt: KVFormat, heads: list[int], pad_to: int) -> KVFormat:
+    # Per-head state (calibration) is bound to each head's codecs, so it travels with them.
+    return KVFormat(fmt.head_size, [fmt.keys[h] for h in heads], [fmt.values[h] for h in heads],
+                    name=fmt.name, pad_to=pad_to, sink_tokens=fmt.sink_tokens, block_size=fmt.block_size)
+
