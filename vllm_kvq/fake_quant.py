@@ -123,6 +123,12 @@ def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
     result comparable with the input."""
     from vllm_kvq.ops import reference
 
+    if getattr(fmt, "sink_tokens", 0):
+        # Sink records live in a per-block area that only the paged attention reads; decoding slot by slot
+        # would miss them. The simulator prototypes sinks itself (quality_sim sink=N).
+        raise ValueError(f"format {fmt.name!r} has sink_tokens={fmt.sink_tokens}: fake_quant.roundtrip decodes "
+                         f"codes slot by slot and cannot read sink records; drop sink_tokens from the config "
+                         f"and use quality_sim's sink=N")
     hk, n, d = k.shape
     cache = fmt.allocate(n, 1, device=k.device)  # one token per block: slot i is token i
     reference.store(k.transpose(0, 1), v.transpose(0, 1), cache, torch.arange(n, device=k.device), fmt)
