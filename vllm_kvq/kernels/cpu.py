@@ -1,0 +1,212 @@
+"""Python side of the CPU extension (csrc/cpu, built as ``vllm_kvq._C_cpu`` by setup.py on x86-64):
+``store`` and ``paged_attention`` with the reference signatures, for every codec the package registers
+(TurboQuant at integer and fractional rates, uniform, raw bf16/fp16), mixed per-head formats (one call per
+head group) and calibrated formats.
+
+The extension picks its ISA at run time (AVX-512 when the CPU has F/BW/VL/DQ, else portable C++);
+``isa="portable"`` forces the fallback (tests run both). Threads come from ``at::parallel_for``, i.e. the
+OpenMP threads torch (and vLLM-CPU's thread binding) set up.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import weakref
+
+import torch
+
+from vllm_kvq.codecs.base import VectorCodec
+from vllm_kvq.codecs.raw import RawCodec
+from vllm_kvq.codecs.turboquant import SCALE_MODES, TurboQuantCodec
+from vllm_kvq.codecs.uniform import UniformCodec
+from vllm_kvq.kv_format import KVFormat
+
+logger = logging.getLogger(__name__)
+
+ISAS = {"best": 0, "portable": 1, "avx512": 2}
+_KINDS = {TurboQuantCodec: 0, UniformCodec: 1}
+_ROTATIONS = {"identity": 0, "hadamard": 1, "haar": 2}
+MAX_HEAD_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> str | None:
+    """Loads the extension once; returns None on success, else why it is not usable."""
+    spec = importlib.util.find_spec("vllm_kvq._C_cpu")
+    if spec is None or spec.origin is None:
+        return "the CPU extension vllm_kvq._C_cpu is not built (pip install -e . builds it on x86-64)"
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as e:
+        return f"the CPU extension {spec.origin} does not load ({e})"
+    for name in ("vllm_kvq_cpu::store", "vllm_kvq_cpu::paged_attention"):
+        try:  # both ops only mutate their arguments: nothing to compute for fake tensors
+            torch.library.register_fake(name)(lambda *args, **kwargs: None)
+        except RuntimeError:  # already registered by an earlier load in this process
+            pass
+    logger.info("vllm_kvq: CPU kernels loaded from %s (ISA %s)", spec.origin, best_isa())
+    return None
+
+
+def available() -> bool:
+    """True when the built extension loads (the ops then run on any CPU tensors)."""
+    why = _load()
+    if why is not None:
+        _log_once(why)
+    return why is None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(msg: str) -> None:
+    logger.info("vllm_kvq: %s", msg)
+
+
+def best_isa() -> str:
+    """The ISA the kernels run with by default on this CPU: "avx512" or "portable"."""
+    return torch.ops.vllm_kvq_cpu.best_isa()
+
+
+def _codec_why_not(c: VectorCodec) -> str | None:
+    if type(c) not in _KINDS and not isinstance(c, RawCodec):
+        return f"no CPU kernel for codec type {type(c).__name__} ({c.name})"
+    if c.rotation.kind not in _ROTATIONS:
+        return f"{c.name}: rotation {c.rotation.kind!r} has no CPU kernel"
+    return None
+
+
+def why_not(fmt: KVFormat) -> str | None:
+    """None when these kernels run ``fmt``, else why not (the extension is missing, a codec is unknown)."""
+    why = _load()
+    if why is not None:
+        return why
+    if fmt.head_size > MAX_HEAD_SIZE:
+        return f"head size {fmt.head_size} > {MAX_HEAD_SIZE}"
+    for g in fmt.groups:
+        for c in (g.key, g.value):
+            why = _codec_why_not(c)
+            if why is not None:
+                return why
+    return None
+
+
+_EMPTY = torch.zeros(0, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _codec_args_by_key(key: tuple, codec: VectorCodec) -> tuple[list[int], list[torch.Tensor]]:
+    return _codec_args(codec)
+
+
+def codec_args(codec: VectorCodec) -> tuple[list[int], list[torch.Tensor]]:
+    """(spec ints, tables) as csrc/cpu/torch_bindings.cpp ``codec_of`` reads them; cached per codec."""
+    return _codec_args_by_key(codec.key, codec)
+
+
+def _codec_args(codec: VectorCodec) -> tuple[list[int], list[torch.Tensor]]:
+    d = codec.head_dim
+    rot = codec.rotation
+    signs = rot.signs.float().contiguous() if rot.kind == "hadamard" else _EMPTY
+    mat = rot.matrix(dtype=torch.float32).contiguous() if rot.kind == "haar" else _EMPTY
+    if isinstance(codec, TurboQuantCodec):
+        (b0, n0), (b1, _) = codec.segments[0], codec.segments[-1]
+        books = codec.codebooks
+        tabs = [books[0].centroids_tensor(), books[-1].centroids_tensor(), books[0].thresholds_tensor(),
+                books[-1].thresholds_tensor()]
+        spec = [0, d, codec.nbytes, b0, n0, b1, codec.segment_nbytes[0], codec.code_nbytes, d,
+                SCALE_MODES.index(codec.scale_mode), _ROTATIONS[rot.kind]]
+    elif isinstance(codec, UniformCodec):
+        tabs = [_EMPTY] * 4
+        spec = [1, d, codec.nbytes, codec.bits, d, codec.bits, codec.code_nbytes, codec.code_nbytes,
+                codec.group_size, 0, _ROTATIONS[rot.kind]]
+    elif isinstance(codec, RawCodec):
+        tabs = [_EMPTY] * 4
+        kind = 2 if codec.torch_dtype == torch.bfloat16 else 3
+        spec = [kind, d, codec.nbytes, 16, d, 16, 2 * d, 2 * d, d, 0, _ROTATIONS["identity"]]
+    else:
+        raise ValueError(f"no CPU kernel for codec type {type(codec).__name__}")
+    return spec, [t.contiguous() for t in tabs] + [signs, mat]
+
+
+# Per format: one argument tuple per head group (built once; the ops sit on vLLM's per-layer hot path).
+_GROUP_ARGS: "weakref.WeakKeyDictionary[KVFormat, list[tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _group_args(fmt: KVFormat) -> list[tuple]:
+    args = _GROUP_ARGS.get(fmt)
+    if args is None:
+        args = []
+        for g in fmt.groups:
+            heads = torch.tensor(g.heads, dtype=torch.int32)
+            ks, kt = codec_args(g.key)
+            vs, vt = codec_args(g.value)
+            args.append((heads, g.key.nbytes, g.key.nbytes + g.value.nbytes, ks, kt, vs, vt))
+        _GROUP_ARGS[fmt] = args
+    return args
+
+
+def _isa(isa: str) -> int:
+    if isa not in ISAS:
+        raise ValueError(f"unknown isa {isa!r}; allowed: {', '.join(ISAS)}")
+    return ISAS[isa]
+
+
+def _fallback(op: str, fmt: KVFormat, why: str):
+    from vllm_kvq.ops import reference
+
+    _log_once(f"{op}: {fmt.name!r} runs the reference ops on CPU ({why})")
+    return getattr(reference, op)
+
+
+def store(key: torch.Tensor,  # (N, Hk, D)
+          value: torch.Tensor,  # (N, Hk, D)
+          cache: torch.Tensor,  # (B, Hk, T, C) uint8, any strides
+          slot_mapping: torch.Tensor,  # (N,) int; -1 = padding
+          fmt: KVFormat, *, isa: str = "best") -> None:
+    why = why_not(fmt)
+    if why is not None:
+        return _fallback("store", fmt, why)(key, value, cache, slot_mapping, fmt)
+    if key.shape[0] == 0:
+        return
+    code = _isa(isa)
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    if key.dtype != value.dtype:
+        value = value.to(key.dtype)
+    slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    for heads, vo, pad, ks, kt, vs, vt in _group_args(fmt):
+        torch.ops.vllm_kvq_cpu.store(key, value, cache, slot_mapping, heads, vo, pad, ks, kt, vs, vt,
+                                     fmt.k_shift, fmt.k_scale, fmt.v_shift, code)
+
+
+def paged_attention(query: torch.Tensor,  # (N, Hq, D)
+                    cache: torch.Tensor,  # (B, Hk, T, C) uint8
+                    block_table: torch.Tensor,  # (S, max_blocks) int
+                    seq_lens: torch.Tensor,  # (S,)
+                    query_start_loc: torch.Tensor,  # (S + 1,)
+                    fmt: KVFormat, *, scale: float, num_splits: int | None = None,
+                    isa: str = "best") -> torch.Tensor:
+    """Decode, prefill and chunked prefill in one call -> (N, Hq, D) in the query's dtype. ``num_splits``
+    fixes how many context splits a decode sequence gets (None: enough to keep every thread busy)."""
+    why = why_not(fmt)
+    if why is not None:
+        return _fallback("paged_attention", fmt, why)(query, cache, block_table, seq_lens, query_start_loc, fmt,
+                                                      scale=scale)
+    code = _isa(isa)
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    out = torch.zeros(query.shape, dtype=query.dtype)
+    if query.shape[0] == 0 or seq_lens.numel() == 0:
+        return out
+    bt = block_table if block_table.dtype == torch.int32 and block_table.stride(1) == 1 else \
+        block_table.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    qsl = query_start_loc.to(torch.int32).contiguous()
+    for heads, vo, _, ks, kt, vs, vt in _group_args(fmt):
+        torch.ops.vllm_kvq_cpu.paged_attention(query, out, cache, bt, seq_lens, qsl, heads, vo, float(scale), ks, kt,
+                                               vs, vt, fmt.k_scale, fmt.v_shift, num_splits or 0, code)
+    return out
+
+
+store.supports_calibration = True
+paged_attention.supports_calibration = True
