@@ -42,6 +42,12 @@ def _impl_table(op: str) -> dict:
             table["cuda"] = getattr(_cuda, op)
     except (ImportError, AttributeError):
         pass
+    try:
+        from vllm_kvq.kernels import cpu as _cpu
+        if _cpu.available():
+            table["cpu"] = getattr(_cpu, op)
+    except (ImportError, AttributeError):
+        pass
     return table
 
 
