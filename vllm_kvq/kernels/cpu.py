@@ -26,7 +26,6 @@ from vllm_kvq.kv_format import KVFormat
 logger = logging.getLogger(__name__)
 
 ISAS = {"best": 0, "portable": 1, "avx512": 2}
-_KINDS = {TurboQuantCodec: 0, UniformCodec: 1}
 _ROTATIONS = {"identity": 0, "hadamard": 1, "haar": 2}
 MAX_HEAD_SIZE = 1024
 
@@ -69,7 +68,8 @@ def best_isa() -> str:
 
 
 def _codec_why_not(c: VectorCodec) -> str | None:
-    if type(c) not in _KINDS and not isinstance(c, RawCodec):
+    # Exact types: a subclass may change the bytes or the math the kernels hard-code.
+    if type(c) not in (TurboQuantCodec, UniformCodec, RawCodec):
         return f"no CPU kernel for codec type {type(c).__name__} ({c.name})"
     if c.rotation.kind not in _ROTATIONS:
         return f"{c.name}: rotation {c.rotation.kind!r} has no CPU kernel"

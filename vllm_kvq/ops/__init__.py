@@ -4,7 +4,8 @@
     out = ops.paged_attention(query, cache, block_table, seq_lens, query_start_loc, fmt, scale=..., impl=None)
 
 ``impl`` picks "reference", "triton", "cuda" or "cpu"; None picks the fastest available for the tensors'
-device (logged once). Shapes and dtypes are checked here, in the launcher, so kernels need not.
+device (logged once), or the one the debug knob ``VLLM_KVQ_IMPL`` names (e.g. to compare a kernel with the
+reference inside a running engine). Shapes and dtypes are checked here, in the launcher, so kernels need not.
 
 Calibrated formats (``fmt.calibrated``: shifted/scaled K and V, see ``vllm_kvq.calibration``) run only on
 implementations whose op says so with a true ``supports_calibration`` attribute (the reference does). With
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -24,6 +26,7 @@ from vllm_kvq.ops import reference
 logger = logging.getLogger(__name__)
 
 IMPLS = ("reference", "triton", "cuda", "cpu")
+_FORCED_IMPL = os.environ.get("VLLM_KVQ_IMPL") or None  # debug knob, read once
 _announced: set[tuple[str, str]] = set()
 
 
@@ -64,6 +67,8 @@ def _supports(fn, fmt: KVFormat) -> bool:
 
 def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat):
     table = _impl_table(op)
+    if impl is None and _FORCED_IMPL is not None:
+        impl = _FORCED_IMPL
     if impl is None:
         impl = available(op, device)[0]
         if not _supports(table[impl], fmt):
