@@ -65,48 +65,76 @@ inline int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 
 #if KVQ_AVX512
 
-// What the SIMD row decoder does for one codec, decided once per call.
-struct RowDecoder {
-  const CodecDesc* c;
-  int mode;  // 0 scalar, 1 TurboQuant 16-lane lookups, 2 uniform, 3 bf16, 4 fp16
-  __m512 cb0, cb1;
-  __m512i sh0, sh0a, sh0b, msk0, sh1, sh1a, sh1b, msk1;
+// What the SIMD row decoder does for one codec, decided once per call. Codes are unpacked 64 at a time to
+// bytes with VBMI (a byte permute puts the b bytes holding codes 8k..8k+7 into qword k, a multishift pulls
+// each code's bit field out), widened 16 at a time and looked up in a codebook held in registers.
+struct Segment {
+  int start, n, b, byte0;  // coordinates [start, start + n) at b bits, packed from byte byte0
+  int ngroups;             // groups of up to 64 codes
+  __mmask64 lmask[8];      // bytes to load per group (never past the segment)
+  int nch[8];              // 16-coordinate chunks per group
+  __m512i perm, shift, mask;
+  __m512 cb0, cb1;  // codebook entries 0..15 and 16..31
+  const float* cent;
 };
 
-inline void shifts_for(int b, __m512i* sh, __m512i* sha, __m512i* shb, __m512i* msk) {
-  alignas(64) int32_t s[16], a[16], bb[16];
-  for (int j = 0; j < 16; ++j) {
-    s[j] = j * b;
-    a[j] = 32 - j * b;  // negative counts become huge unsigned ones: the variable shifts then give 0
-    bb[j] = j * b - 32;
-  }
-  *sh = _mm512_load_si512(s);
-  *sha = _mm512_load_si512(a);
-  *shb = _mm512_load_si512(bb);
-  *msk = _mm512_set1_epi32((1 << b) - 1);
-}
+struct RowDecoder {
+  const CodecDesc* c;
+  int mode;  // 0 scalar, 1 TurboQuant (unscaled centroids; the row scale is returned), 2 uniform, 3 bf16, 4 fp16
+  int nseg;
+  Segment seg[2];
+};
 
-inline __m512 load_codebook(const float* cent, int b) {
-  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (1 << b)) - 1u), cent);
+inline Segment make_segment(int start, int n, int b, int byte0, const float* cent) {
+  Segment g;
+  std::memset(static_cast<void*>(&g), 0, sizeof(g));
+  alignas(64) uint8_t perm[64], shift[64];
+  for (int k = 0; k < 8; ++k)
+    for (int j = 0; j < 8; ++j) {
+      perm[8 * k + j] = static_cast<uint8_t>(k * b + j);
+      shift[8 * k + j] = static_cast<uint8_t>(j * b);
+    }
+  g.start = start;
+  g.n = n;
+  g.b = b;
+  g.byte0 = byte0;
+  g.ngroups = (n + 63) / 64;
+  for (int gi = 0; gi < g.ngroups && gi < 8; ++gi) {
+    const int codes = n - 64 * gi < 64 ? n - 64 * gi : 64;
+    const int bytes = codes * b / 8;
+    g.lmask[gi] = bytes >= 64 ? ~static_cast<__mmask64>(0) : (static_cast<__mmask64>(1) << bytes) - 1;
+    g.nch[gi] = codes / 16;
+  }
+  g.perm = _mm512_load_si512(perm);
+  g.shift = _mm512_load_si512(shift);
+  g.mask = _mm512_set1_epi8(static_cast<char>((1 << b) - 1));
+  g.cb0 = g.cb1 = _mm512_setzero_ps();
+  g.cent = cent;
+  if (cent) {
+    const int w = 1 << b;
+    g.cb0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(w >= 16 ? 0xffffu : (1u << w) - 1u), cent);
+    if (w > 16) g.cb1 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(w >= 32 ? 0xffffu : (1u << (w - 16)) - 1u), cent + 16);
+  }
+  return g;
 }
 
 RowDecoder make_decoder(const CodecDesc& c) {
   RowDecoder r;
   std::memset(static_cast<void*>(&r), 0, sizeof(r));
   r.c = &c;
+  const bool fits = c.dim <= 512;  // 8 groups of 64 codes per segment
   if (c.kind == kTurboQuant) {
-    const bool ok = c.b0 <= 4 && c.b1 <= 4 && c.n0 % 16 == 0 && (c.dim - c.n0) % 16 == 0;
-    if (ok) {
+    if (fits && c.n0 % 16 == 0 && (c.dim - c.n0) % 16 == 0) {
       r.mode = 1;
-      r.cb0 = load_codebook(c.cent0, c.b0);
-      r.cb1 = load_codebook(c.cent1, c.b1);
-      shifts_for(c.b0, &r.sh0, &r.sh0a, &r.sh0b, &r.msk0);
-      shifts_for(c.b1, &r.sh1, &r.sh1a, &r.sh1b, &r.msk1);
+      r.nseg = c.n0 < c.dim ? 2 : 1;
+      r.seg[0] = make_segment(0, c.n0, c.b0, 0, c.cent0);
+      if (r.nseg == 2) r.seg[1] = make_segment(c.n0, c.dim - c.n0, c.b1, c.seg1, c.cent1);
     }
   } else if (c.kind == kUniform) {
-    if ((c.b0 <= 4 || c.b0 == 8) && c.gs % 16 == 0) {
+    if (fits && c.gs % 16 == 0) {
       r.mode = 2;
-      if (c.b0 <= 4) shifts_for(c.b0, &r.sh0, &r.sh0a, &r.sh0b, &r.msk0);
+      r.nseg = 1;
+      r.seg[0] = make_segment(0, c.dim, c.b0, 0, nullptr);
     }
   } else {
     r.mode = c.kind == kBF16 ? 3 : 4;
@@ -114,59 +142,113 @@ RowDecoder make_decoder(const CodecDesc& c) {
   return r;
 }
 
-// 16 codes of b <= 4 bits starting at byte p (2b bytes): a masked load never reads past them.
-inline __m512i unpack16(const uint8_t* p, int b, __m512i sh, __m512i sha, __m512i shb, __m512i msk) {
-  const __m128i raw = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (2 * b)) - 1u), p);
-  const uint64_t w = static_cast<uint64_t>(_mm_cvtsi128_si64(raw));
-  const __m512i lo = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(w)));
-  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(w >> 32)));
-  const __m512i c = _mm512_or_si512(_mm512_or_si512(_mm512_srlv_epi32(lo, sh), _mm512_sllv_epi32(hi, sha)),
-                                    _mm512_srlv_epi32(hi, shb));
-  return _mm512_and_si512(c, msk);
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
 }
 
-inline void decode_row(const RowDecoder& r, const uint8_t* row, float* y) {
+// Codebook lookup of 16 codes: a register permute for up to 32 entries, a gather beyond.
+template <int B>
+inline __m512 lookup(const Segment& g, __m512i idx) {
+  if (B <= 4) return _mm512_permutexvar_ps(idx, g.cb0);
+  if (B == 5) return _mm512_permutex2var_ps(g.cb0, idx, g.cb1);
+  return _mm512_i32gather_ps(idx, g.cent, 4);
+}
+
+// Values of one segment of one row: TurboQuant centroids (MODE 1) or uniform q * scale + min (MODE 2).
+template <int B, int MODE>
+inline void decode_segment(const Segment& g, const CodecDesc& c, const uint8_t* row, float* y) {
+  const uint8_t* src = row + g.byte0;
+  for (int gi = 0; gi < g.ngroups; ++gi) {
+    __m512i x = _mm512_maskz_loadu_epi8(g.lmask[gi], src + 8 * B * gi);
+    x = _mm512_and_si512(_mm512_multishift_epi64_epi8(g.shift, _mm512_permutexvar_epi8(g.perm, x)), g.mask);
+    float* out = y + g.start + 64 * gi;
+    const int nch = g.nch[gi];
+    __m512i idx[4];
+    idx[0] = _mm512_cvtepu8_epi32(_mm512_castsi512_si128(x));
+    if (nch > 1) idx[1] = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(x, 1));
+    if (nch > 2) idx[2] = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(x, 2));
+    if (nch > 3) idx[3] = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(x, 3));
+    for (int ch = 0; ch < nch; ++ch) {
+      if (MODE == 1) {
+        _mm512_store_ps(out + 16 * ch, lookup<B>(g, idx[ch]));
+      } else {
+        const uint8_t* m = row + c.meta + 4 * ((g.start + 64 * gi + 16 * ch) / c.gs);
+        // multiply then add, as the reference does (no fused rounding)
+        _mm512_store_ps(out + 16 * ch, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(idx[ch]), _mm512_set1_ps(half_at(m))),
+                                                     _mm512_set1_ps(half_at(m + 2))));
+      }
+    }
+  }
+}
+
+template <int MODE>
+inline void decode_segment_bits(const Segment& g, const CodecDesc& c, const uint8_t* row, float* y) {
+  switch (g.b) {
+    case 1: decode_segment<1, MODE>(g, c, row, y); break;
+    case 2: decode_segment<2, MODE>(g, c, row, y); break;
+    case 3: decode_segment<3, MODE>(g, c, row, y); break;
+    case 4: decode_segment<4, MODE>(g, c, row, y); break;
+    case 5: decode_segment<5, MODE>(g, c, row, y); break;
+    case 6: decode_segment<6, MODE>(g, c, row, y); break;
+    case 7: decode_segment<7, MODE>(g, c, row, y); break;
+    default: decode_segment<8, MODE>(g, c, row, y); break;
+  }
+}
+
+// Decodes the rows at ptrs[jj] + offset (jj < n) into out rows of stride dp (rotated domain) and writes
+// the factor each row's values still need into scales[jj]: TurboQuant's scale (applied to a whole tile of
+// scores or weights at once), 1 for the other codecs. The mode is dispatched once per tile.
+inline void decode_tile(const RowDecoder& r, const uint8_t* const* ptrs, int n, int offset, float* out, int64_t dp,
+                        float* scales) {
   const CodecDesc& c = *r.c;
   const int d = c.dim;
   switch (r.mode) {
-    case 1: {
-      const __m512 s = _mm512_set1_ps(tq_scale(c, row));
-      const int c0 = c.n0 / 16;
-      for (int ch = 0; ch < c0; ++ch) {
-        const __m512i idx = unpack16(row + 2 * c.b0 * ch, c.b0, r.sh0, r.sh0a, r.sh0b, r.msk0);
-        _mm512_store_ps(y + 16 * ch, _mm512_mul_ps(_mm512_permutexvar_ps(idx, r.cb0), s));
-      }
-      for (int ch = 0; ch < (d - c.n0) / 16; ++ch) {
-        const __m512i idx = unpack16(row + c.seg1 + 2 * c.b1 * ch, c.b1, r.sh1, r.sh1a, r.sh1b, r.msk1);
-        _mm512_store_ps(y + c.n0 + 16 * ch, _mm512_mul_ps(_mm512_permutexvar_ps(idx, r.cb1), s));
+    case 1:
+      for (int jj = 0; jj < n; ++jj) {
+        const uint8_t* row = ptrs[jj] + offset;
+        decode_segment_bits<1>(r.seg[0], c, row, out + jj * dp);
+        if (r.nseg == 2) decode_segment_bits<1>(r.seg[1], c, row, out + jj * dp);
+        scales[jj] = half_at(row + c.meta);
       }
       return;
-    }
-    case 2: {
-      for (int ch = 0; ch < d / 16; ++ch) {
-        const uint8_t* m = row + c.meta + 4 * ((16 * ch) / c.gs);
-        const __m512 s = _mm512_set1_ps(f16_to_f32(static_cast<uint16_t>(m[0] | (m[1] << 8))));
-        const __m512 mn = _mm512_set1_ps(f16_to_f32(static_cast<uint16_t>(m[2] | (m[3] << 8))));
-        const __m512i q = c.b0 == 8 ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * ch)))
-                                    : unpack16(row + 2 * c.b0 * ch, c.b0, r.sh0, r.sh0a, r.sh0b, r.msk0);
-        // multiply then add, as the reference does (no fused rounding)
-        _mm512_store_ps(y + 16 * ch, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), s), mn));
+    case 2:
+      for (int jj = 0; jj < n; ++jj) {
+        decode_segment_bits<2>(r.seg[0], c, ptrs[jj] + offset, out + jj * dp);
+        scales[jj] = 1.f;
       }
       return;
-    }
     case 3:
-      for (int ch = 0; ch < d / 16; ++ch) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * ch));
-        _mm512_store_ps(y + 16 * ch, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      for (int jj = 0; jj < n; ++jj) {
+        const uint8_t* row = ptrs[jj] + offset;
+        for (int ch = 0; ch < d / 16; ++ch) {
+          const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * ch));
+          _mm512_store_ps(out + jj * dp + 16 * ch, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+        }
+        scales[jj] = 1.f;
       }
       return;
     case 4:
-      for (int ch = 0; ch < d / 16; ++ch)
-        _mm512_store_ps(y + 16 * ch, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * ch))));
+      for (int jj = 0; jj < n; ++jj) {
+        const uint8_t* row = ptrs[jj] + offset;
+        for (int ch = 0; ch < d / 16; ++ch)
+          _mm512_store_ps(out + jj * dp + 16 * ch,
+                          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * ch))));
+        scales[jj] = 1.f;
+      }
       return;
     default:
-      decode_rotated_scalar(c, row, y);
+      for (int jj = 0; jj < n; ++jj) {
+        decode_rotated_scalar(c, ptrs[jj] + offset, out + jj * dp);
+        scales[jj] = 1.f;
+      }
   }
+}
+
+// s[jj] *= f[jj] for a tile
+inline void scale_tile(float* s, const float* f) {
+  for (int g = 0; g < kTile; g += 16) _mm512_store_ps(s + g, _mm512_mul_ps(_mm512_load_ps(s + g), _mm512_load_ps(f + g)));
 }
 
 // exp for attention weights: Cody-Waite reduction to |f| <= ln2/2 and a degree-6 polynomial (relative
@@ -269,7 +351,17 @@ struct RowDecoder {
 
 RowDecoder make_decoder(const CodecDesc& c) { return RowDecoder{&c}; }
 
-inline void decode_row(const RowDecoder& r, const uint8_t* row, float* y) { decode_rotated_scalar(*r.c, row, y); }
+inline void decode_tile(const RowDecoder& r, const uint8_t* const* ptrs, int n, int offset, float* out, int64_t dp,
+                        float* scales) {
+  for (int jj = 0; jj < n; ++jj) {
+    decode_rotated_scalar(*r.c, ptrs[jj] + offset, out + jj * dp);
+    scales[jj] = 1.f;
+  }
+}
+
+inline void scale_tile(float* s, const float* f) {
+  for (int jj = 0; jj < kTile; ++jj) s[jj] *= f[jj];
+}
 
 inline void tile_scores(const float* q, const float* kt, int d, int64_t dp, int nv, float* s) {
   for (int jj = 0; jj < nv; ++jj) {
@@ -376,7 +468,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
 
   // Scratch layout (floats): Q rows, acc rows, K tile, V tile, scores, m, l, tmp (2 D), then slot copies.
   const size_t nf = static_cast<size_t>(rows) * dp * 2 + 2 * kTile * dp + static_cast<size_t>(rows) * kTile +
-                    2 * align16(rows) + 2 * dp;
+                    2 * align16(rows) + 2 * dp + 2 * kTile;
   auto* base = static_cast<float*>(tls_scratch.get(sizeof(float) * nf + kTile * (align16(span) + 64)));
   float* qr = base;
   float* acc = qr + rows * dp;
@@ -386,6 +478,8 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   float* mrow = sc + rows * kTile;
   float* lrow = mrow + align16(rows);
   float* tmp = lrow + align16(rows);
+  float* kscale = tmp + 2 * dp;  // per-token factors decode_tile leaves to the tile (TurboQuant scales)
+  float* vscale = kscale + kTile;
   uint8_t* copies = reinterpret_cast<uint8_t*>(base + nf);
   const uint8_t* ptrs[kTile];
 
@@ -407,34 +501,43 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   }
 
   const RowDecoder kd = make_decoder(a.k), vd = make_decoder(a.v);
+  const uint8_t* head_base = a.cache + static_cast<int64_t>(h) * a.sH;
+  const int32_t* bt = a.block_table + static_cast<int64_t>(s) * a.sbt;
   for (int j0 = w.c0; j0 < c_end; j0 += kTile) {
     const int n = c_end - j0 < kTile ? c_end - j0 : kTile;
+    int bi = j0 / a.block_size, off = j0 % a.block_size;
+    const uint8_t* blk = head_base + static_cast<int64_t>(bt[bi]) * a.sB;
     for (int jj = 0; jj < n; ++jj) {
-      const int j = j0 + jj;
-      const int64_t blk = a.block_table[static_cast<int64_t>(s) * a.sbt + j / a.block_size];
-      const uint8_t* p = a.cache + blk * a.sB + static_cast<int64_t>(h) * a.sH + static_cast<int64_t>(j % a.block_size) * a.sT;
+      const uint8_t* p = blk + static_cast<int64_t>(off) * a.sT;
+      if (++off == a.block_size && jj + 1 < n) {
+        off = 0;
+        blk = head_base + static_cast<int64_t>(bt[++bi]) * a.sB;
+      }
       if (!packed) {  // strided slot bytes: gather the slot into a contiguous copy first
         uint8_t* c = copies + jj * (align16(span) + 64);
         for (int64_t b = 0; b < span; ++b) c[b] = p[b * a.sC];
         p = c;
       }
       ptrs[jj] = p;
-      decode_row(kd, p, kt + jj * dp);
     }
+    decode_tile(kd, ptrs, n, 0, kt, dp, kscale);
     for (int qi = 0; qi < nq; ++qi) {
       const int nv = first_pos + qi - j0 + 1 < n ? first_pos + qi - j0 + 1 : n;  // causal: keys j <= position
+      if (nv <= 0) continue;
       for (int gi = 0; gi < g; ++gi) {
-        const int r = qi * g + gi;
-        if (nv > 0) tile_scores(qr + r * dp, kt, d, dp, nv, sc + r * kTile);
+        float* sr = sc + (qi * g + gi) * kTile;
+        tile_scores(qr + (qi * g + gi) * dp, kt, d, dp, nv, sr);
+        scale_tile(sr, kscale);
       }
     }
-    for (int jj = 0; jj < n; ++jj) decode_row(vd, ptrs[jj] + a.value_offset, vt + jj * dp);
+    decode_tile(vd, ptrs, n, a.value_offset, vt, dp, vscale);
     for (int qi = 0; qi < nq; ++qi) {
       const int nv = first_pos + qi - j0 + 1 < n ? first_pos + qi - j0 + 1 : n;
       if (nv <= 0) continue;
       for (int gi = 0; gi < g; ++gi) {
         const int r = qi * g + gi;
         const float alpha = softmax_tile(sc + r * kTile, nv, mrow + r, lrow + r);
+        scale_tile(sc + r * kTile, vscale);  // after the normalizer took the weights: V's per-token scales
         tile_accumulate(acc + r * dp, alpha, sc + r * kTile, vt, d, dp, nv);
       }
     }
