@@ -156,44 +156,50 @@ inline __m512 lookup(const Segment& g, __m512i idx) {
   return _mm512_i32gather_ps(idx, g.cent, 4);
 }
 
-// Values of one segment of one row: TurboQuant centroids (MODE 1) or uniform q * scale + min (MODE 2).
+// Values of one segment of every row of a tile: TurboQuant centroids (MODE 1) or uniform q * scale + min
+// (MODE 2), rows ptrs[jj] + offset written to out + jj * dp.
 template <int B, int MODE>
-inline void decode_segment(const Segment& g, const CodecDesc& c, const uint8_t* row, float* y) {
-  const uint8_t* src = row + g.byte0;
-  for (int gi = 0; gi < g.ngroups; ++gi) {
-    __m512i x = _mm512_maskz_loadu_epi8(g.lmask[gi], src + 8 * B * gi);
-    x = _mm512_and_si512(_mm512_multishift_epi64_epi8(g.shift, _mm512_permutexvar_epi8(g.perm, x)), g.mask);
-    float* out = y + g.start + 64 * gi;
-    const int nch = g.nch[gi];
-    __m512i idx[4];
-    idx[0] = _mm512_cvtepu8_epi32(_mm512_castsi512_si128(x));
-    if (nch > 1) idx[1] = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(x, 1));
-    if (nch > 2) idx[2] = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(x, 2));
-    if (nch > 3) idx[3] = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(x, 3));
-    for (int ch = 0; ch < nch; ++ch) {
-      if (MODE == 1) {
-        _mm512_store_ps(out + 16 * ch, lookup<B>(g, idx[ch]));
-      } else {
-        const uint8_t* m = row + c.meta + 4 * ((g.start + 64 * gi + 16 * ch) / c.gs);
-        // multiply then add, as the reference does (no fused rounding)
-        _mm512_store_ps(out + 16 * ch, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(idx[ch]), _mm512_set1_ps(half_at(m))),
+inline void decode_segment_tile(const Segment& g, const CodecDesc& c, const uint8_t* const* ptrs, int n, int offset,
+                                float* out, int64_t dp) {
+  const __m512i perm = g.perm, shift = g.shift, mask = g.mask;
+  for (int jj = 0; jj < n; ++jj) {
+    const uint8_t* row = ptrs[jj] + offset;
+    for (int gi = 0; gi < g.ngroups; ++gi) {
+      __m512i x = _mm512_maskz_loadu_epi8(g.lmask[gi], row + g.byte0 + 8 * B * gi);
+      x = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, x)), mask);
+      float* y = out + jj * dp + g.start + 64 * gi;
+      const int nch = g.nch[gi];
+      auto emit = [&](__m128i codes, int ch) {
+        const __m512i idx = _mm512_cvtepu8_epi32(codes);
+        if (MODE == 1) {
+          _mm512_store_ps(y + 16 * ch, lookup<B>(g, idx));
+        } else {
+          const uint8_t* m = row + c.meta + 4 * ((g.start + 64 * gi + 16 * ch) / c.gs);
+          // multiply then add, as the reference does (no fused rounding)
+          _mm512_store_ps(y + 16 * ch, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(idx), _mm512_set1_ps(half_at(m))),
                                                      _mm512_set1_ps(half_at(m + 2))));
-      }
+        }
+      };
+      emit(_mm512_castsi512_si128(x), 0);
+      if (nch > 1) emit(_mm512_extracti32x4_epi32(x, 1), 1);
+      if (nch > 2) emit(_mm512_extracti32x4_epi32(x, 2), 2);
+      if (nch > 3) emit(_mm512_extracti32x4_epi32(x, 3), 3);
     }
   }
 }
 
 template <int MODE>
-inline void decode_segment_bits(const Segment& g, const CodecDesc& c, const uint8_t* row, float* y) {
+inline void decode_segment_bits(const Segment& g, const CodecDesc& c, const uint8_t* const* ptrs, int n, int offset,
+                                float* out, int64_t dp) {
   switch (g.b) {
-    case 1: decode_segment<1, MODE>(g, c, row, y); break;
-    case 2: decode_segment<2, MODE>(g, c, row, y); break;
-    case 3: decode_segment<3, MODE>(g, c, row, y); break;
-    case 4: decode_segment<4, MODE>(g, c, row, y); break;
-    case 5: decode_segment<5, MODE>(g, c, row, y); break;
-    case 6: decode_segment<6, MODE>(g, c, row, y); break;
-    case 7: decode_segment<7, MODE>(g, c, row, y); break;
-    default: decode_segment<8, MODE>(g, c, row, y); break;
+    case 1: decode_segment_tile<1, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 2: decode_segment_tile<2, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 3: decode_segment_tile<3, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 4: decode_segment_tile<4, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 5: decode_segment_tile<5, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 6: decode_segment_tile<6, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 7: decode_segment_tile<7, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    default: decode_segment_tile<8, MODE>(g, c, ptrs, n, offset, out, dp); break;
   }
 }
 
@@ -206,18 +212,12 @@ inline void decode_tile(const RowDecoder& r, const uint8_t* const* ptrs, int n, 
   const int d = c.dim;
   switch (r.mode) {
     case 1:
-      for (int jj = 0; jj < n; ++jj) {
-        const uint8_t* row = ptrs[jj] + offset;
-        decode_segment_bits<1>(r.seg[0], c, row, out + jj * dp);
-        if (r.nseg == 2) decode_segment_bits<1>(r.seg[1], c, row, out + jj * dp);
-        scales[jj] = half_at(row + c.meta);
-      }
+      for (int si = 0; si < r.nseg; ++si) decode_segment_bits<1>(r.seg[si], c, ptrs, n, offset, out, dp);
+      for (int jj = 0; jj < n; ++jj) scales[jj] = half_at(ptrs[jj] + offset + c.meta);
       return;
     case 2:
-      for (int jj = 0; jj < n; ++jj) {
-        decode_segment_bits<2>(r.seg[0], c, ptrs[jj] + offset, out + jj * dp);
-        scales[jj] = 1.f;
-      }
+      decode_segment_bits<2>(r.seg[0], c, ptrs, n, offset, out, dp);
+      for (int jj = 0; jj < n; ++jj) scales[jj] = 1.f;
       return;
     case 3:
       for (int jj = 0; jj < n; ++jj) {
@@ -277,12 +277,15 @@ constexpr int kHsumOrder[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11
 
 inline __m512 hsum16(const __m512* v) {
   __m512 w[8], x[4], y[2];
+#pragma GCC unroll 8
   for (int k = 0; k < 8; ++k)
     w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
                          _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+#pragma GCC unroll 4
   for (int k = 0; k < 4; ++k)
     x[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88),
                          _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
+#pragma GCC unroll 2
   for (int k = 0; k < 2; ++k)
     y[k] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * k], x[2 * k + 1], 0x44), _mm512_shuffle_ps(x[2 * k], x[2 * k + 1], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
@@ -292,9 +295,11 @@ inline __m512 hsum16(const __m512* v) {
 inline void tile_scores(const float* q, const float* kt, int d, int64_t dp, int nv, float* s) {
   for (int g = 0; g < nv; g += 16) {
     __m512 acc[16];
+#pragma GCC unroll 16
     for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
     for (int ch = 0; ch < d; ch += 16) {
       const __m512 qv = _mm512_load_ps(q + ch);
+#pragma GCC unroll 16
       for (int u = 0; u < 16; ++u)
         acc[kHsumOrder[u]] = _mm512_fmadd_ps(qv, _mm512_load_ps(kt + (g + u) * dp + ch), acc[kHsumOrder[u]]);
     }
@@ -327,19 +332,52 @@ inline float softmax_tile(float* s, int nv, float* m, float* l) {
   return alpha;
 }
 
+// acc[0 .. 16 NC) = acc * alpha + sum_jj p[jj] vt[jj][0 .. 16 NC): NC is a constant so the accumulators stay
+// in registers.
+template <int NC>
+inline void accumulate_chunks(float* acc, __m512 al, const float* p, const float* vt, int64_t dp, int nv) {
+  // Two accumulator sets (even and odd tokens): one chain of dependent FMAs per chunk would wait on the
+  // FMA latency, not its throughput.
+  __m512 a[NC], b[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) {
+    a[c] = _mm512_mul_ps(_mm512_load_ps(acc + 16 * c), al);
+    b[c] = _mm512_setzero_ps();
+  }
+  int jj = 0;
+  for (; jj + 1 < nv; jj += 2) {
+    const __m512 p0 = _mm512_set1_ps(p[jj]), p1 = _mm512_set1_ps(p[jj + 1]);
+    const float* v0 = vt + jj * dp;
+    const float* v1 = v0 + dp;
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      a[c] = _mm512_fmadd_ps(p0, _mm512_load_ps(v0 + 16 * c), a[c]);
+      b[c] = _mm512_fmadd_ps(p1, _mm512_load_ps(v1 + 16 * c), b[c]);
+    }
+  }
+  if (jj < nv) {
+    const __m512 p0 = _mm512_set1_ps(p[jj]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(p0, _mm512_load_ps(vt + jj * dp + 16 * c), a[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) _mm512_store_ps(acc + 16 * c, _mm512_add_ps(a[c], b[c]));
+}
+
 // acc = acc * alpha + sum_jj p[jj] vt[jj]
 inline void tile_accumulate(float* acc, float alpha, const float* p, const float* vt, int d, int64_t dp, int nv) {
   const __m512 al = _mm512_set1_ps(alpha);
-  for (int c0 = 0; c0 < d; c0 += 128) {
-    const int nc = (d - c0 < 128 ? d - c0 : 128) / 16;
-    __m512 a[8];
-    for (int c = 0; c < nc; ++c) a[c] = _mm512_mul_ps(_mm512_load_ps(acc + c0 + 16 * c), al);
-    for (int jj = 0; jj < nv; ++jj) {
-      const __m512 pv = _mm512_set1_ps(p[jj]);
-      const float* v = vt + jj * dp + c0;
-      for (int c = 0; c < nc; ++c) a[c] = _mm512_fmadd_ps(pv, _mm512_load_ps(v + 16 * c), a[c]);
-    }
-    for (int c = 0; c < nc; ++c) _mm512_store_ps(acc + c0 + 16 * c, a[c]);
+  int c0 = 0;
+  for (; d - c0 >= 128; c0 += 128) accumulate_chunks<8>(acc + c0, al, p, vt + c0, dp, nv);
+  switch ((d - c0) / 16) {
+    case 1: accumulate_chunks<1>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 2: accumulate_chunks<2>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 3: accumulate_chunks<3>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 4: accumulate_chunks<4>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 5: accumulate_chunks<5>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 6: accumulate_chunks<6>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 7: accumulate_chunks<7>(acc + c0, al, p, vt + c0, dp, nv); break;
+    default: break;
   }
 }
 
