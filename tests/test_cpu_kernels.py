@@ -261,7 +261,8 @@ def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="cont
 
 
 DECODE = ([37, 50, 1, 16], [1, 1, 1, 1])
-# prefill, chunked prefill, decodes at odd and block-boundary lengths, a sequence with no new tokens
+# prefill, chunked prefill, decodes at odd and block-boundary lengths, a sequence with no new tokens; the
+# 70-token chunk takes the dense path (kc.DENSE_PREFILL_FROM), the others the fused kernel
 MIXED = ([9, 7, 41, 32, 5, 90], [1, 7, 6, 1, 0, 70])
 
 
@@ -288,7 +289,7 @@ def test_attention_gqa_ratios(hq, hk, gen):
 @pytest.mark.parametrize("d,cid", [(32, "turboquant4"), (128, "turboquant3"), (128, "turboquant3.5"), (128, "uniform4"),
                                    (80, "turboquant3.5"), (96, "turboquant4"), (80, "bf16")])
 def test_attention_head_dims(d, cid, isa, gen):
-    _attn_case(uniform_fmt(cid, d, 2), 4, [20, 9, 70], [1, 4, 1], gen, isa=isa, t=8)
+    _attn_case(uniform_fmt(cid, d, 2), 4, [20, 9, 70, 45], [1, 4, 1, 40], gen, isa=isa, t=8)
 
 
 @pytest.mark.parametrize("layout", ["token-major", "byte-stride-2"])
@@ -358,5 +359,5 @@ def test_opcheck(gen):
     q = torch.randn(2, 4, 64, generator=gen)
     out = torch.zeros_like(q)
     args = (q, out, cache, torch.tensor([[0, 1], [1, 0]], dtype=torch.int32), torch.tensor([5, 3], dtype=torch.int32),
-            torch.tensor([0, 1, 2], dtype=torch.int32), heads, vo, 0.125, ks, kt, vs, vt, None, None, 0, 0)
+            torch.tensor([0, 1, 2], dtype=torch.int32), heads, vo, 0.125, ks, kt, vs, vt, None, None, 0, 0, 0)
     torch.library.opcheck(torch.ops.vllm_kvq_cpu.paged_attention.default, args)

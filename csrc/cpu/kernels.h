@@ -72,6 +72,7 @@ struct AttnArgs {
   void store_range(const StoreArgs& a, int64_t begin, int64_t end);                           \
   void attend_item(const AttnArgs& a, const WorkItem& w);                                     \
   void merge_splits(const AttnArgs& a, int splits, const int32_t* rows, int64_t begin, int64_t end); \
+  void decode_context(const AttnArgs& a, int s, int hslot, int c0, int c1, float* kout, float* vout); \
   bool supports(const CodecDesc& k, const CodecDesc& v, int head_dim);                        \
   }
 

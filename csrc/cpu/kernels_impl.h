@@ -601,6 +601,43 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   }
 }
 
+void decode_context(const AttnArgs& a, int s, int hslot, int c0, int c1, float* kout, float* vout) {
+  const int d = a.head_dim;
+  const int h = a.heads[hslot];
+  const int64_t span = a.value_offset + a.v.nbytes;
+  auto* base = static_cast<uint8_t*>(tls_scratch.get(2 * kTile * sizeof(float) + kTile * (align16(span) + 64)));
+  float* ks = reinterpret_cast<float*>(base);
+  float* vs = ks + kTile;
+  uint8_t* copies = base + 2 * kTile * sizeof(float);
+  const uint8_t* ptrs[kTile];
+  const RowDecoder kd = make_decoder(a.k), vd = make_decoder(a.v);
+  const uint8_t* head_base = a.cache + static_cast<int64_t>(h) * a.sH;
+  const int32_t* bt = a.block_table + static_cast<int64_t>(s) * a.sbt;
+  for (int j0 = c0; j0 < c1; j0 += kTile) {
+    const int n = c1 - j0 < kTile ? c1 - j0 : kTile;
+    for (int jj = 0; jj < n; ++jj) {
+      const int j = j0 + jj;
+      const uint8_t* p = head_base + static_cast<int64_t>(bt[j / a.block_size]) * a.sB +
+                         static_cast<int64_t>(j % a.block_size) * a.sT;
+      if (a.sC != 1) {
+        uint8_t* c = copies + jj * (align16(span) + 64);
+        for (int64_t b = 0; b < span; ++b) c[b] = p[b * a.sC];
+        p = c;
+      }
+      ptrs[jj] = p;
+    }
+    float* ko = kout + static_cast<int64_t>(j0 - c0) * d;
+    float* vo = vout + static_cast<int64_t>(j0 - c0) * d;
+    decode_tile(kd, ptrs, n, 0, ko, d, ks);
+    decode_tile(vd, ptrs, n, a.value_offset, vo, d, vs);
+    for (int jj = 0; jj < n; ++jj)
+      for (int i = 0; i < d; ++i) {
+        ko[jj * d + i] *= ks[jj];
+        vo[jj * d + i] *= vs[jj];
+      }
+  }
+}
+
 void merge_splits(const AttnArgs& a, int splits, const int32_t* tok_rows, int64_t begin, int64_t end) {
   const int d = a.head_dim, g = a.group;
   auto* f = static_cast<float*>(tls_scratch.get(sizeof(float) * 3 * align16(d)));

@@ -192,7 +192,7 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
                      const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& heads,
                      int64_t value_offset, double scale, at::IntArrayRef k_spec, at::TensorList k_tabs,
                      at::IntArrayRef v_spec, at::TensorList v_tabs, const c10::optional<at::Tensor>& k_scale,
-                     const c10::optional<at::Tensor>& v_shift, int64_t num_splits, int64_t isa) {
+                     const c10::optional<at::Tensor>& v_shift, int64_t num_splits, int64_t skip_from, int64_t isa) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && out.sizes() == query.sizes() && out.stride(2) == 1 &&
                   out.scalar_type() == query.scalar_type() && query.device().is_cpu(),
               "vllm_kvq_cpu::paged_attention: query/out must be CPU (N, Hq, D) of one dtype, last dim contiguous");
@@ -277,6 +277,7 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
   std::vector<int64_t> cost;
   for (int64_t s = 0; s < s_count; ++s) {
     const int q0 = a.qsl[s], q1 = a.qsl[s + 1], len = a.seq_lens[s];
+    if (skip_from > 0 && q1 - q0 >= skip_from) continue;  // the caller attends these (long prefills) itself
     for (int h = 0; h < a.gh; ++h) {
       if (q1 - q0 == 1 && splits > 1) {
         for (int64_t sp = 0; sp < splits; ++sp) {
@@ -316,6 +317,81 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
   }
 }
 
+// Decodes context tokens [0, length) of sequence seq for the head group into float32 (gh, length, D) K and V
+// in the codecs' rotated domains (scales applied): the operands of a dense attention for long prefills.
+void decode_context(const at::Tensor& cache, const at::Tensor& block_table, int64_t seq, int64_t length,
+                    const at::Tensor& heads, int64_t value_offset, at::IntArrayRef k_spec, at::TensorList k_tabs,
+                    at::IntArrayRef v_spec, at::TensorList v_tabs, at::Tensor& k_out, at::Tensor& v_out, int64_t isa) {
+  check_cache(cache);
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.stride(1) == 1 &&
+                  seq >= 0 && seq < block_table.size(0) && length >= 0 &&
+                  length <= block_table.size(1) * cache.size(2),
+              "vllm_kvq_cpu::decode_context: bad block_table, seq or length");
+  check_heads(heads, cache.size(1));
+  const int64_t gh = heads.numel();
+  AttnArgs a{};
+  a.k = codec_of(k_spec, k_tabs);
+  a.v = codec_of(v_spec, v_tabs);
+  const int64_t d = a.k.dim;
+  for (const at::Tensor* t : {&k_out, &v_out})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == gh &&
+                    t->size(1) == length && t->size(2) == d,
+                "vllm_kvq_cpu::decode_context: outputs must be contiguous float32 (", gh, ", ", length, ", ", d, ")");
+  TORCH_CHECK(a.v.dim == d && value_offset == a.k.nbytes && value_offset + a.v.nbytes <= cache.size(3),
+              "vllm_kvq_cpu::decode_context: codec sizes do not match the cache slot");
+  a.cache = cache.data_ptr<uint8_t>();
+  a.sB = cache.stride(0);
+  a.sH = cache.stride(1);
+  a.sT = cache.stride(2);
+  a.sC = cache.stride(3);
+  a.block_table = block_table.data_ptr<int32_t>();
+  a.sbt = block_table.stride(0);
+  a.heads = heads.data_ptr<int32_t>();
+  a.gh = static_cast<int>(gh);
+  a.block_size = static_cast<int>(cache.size(2));
+  a.head_dim = static_cast<int>(d);
+  a.value_offset = static_cast<int>(value_offset);
+  const bool simd = use_avx512(isa) && kvq::cpu::avx512::supports(a.k, a.v, a.head_dim);
+  constexpr int64_t kPiece = 256;
+  const int64_t pieces = (length + kPiece - 1) / kPiece;
+  float* ko = k_out.data_ptr<float>();
+  float* vo = v_out.data_ptr<float>();
+  at::parallel_for(0, gh * pieces, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int hs = static_cast<int>(i / pieces);
+      const int c0 = static_cast<int>((i % pieces) * kPiece);
+      const int c1 = static_cast<int>(std::min<int64_t>(length, c0 + kPiece));
+      float* kp = ko + (hs * length + c0) * d;
+      float* vp = vo + (hs * length + c0) * d;
+      if (simd)
+        kvq::cpu::avx512::decode_context(a, static_cast<int>(seq), hs, c0, c1, kp, vp);
+      else
+        kvq::cpu::portable::decode_context(a, static_cast<int>(seq), hs, c0, c1, kp, vp);
+    }
+  });
+}
+
+// y = R x (or R^T x with inverse) row by row for a codec's rotation: x, y contiguous float32 (M, D).
+void rotate(const at::Tensor& x, at::Tensor& y, at::IntArrayRef spec, at::TensorList tabs, bool inverse) {
+  const CodecDesc c = codec_of(spec, tabs);
+  for (const at::Tensor* t : {&x, static_cast<const at::Tensor*>(&y)})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(1) == c.dim,
+                "vllm_kvq_cpu::rotate: x and y must be contiguous float32 (M, ", c.dim, ")");
+  TORCH_CHECK(x.size(0) == y.size(0) && x.data_ptr() != y.data_ptr(), "vllm_kvq_cpu::rotate: y must be a separate (M, D)");
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t d = c.dim;
+  at::parallel_for(0, x.size(0), 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (inverse)
+        kvq::rotate_inverse(c.rot, xp + i * d, yp + i * d);
+      else
+        kvq::rotate_apply(c.rot, xp + i * d, yp + i * d);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vllm_kvq_cpu, m) {
@@ -326,11 +402,18 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
   m.def(
       "paged_attention(Tensor query, Tensor(a!) out, Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor query_start_loc, Tensor heads, int value_offset, float scale, int[] k_spec, Tensor[] k_tabs, "
-      "int[] v_spec, Tensor[] v_tabs, Tensor? k_scale, Tensor? v_shift, int num_splits, int isa) -> ()");
+      "int[] v_spec, Tensor[] v_tabs, Tensor? k_scale, Tensor? v_shift, int num_splits, int skip_from, int isa) -> ()");
+  m.def(
+      "decode_context(Tensor cache, Tensor block_table, int seq, int length, Tensor heads, int value_offset, "
+      "int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, Tensor(a!) k_out, Tensor(b!) v_out, "
+      "int isa) -> ()");
+  m.def("rotate(Tensor x, Tensor(a!) y, int[] spec, Tensor[] tabs, bool inverse) -> ()");
   m.def("best_isa() -> str", &best_isa);
 }
 
 TORCH_LIBRARY_IMPL(vllm_kvq_cpu, CPU, m) {
   m.impl("store", &store);
   m.impl("paged_attention", &paged_attention);
+  m.impl("decode_context", &decode_context);
+  m.impl("rotate", &rotate);
 }

@@ -26,6 +26,10 @@ from vllm_kvq.kv_format import KVFormat
 logger = logging.getLogger(__name__)
 
 ISAS = {"best": 0, "portable": 1, "avx512": 2}
+# Prefill chunks of at least this many query tokens attend through torch's scaled_dot_product_attention over
+# the context decoded once to the rotated domain (its CPU flash kernel uses the machine's bf16 matrix units);
+# shorter ones (decodes, small chunks) run the fused native kernel.
+DENSE_PREFILL_FROM = 32
 _ROTATIONS = {"identity": 0, "hadamard": 1, "haar": 2}
 MAX_HEAD_SIZE = 1024
 
@@ -40,7 +44,8 @@ def _load() -> str | None:
         torch.ops.load_library(spec.origin)
     except (OSError, RuntimeError) as e:
         return f"the CPU extension {spec.origin} does not load ({e})"
-    for name in ("vllm_kvq_cpu::store", "vllm_kvq_cpu::paged_attention"):
+    for name in ("vllm_kvq_cpu::store", "vllm_kvq_cpu::paged_attention", "vllm_kvq_cpu::decode_context",
+                 "vllm_kvq_cpu::rotate"):
         try:  # both ops only mutate their arguments: nothing to compute for fake tensors
             torch.library.register_fake(name)(lambda *args, **kwargs: None)
         except RuntimeError:  # already registered by an earlier load in this process
@@ -202,10 +207,62 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         block_table.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     qsl = query_start_loc.to(torch.int32).contiguous()
-    for heads, vo, _, ks, kt, vs, vt in _group_args(fmt):
+    q_lens = qsl[1:] - qsl[:-1]
+    dense = [] if int(q_lens.max()) < DENSE_PREFILL_FROM else \
+        [int(i) for i in torch.nonzero(q_lens >= DENSE_PREFILL_FROM).flatten()]
+    skip_from = DENSE_PREFILL_FROM if dense else 0
+    for g, (heads, vo, _, ks, kt, vs, vt) in zip(fmt.groups, _group_args(fmt)):
         torch.ops.vllm_kvq_cpu.paged_attention(query, out, cache, bt, seq_lens, qsl, heads, vo, float(scale), ks, kt,
-                                               vs, vt, fmt.k_scale, fmt.v_shift, num_splits or 0, code)
+                                               vs, vt, fmt.k_scale, fmt.v_shift, num_splits or 0, skip_from, code)
+        for s in dense:
+            _dense_prefill(query, out, cache, bt, int(seq_lens[s]), int(qsl[s]), int(qsl[s + 1]), s, g,
+                           (heads, vo, ks, kt, vs, vt), fmt, scale, code)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _rotation_matrix(key: tuple, codec: VectorCodec) -> torch.Tensor | None:
+    return None if codec.rotation.kind == "identity" else codec.rotation.matrix(dtype=torch.float32).contiguous()
+
+
+def _rotate(x: torch.Tensor, codec: VectorCodec, *, inverse: bool) -> torch.Tensor:
+    """(M, D) float32 rows rotated by a codec's rotation (R x, or R^T x when ``inverse``): one GEMM, which for
+    thousands of prefill rows beats a per-row fast transform."""
+    r = _rotation_matrix(codec.key, codec)
+    if r is None:
+        return x
+    return x @ r if inverse else x @ r.T
+
+
+def _dense_prefill(query, out, cache, bt, length: int, q0: int, q1: int, seq: int, g, args, fmt: KVFormat,
+                   scale: float, code: int) -> None:
+    """One long prefill chunk of one head group: decode the context once (rotated domain), attend it with
+    torch's SDPA, rotate the output back. Same math as the fused kernel, different summation order."""
+    heads, vo, ks, kt, vs, vt = args
+    gh, d = len(g.heads), fmt.head_size
+    group = query.shape[1] // fmt.num_kv_heads
+    k_rot = torch.empty(gh, length, d)
+    v_rot = torch.empty(gh, length, d)
+    torch.ops.vllm_kvq_cpu.decode_context(cache, bt, seq, length, heads, vo, ks, kt, vs, vt, k_rot, v_rot, code)
+    ql = q1 - q0
+    qidx = (heads.long()[:, None] * group + torch.arange(group)).reshape(-1)  # this group's query heads
+    q = query[q0:q1].index_select(1, qidx).float()  # (ql, gh * G, D)
+    hidx = heads.long().repeat_interleave(group)
+    if fmt.k_scale is not None:
+        q = q * fmt.k_scale[hidx]
+    q_rot = _rotate(q.reshape(-1, d), g.key, inverse=False).reshape(ql, gh * group, d)
+    dt = torch.float32 if query.dtype == torch.float32 else torch.bfloat16
+    q4 = q_rot.transpose(0, 1).unsqueeze(0).to(dt)
+    k4, v4 = k_rot.unsqueeze(0).to(dt), v_rot.unsqueeze(0).to(dt)
+    if ql == length:
+        o = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=True)
+    else:  # a chunk continuing a prefill: query i sits at position length - ql + i
+        mask = torch.arange(length)[None, :] <= torch.arange(length - ql, length)[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=True)
+    o = _rotate(o[0].transpose(0, 1).reshape(-1, d).float(), g.value, inverse=True).reshape(ql, gh * group, d)
+    if fmt.v_shift is not None:
+        o = o + fmt.v_shift[hidx]
+    out[q0:q1].index_copy_(1, qidx, o.to(out.dtype))
 
 
 store.supports_calibration = True
