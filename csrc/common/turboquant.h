@@ -13,21 +13,6 @@
 
 namespace kvq {
 
-// torch.bucketize(v, thr) with right=False: how many of the n increasing thresholds are < v.
-static inline int bucketize(const float* thr, int n, float v) {
-  int lo = 0, len = n;
-  while (len > 0) {
-    const int half = len / 2;
-    if (thr[lo + half] < v) {
-      lo += half + 1;
-      len -= half + 1;
-    } else {
-      len = half;
-    }
-  }
-  return lo;
-}
-
 static inline void tq_encode(const CodecDesc& c, const float* x, uint8_t* out, int64_t stride, float* fscratch,
                              uint8_t* codes) {
   const int d = c.dim;
@@ -37,13 +22,21 @@ static inline void tq_encode(const CodecDesc& c, const float* x, uint8_t* out, i
   const float safe = norm > 1e-30f ? norm : 1e-30f;
   float* y = fscratch;
   rotate_apply(c.rot, x, y);
+  for (int i = 0; i < d; ++i) y[i] = y[i] / safe;
+  // torch.bucketize as a count of thresholds below each value: branch-free, and the loop over coordinates
+  // vectorizes (a binary search mispredicts on every level).
+  for (int i = 0; i < d; ++i) codes[i] = 0;
+  for (int k = 0; k < (1 << c.b0) - 1; ++k) {
+    const float t = c.thr0[k];
+    for (int i = 0; i < c.n0; ++i) codes[i] += y[i] > t ? 1 : 0;
+  }
+  for (int k = 0; k < (1 << c.b1) - 1 && c.n0 < d; ++k) {
+    const float t = c.thr1[k];
+    for (int i = c.n0; i < d; ++i) codes[i] += y[i] > t ? 1 : 0;
+  }
   float c2 = 0.f, yc = 0.f;
   for (int i = 0; i < d; ++i) {
-    y[i] = y[i] / safe;
-    const bool first = i < c.n0;
-    const int q = first ? bucketize(c.thr0, (1 << c.b0) - 1, y[i]) : bucketize(c.thr1, (1 << c.b1) - 1, y[i]);
-    codes[i] = static_cast<uint8_t>(q);
-    const float cv = first ? c.cent0[q] : c.cent1[q];
+    const float cv = i < c.n0 ? c.cent0[codes[i]] : c.cent1[codes[i]];
     c2 += cv * cv;
     yc += y[i] * cv;
   }
