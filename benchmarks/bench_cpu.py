@@ -11,8 +11,8 @@ cache of the same shape, and a plain read of as many bytes as our kernel must re
 bandwidth for that working set). Columns: milliseconds (median), our time / bf16 time, the bytes our kernel
 reads per second and that rate as a share of the plain read's.
 
-e2e: one vLLM engine per dtype (one process, one after another): prefill time of one prompt, and the decode
-step time (two warm generations of different lengths over a prefix-cache hit; the difference per token).
+e2e: one vLLM engine per dtype (one process each, one after another): per batch x context, the prefill time
+(the whole batch in one step) and the mean decode step time over 32 steps, from vLLM's per-request timestamps.
 serve: starts ``vllm serve`` per dtype and runs vLLM's load client on random 512-in / 64-out prompts.
 """
 
@@ -82,6 +82,8 @@ def kernel(a) -> None:
 
     if not kc.available():
         sys.exit("vllm_kvq._C_cpu is not built (pip install -e . or scripts/setup_env.sh builds it)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(0)
     print(f"threads {torch.get_num_threads()}, our ISA {kc.best_isa()}, block size {BLOCK}")
     print(f"{'model':8} {'shape':>9} {'codec':12} {'ours ms':>8} {'bf16 ms':>8} {'ours/bf16':>9} {'read ms':>8} "
@@ -119,28 +121,26 @@ def kernel(a) -> None:
 # --------------------------------------------------------------------------------------------- e2e
 
 
-def _e2e_child(model_dir: str, dtype: str, cases: list[tuple[int, int]], steps: tuple[int, int]) -> dict:
+def _e2e_child(model_dir: str, dtype: str, cases: list[tuple[int, int]], steps: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    max_len = max(ctx for _, ctx in cases) + max(steps) + 16
+    max_len = max(ctx for _, ctx in cases) + steps + 16
+    # The whole batch prefills in one step, so every later step is a pure decode step.
     llm = LLM(model=model_dir, kv_cache_dtype=dtype, enforce_eager=True, dtype="bfloat16", max_model_len=max_len,
-              enable_prefix_caching=True, seed=0, kv_cache_memory_bytes=3 << 30, max_num_seqs=16)
+              enable_prefix_caching=False, seed=0, kv_cache_memory_bytes=3 << 30, max_num_seqs=16,
+              max_num_batched_tokens=max(8192, max(b * c for b, c in cases)), disable_log_stats=False)
     rng = torch.Generator().manual_seed(0)
     vocab = llm.get_tokenizer().vocab_size
     out = {}
     for batch, ctx in cases:
         prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, vocab - 100, (ctx,), generator=rng).tolist())
                    for _ in range(batch)]
-        t0 = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
-        prefill = time.perf_counter() - t0
-        tk = []
-        for k in steps:  # prefix-cache hits: only the last partial block is recomputed
-            t0 = time.perf_counter()
-            llm.generate(prompts, SamplingParams(max_tokens=k, ignore_eos=True), use_tqdm=False)
-            tk.append(time.perf_counter() - t0)
-        out[f"{batch}x{ctx}"] = {"prefill_s": prefill, "step_ms": 1e3 * (tk[1] - tk[0]) / (steps[1] - steps[0])}
+        res = llm.generate(prompts, SamplingParams(max_tokens=steps, ignore_eos=True), use_tqdm=False)
+        m = [r.metrics for r in res]
+        prefill = max(x.first_token_ts for x in m) - min(x.scheduled_ts for x in m)
+        step = statistics.mean((x.last_token_ts - x.first_token_ts) / (x.num_generation_tokens - 1) for x in m)
+        out[f"{batch}x{ctx}"] = {"prefill_s": prefill, "step_ms": 1e3 * step}
     return out
 
 
@@ -211,7 +211,7 @@ def _shape(s: str) -> tuple[int, int]:
 
 def main(argv=None) -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_e2e_child":
-        print(json.dumps(_e2e_child(sys.argv[2], sys.argv[3], [tuple(c) for c in json.loads(sys.argv[4])], (8, 40))))
+        print(json.dumps(_e2e_child(sys.argv[2], sys.argv[3], [tuple(c) for c in json.loads(sys.argv[4])], 33)))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -220,6 +220,7 @@ def main(argv=None) -> None:
     k.add_argument("--codecs", type=lambda s: s.split(","), default=["turboquant4", "turboquant3"])
     k.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")], default=SHAPES)
     k.add_argument("--reps", type=int, default=10)
+    k.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     for name in ("e2e", "serve"):
         p = sub.add_parser(name)
         p.add_argument("model_dir")

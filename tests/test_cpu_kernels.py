@@ -306,6 +306,10 @@ def test_attention_float32_queries_match_tightly(cid, isa, gen):
     _attn_case(uniform_fmt(cid, 64, 2), 4, *DECODE, gen, dtype=torch.float32, num_splits=2, isa=isa)
 
 
+def test_attention_fp16_queries(gen):
+    _attn_case(uniform_fmt("turboquant3", 64, 2), 6, *MIXED, gen, dtype=torch.float16)
+
+
 @pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5", "uniform4", "bf16"])
 def test_attention_calibrated(cid, gen):
     _attn_case(calibrated_fmt(cid, 64, 2, gen), 6, *MIXED, gen)

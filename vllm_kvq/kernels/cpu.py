@@ -251,7 +251,7 @@ def _dense_prefill(query, out, cache, bt, length: int, q0: int, q1: int, seq: in
     if fmt.k_scale is not None:
         q = q * fmt.k_scale[hidx]
     q_rot = _rotate(q.reshape(-1, d), g.key, inverse=False).reshape(ql, gh * group, d)
-    dt = torch.float32 if query.dtype == torch.float32 else torch.bfloat16
+    dt = query.dtype  # SDPA in the query's precision (bf16 runs on the CPU's bf16 matrix units)
     q4 = q_rot.transpose(0, 1).unsqueeze(0).to(dt)
     k4, v4 = k_rot.unsqueeze(0).to(dt), v_rot.unsqueeze(0).to(dt)
     if ql == length:
