@@ -16,6 +16,7 @@ import platform
 import pytest
 import torch
 
+from tests import codec_cases
 from vllm_kvq import codecs, ops
 from vllm_kvq.codecs.packing import unpack_bits
 from vllm_kvq.codecs.turboquant import TurboQuantCodec
@@ -38,28 +39,19 @@ pytestmark = pytest.mark.skipif(not kc.available(), reason="vllm_kvq._C_cpu is n
 ISAS = [pytest.param("avx512", marks=pytest.mark.skipif(not kc.available() or kc.best_isa() != "avx512",
                                                         reason="no AVX-512")), "portable"]
 
-# Every registered preset, plus family parameters the presets do not reach.
-FAMILIES = {n for n in codecs.names() if n not in codecs._PRESETS}
-CODECS = {n: (n, {}) for n in codecs.names() if n not in FAMILIES}
-CODECS.update({
-    "uniform-g32-rot-2b": ("uniform", dict(bits=2, group_size=32, rotate=True)),
-    "uniform3": ("uniform", dict(bits=3)),
-    "tq3-norm": ("turboquant", dict(bits=3, scale_mode="norm")),
-    "tq4-corrected": ("turboquant", dict(bits=4, scale_mode="corrected")),
-    "tq3-haar": ("turboquant", dict(bits=3, rotation="haar")),
-    "tq2-identity": ("turboquant", dict(bits=2, rotation="identity")),
-    "tq5.5": ("turboquant", dict(bits=5.5)),  # 6/5-bit codes: wider than the 16-entry SIMD lookups
-})
+# The shared matrix (tests/codec_cases.py): every case the CPU kernels must run, state-bound ones included.
+CODECS = codec_cases.ids("cpu")
 
 
 def make_codec(cid: str, d: int):
-    name, params = CODECS[cid]
-    return codecs.get(name, head_dim=d, **params)
+    return codec_cases.case(cid).build(d)
 
 
 def uniform_fmt(cid: str, d: int, hk: int, **kw) -> KVFormat:
-    c = make_codec(cid, d)
-    return KVFormat(d, [c] * hk, [c] * hk, name=cid, **kw)
+    if kw or not codec_cases.case(cid).state:
+        c = make_codec(cid, d)
+        return KVFormat(d, [c] * hk, [c] * hk, name=cid, **kw)
+    return codec_cases.case(cid).fmt(d, hk)
 
 
 def mixed_fmt(d: int) -> KVFormat:
@@ -327,9 +319,14 @@ def test_attention_empty_batch():
 
 
 def test_ops_pick_cpu_on_cpu_tensors(gen):
-    """impl=None on CPU tensors runs these kernels, calibrated formats included."""
-    assert ops.available("store", torch.device("cpu"))[0] == "cpu"
+    """impl=None on CPU tensors runs these kernels, calibrated formats included; formats they decline (sink
+    records, FibQuant) go to the reference, with the reason in the plan."""
     fmt = calibrated_fmt("turboquant3", 64, 2, gen)
+    assert ops.plan(fmt, "cpu", "store") == {"cpu": None, "reference": None}
+    sink = KVFormat(64, fmt.keys, fmt.values, sink_tokens=1, block_size=16)
+    assert "sink" in ops.plan(sink, "cpu")["cpu"]
+    fib = uniform_fmt("fibquant2", 64, 2) if "fibquant2" in codecs.names() else None
+    assert fib is None or "FibQuant" in ops.plan(fib, "cpu")["cpu"]
     k, v = torch.randn(4, 2, 64, generator=gen), torch.randn(4, 2, 64, generator=gen)
     a, b = fmt.allocate(1, 16), fmt.allocate(1, 16)
     ops.store(k, v, a, torch.arange(4), fmt)
