@@ -1,24 +1,39 @@
-"""Simulated KV-cache quantization quality: SmolLM2 in HF transformers with fake-quantized K/V.
+"""Simulated KV-cache quality: SmolLM2 (or any HF Llama-like model) in transformers with fake-quantized K/V.
 
-Every layer's post-RoPE keys and values (what vLLM caches) go through encode -> decode before attention,
-for every position including the current one, so prefill attends the quantized cache exactly as the
-vLLM backend does. Reports prompt perplexity over sliding windows of a text (default: 2 windows of 1024
-tokens of Hamlet, stride 512, the same windows as ``vllm-kvq eval ppl --context 1024 --max-windows 2``)
-and its change against the bf16 cache. Calibration statistics (means, channel energies) come from a
-different play (default Macbeth), never from the evaluation text.
+Every layer's post-RoPE keys and values go through the package's own store -> decode
+(``vllm_kvq.fake_quant``: ``ops.reference.store`` into a KVFormat built from a YAML config by
+``kv_format.formats_from_config``) before attention, for every position including the current one, as in
+the vLLM backend's strict prefill. A variant made only of package features *is* a YAML config: ``--emit-yaml
+DIR`` writes it, ready for ``vllm serve --kv-cache-dtype kvq``. Features the package lacks yet are prototyped
+here, on top of the registered codecs, and marked ``proto`` in the output (see ``sim_protos.py``).
 
-    .venv/bin/python benchmarks/quality_sim.py --variants bf16,tq4,tq3,tq2
+Reports prompt perplexity over sliding windows of a text (default: 2 windows of 1024 tokens of Hamlet,
+stride 512, the windows of ``vllm-kvq eval ppl --context 1024 --max-windows 2``), its paired change against
+the bf16 cache (± standard error of the per-token NLL difference), the KL divergence of next-token
+distributions against the bf16 cache (top-64 + rest bin, ``vllm_kvq.eval.kl``) and top-1 agreement.
+Calibration statistics come from a different play (default Macbeth), never the evaluation text.
+
+    .venv/bin/python benchmarks/quality_sim.py --variants tq4,tq3,tq2
     .venv/bin/python benchmarks/quality_sim.py --list
     .venv/bin/python benchmarks/quality_sim.py --sensitivity tq3     # one layer at a time at 3 bits
+    .venv/bin/python benchmarks/quality_sim.py --selftest            # the simulator against ops.reference
 
-Variant grammar (``--variants`` takes names from VARIANTS or ad-hoc specs ``K=..;V=..;sink=..;...``):
-  codec specs: bf16 | u8 | u4 | tq<bits>[:<scale_mode>][:haar|:had2] | tqo<bits>:<n_hi>  (outlier split:
-  the n_hi channels of highest calibrated energy get their own rotation at bits+1, the rest at bits)
-  sink=N        first N tokens of each sequence kept exact (bf16)
-  center=kv     fixed per-(layer, KV head) mean subtracted before quantizing (k, v or kv)
-  smooth=a      keys divided per channel by rms^a (calibrated), the query multiplied by it (free)
-  edge=N:spec   the first and last N layers use codec spec for K and V
-  layers=i+j:spec  these layers use codec spec (others use K/V)
+Variant grammar (``--variants`` takes names from VARIANTS or specs ``K=..;V=..;sink=..;...``):
+  codecs (package): bf16 | fp16 | u<bits>[:g<group>][:rot] (uniform) | tq<bits>[:<scale_mode>][:<rotation>]
+                    (turboquant) | any registered codec name (turboquant3, uniform8, ...)
+  codecs (proto):   tqo<bits>:<n_hi>   the n_hi channels of highest calibrated energy at bits+1 (own
+                                       rotation and scale), the rest at bits (TurboQuant's outlier split)
+                    ds<bits>:<k>       the k largest coordinates of each vector kept at fp16 (+1 byte index
+                                       each), the rest TurboQuant at bits (KVQuant's dense-and-sparse)
+  center=kv        calibrated per-(layer, KV head) K/V means (package: YAML ``calibration:``)
+  smooth=a         with center=kv: key channel scales rms^a (package: ``smooth_keys: true``, alpha a)
+  edge=N:spec[/vspec]      the first and last N layers use spec for K (and vspec, default spec, for V)
+  layers=i+j:spec[/vspec][|k:spec...]  these layers use spec (rules separated by '|', later ones win)
+  only=i+j         only these layers quantized, the rest bf16 (sensitivity runs)
+  config=PATH      a YAML config as it is (e.g. from `vllm-kvq calibrate --budget`); only sink= beside it
+  sink=N[:spec]    proto: the first N tokens of each sequence stored with spec (default bf16) instead
+  window=W         proto: each query reads its W most recent positions at bf16 (KIVI/OSCAR recent window;
+                   its bytes, W bf16 slots per sequence, are not in the per-token bytes)
 """
 
 from __future__ import annotations
@@ -26,386 +41,335 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from vllm_kvq import codecs
-from vllm_kvq.codecs.lloyd_max import lloyd_max_codebook
-from vllm_kvq.codecs.packing import packed_nbytes
-from vllm_kvq.codecs.rotation import make_rotation
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sim_protos import PROTO_HEADS, make_proto  # noqa: E402
 
-MODEL_DIR = Path(os.environ.get("KVQ_SIM_MODEL", "/root/.cache/vllm_kvq/models/smollm2-135m-instruct"))
-HEAD_DIM = 64
+from vllm_kvq import calibration, codecs, config, fake_quant  # noqa: E402
+from vllm_kvq.kv_format import KVFormat, formats_from_config  # noqa: E402
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Fake quantizers: (N, D) float32 -> (N, D) float32, plus bytes per vector.
-
-def _bf16(x):
-    return x.to(torch.bfloat16).float()
+TOP_K = 64  # reference tokens per position for the KL estimate (a 135M model keeps ~all mass in its top 64)
 
 
-class TQ:
-    """TurboQuant fake quantizer, numerically the codec's encode -> decode (checked in selftest)."""
-
-    def __init__(self, dim, bits, scale_mode="lsq", rotation="auto", seed=0, rounds=1):
-        self.dim, self.bits, self.scale_mode = dim, bits, scale_mode
-        rot = make_rotation(dim, seed, rotation)
-        rot2 = make_rotation(dim, seed + 1, rotation) if rounds == 2 else None
-        # Dense matrix: one matmul is much faster on CPU than the python-loop FWHT (same orthogonal map).
-        self.R = rot.matrix() if rot2 is None else rot2.matrix() @ rot.matrix()
-        lo = int(math.floor(bits))
-        self.segments = [(lo, dim)] if bits == lo else [(lo + 1, dim // 2), (lo, dim - dim // 2)]
-        self.books = []
-        for b, _ in self.segments:
-            cb = lloyd_max_codebook(dim, b)
-            self.books.append((cb.centroids_tensor(), cb.thresholds_tensor()))
-        self.nbytes = sum(packed_nbytes(n, b) for b, n in self.segments) + 2
-
-    def __call__(self, x):
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        y = (x @ self.R.T) / norm.clamp(min=1e-30)
-        cs, start = [], 0
-        for (b, n), (cent, thr) in zip(self.segments, self.books):
-            cs.append(cent[torch.bucketize(y[:, start:start + n].contiguous(), thr)])
-            start += n
-        c = torch.cat(cs, dim=1)
-        if self.scale_mode == "norm":
-            s = norm
-        else:
-            c2 = (c * c).sum(-1, keepdim=True).clamp(min=1e-30)
-            s = norm / c2.sqrt() if self.scale_mode == "corrected" else norm * (y * c).sum(-1, keepdim=True) / c2
-        return (c * s.to(torch.float16).float()) @ self.R
-
-
-class TQOutlier:
-    """Channels split by calibrated energy: the n_hi strongest get their own TurboQuant at bits+1 (own
-    rotation, own fp16 scale), the rest TurboQuant at bits. ``perm`` is per (layer, head)."""
-
-    def __init__(self, dim, bits, n_hi, scale_mode="lsq"):
-        self.n_hi = n_hi
-        rot = lambda n: "hadamard" if n & (n - 1) == 0 else "haar"  # noqa: E731
-        self.hi = TQ(n_hi, bits + 1, scale_mode, rot(n_hi))
-        self.lo = TQ(dim - n_hi, bits, scale_mode, rot(dim - n_hi))
-        self.nbytes = self.hi.nbytes + self.lo.nbytes
-
-    def __call__(self, x, perm):
-        xp = x[:, perm]
-        out = torch.empty_like(xp)
-        out[:, :self.n_hi] = self.hi(xp[:, :self.n_hi].contiguous())
-        out[:, self.n_hi:] = self.lo(xp[:, self.n_hi:].contiguous())
-        res = torch.empty_like(x)
-        res[:, perm] = out
-        return res
-
-
-class CodecQ:
-    """Any registered codec through its real encode/decode."""
-
-    def __init__(self, name, **kw):
-        self.c = codecs.get(name, head_dim=HEAD_DIM, **kw)
-        self.nbytes = self.c.nbytes
-
-    def __call__(self, x):
-        return self.c.decode(self.c.encode(x))
-
-
-class BF16Q:
-    nbytes = 2 * HEAD_DIM
-
-    def __call__(self, x):
-        return _bf16(x)
-
-
-def make_quantizer(spec: str):
-    """Codec spec -> quantizer object (see module docstring)."""
-    parts = spec.split(":")
-    head, opts = parts[0], parts[1:]
-    if head == "bf16":
-        return BF16Q()
-    if head in ("u8", "u4", "u2", "u3"):
-        return CodecQ("uniform", bits=int(head[1:]))
-    if head.startswith("tqo"):
-        return TQOutlier(HEAD_DIM, float(head[3:]) if "." in head else int(head[3:]), int(opts[0]),
-                         *(opts[1:2] or ["lsq"]))
-    if head.startswith("tq"):
+def codec_yaml(spec: str):
+    """A package codec spec of the grammar -> its YAML form (str or mapping)."""
+    head, *opts = spec.split(":")
+    if head in ("bf16", "fp16"):
+        return head
+    if head[0] == "u" and head[1:].isdigit():
+        d = {"codec": "uniform", "bits": int(head[1:])}
+        for o in opts:
+            if o == "rot":
+                d["rotate"] = True
+            elif o.startswith("g") and o[1:].isdigit():
+                d["group_size"] = int(o[1:])
+            else:
+                raise ValueError(f"unknown option {o!r} in {spec!r}: allowed g<group>, rot")
+        return d
+    if head.startswith("tq") and head[2:].replace(".", "", 1).isdigit():
         bits = float(head[2:]) if "." in head else int(head[2:])
-        kw = {}
+        d = {"codec": "turboquant", "bits": bits}
         for o in opts:
             if o in ("norm", "corrected", "lsq"):
-                kw["scale_mode"] = o
+                d["scale_mode"] = o
             elif o in ("haar", "hadamard", "identity"):
-                kw["rotation"] = o
-            elif o == "had2":
-                kw["rounds"] = 2
+                d["rotation"] = o
             else:
-                raise ValueError(f"unknown option {o!r} in {spec!r}")
-        return TQ(HEAD_DIM, bits, **kw)
+                raise ValueError(f"unknown option {o!r} in {spec!r}: allowed norm/corrected/lsq, haar/hadamard/identity")
+        preset = f"turboquant{bits:g}"
+        return preset if not opts and preset in codecs.names() else d
+    if not opts:
+        config.parse_codec(head)  # a registered name, or ValueError listing them
+        return head
     raise ValueError(f"unknown codec spec {spec!r}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Variant = how every layer's K and V are stored.
+def is_proto(spec: str) -> bool:
+    return spec.split(":")[0].rstrip("0123456789.") in PROTO_HEADS
+
 
 class Variant:
+    """A parsed variant: its YAML (package part), the prototype codecs per (layer, side), the sink."""
+
     def __init__(self, spec: str, n_layers: int):
         self.spec = spec
-        f = dict(kv.split("=", 1) for kv in spec.split(";") if kv)
-        self.k = make_quantizer(f.get("K", "bf16"))
-        self.v = make_quantizer(f.get("V", f.get("K", "bf16")))
-        self.layer_q = [(self.k, self.v)] * n_layers
-        if "edge" in f:
-            n, s = f["edge"].split(":", 1)
-            q = (make_quantizer(s), make_quantizer(s))
-            for i in list(range(int(n))) + list(range(n_layers - int(n), n_layers)):
-                self.layer_q[i] = q
-        if "layers" in f:
-            ids, s = f["layers"].split(":", 1)
-            q = (make_quantizer(s), make_quantizer(s))
-            for i in ids.split("+"):
-                self.layer_q[int(i)] = q
-        if "only" in f:  # only these layers quantized (sensitivity runs)
+        try:
+            f = dict(kv.split("=", 1) for kv in spec.split(";") if kv)
+        except ValueError:
+            raise ValueError(f"bad variant {spec!r}: use key=value pairs separated by ';'") from None
+        unknown = set(f) - {"K", "V", "center", "smooth", "edge", "layers", "only", "sink", "config", "window"}
+        if unknown:
+            raise ValueError(f"variant {spec!r}: unknown fields {sorted(unknown)}")
+        self.window = int(f.get("window", 0))
+        self.config_path = f.get("config")
+        if self.config_path and set(f) - {"config", "sink", "window"}:
+            raise ValueError(f"variant {spec!r}: config=PATH takes only sink=... beside it (the YAML says the rest)")
+        k = f.get("K", "bf16")
+        self.base = (k, f.get("V", k))
+        per_layer = [self.base] * n_layers
+        for field, layers_of in (("edge", lambda n: list(range(int(n))) + list(range(n_layers - int(n), n_layers))),
+                                 ("layers", lambda s: [int(i) % n_layers for i in s.split("+")])):
+            for rule in f[field].split("|") if field in f else []:
+                sel, codec = rule.split(":", 1)
+                kv = codec.split("/") if "/" in codec else [codec, codec]
+                for i in layers_of(sel):
+                    per_layer[i] = tuple(kv)
+        if "only" in f:
             keep = {int(i) for i in f["only"].split("+")}
-            bq = (BF16Q(), BF16Q())
-            self.layer_q = [q if i in keep else bq for i, q in enumerate(self.layer_q)]
-        self.sink = int(f.get("sink", 0))
+            per_layer = [p if i in keep else ("bf16", "bf16") for i, p in enumerate(per_layer)]
+        self.per_layer = per_layer  # [(K spec, V spec)] per layer
         self.center = f.get("center", "")
+        if self.center not in ("", "kv"):
+            raise ValueError(f"center={self.center!r}: the package centres keys and values together (center=kv)")
         self.smooth = float(f["smooth"]) if "smooth" in f else None
+        if self.smooth is not None and not self.center:
+            raise ValueError("smooth=a needs center=kv (the calibration file holds both)")
+        sink = f.get("sink", "0").split(":", 1)
+        self.sink, self.sink_spec = int(sink[0]), (sink[1] if len(sink) > 1 else "bf16")
         self.n_layers = n_layers
 
-    def bytes_per_token_head(self) -> float:
-        """K + V bytes per token per KV head, averaged over layers (sinks amortize to ~0)."""
-        return sum(k.nbytes + v.nbytes for k, v in self.layer_q) / self.n_layers
+    @property
+    def protos(self) -> list[str]:
+        out = [s for p in self.per_layer for s in p if is_proto(s)]
+        return (sorted(set(out)) + ([f"sink={self.sink}:{self.sink_spec}"] if self.sink else [])
+                + ([f"window={self.window}"] if self.window else []))
 
-    def quant(self, x, layer, side, stats):
-        """x (Hkv, T, D) float32 -> fake-quantized, with the variant's transforms."""
-        q = self.layer_q[layer][0 if side == "k" else 1]
-        xb = _bf16(x)  # what the model hands the cache
-        if isinstance(q, BF16Q):
-            return xb
-        y = xb
-        mu = scale = None
-        if side in self.center and stats is not None:
-            mu = stats[f"mean_{side}"][layer].unsqueeze(1)  # (H, 1, D)
-            y = y - mu
-        if side == "k" and self.smooth is not None:
-            rms = stats["rms_k_c" if "k" in self.center else "rms_k"][layer]  # (H, D)
-            s = rms.clamp(min=1e-6) ** self.smooth
-            scale = (s / s.log().mean(-1, keepdim=True).exp()).unsqueeze(1)
-            y = y / scale
-        H, T, D = y.shape
-        if isinstance(q, TQOutlier):
-            key = f"perm_{side}_{q.n_hi}_{'c' if side in self.center else 'r'}"
-            out = torch.stack([q(y[h], stats[key][layer][h]) for h in range(H)])
-        else:
-            out = q(y.reshape(H * T, D)).reshape(H, T, D)
-        if scale is not None:
-            out = out * scale
-        if mu is not None:
-            out = out + mu
-        if self.sink:
-            out[:, :self.sink] = xb[:, :self.sink]
-        return out
+    def yaml_dict(self, calib_file: str | None, name: str = "sim") -> dict:
+        if self.config_path:
+            import yaml
+            return yaml.safe_load(Path(self.config_path).read_text())
+        """The package part as a config mapping; prototype sides stand in as bf16 (replaced at run time)."""
+        y = lambda s: "bf16" if is_proto(s) else codec_yaml(s)  # noqa: E731
+        base_k, base_v = self.base
+        d = {"name": name, "description": f"quality_sim variant {self.spec}", "key": y(base_k), "value": y(base_v)}
+        ov = [{"layers": i, "key": y(k), "value": y(v)} for i, (k, v) in enumerate(self.per_layer)
+              if (k, v) != (base_k, base_v)]
+        if ov:
+            d["overrides"] = ov
+        if self.center:
+            d["calibration"] = calib_file
+            d["smooth_keys"] = self.smooth is not None
+        return d
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The patched attention.
+class SimRun:
+    """Model, text windows, calibration and the bf16 reference, shared by every variant of a run."""
 
-class Sim:
-    variant: Variant | None = None
-    stats: dict | None = None
-    record: dict | None = None  # layer -> list of (k, v) for calibration
-    errors: dict | None = None  # layer -> attention-output relative error (this run)
+    def __init__(self, model_dir, text: str, calib_text: str, context: int, windows: int, work: Path):
+        from vllm_kvq.eval.data import load_text
+        from vllm_kvq.eval.ppl import sliding_windows
 
+        self.tok, self.model = fake_quant.load_model(model_dir)
+        cfg = self.model.config
+        self.n_layers, self.n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.ids = self.tok(load_text(text))["input_ids"]
+        self.wins = sliding_windows(len(self.ids), context, None, windows)
+        self.work = work
+        self.calib_ids = torch.tensor(self.tok(load_text(calib_text))["input_ids"][:context])
+        self.calib_tag = f"{calib_text.split(':')[-1]}_{context}"
+        self._calib: dict = {}
+        self._calib_kv = None
+        self.ref = [fake_quant.score(self.model, self.ids[w.begin:w.end], score_from=w.score_from - w.begin,
+                                     keep_top=TOP_K) for w in self.wins]
 
-def _attend(q, k, v, scaling, groups):
-    k = k.repeat_interleave(groups, dim=0)
-    v = v.repeat_interleave(groups, dim=0)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    def calib_file(self, alpha: float) -> str:
+        """The package's calibration file for this model and text (``vllm-kvq calibrate``'s statistics)."""
+        if alpha not in self._calib:
+            path = self.work / f"calib_{self.calib_tag}_a{alpha:g}.safetensors"
+            if not path.exists():
+                with fake_quant.quantized(self.model, None):
+                    calibration.compute(self.model, self.calib_ids, smooth_alpha=alpha).save(path)
+            self._calib[alpha] = str(path)
+        return self._calib[alpha]
 
+    def calib_kv(self):
+        """Post-RoPE K/V of the calibration text per layer (for prototype channel orderings)."""
+        if self._calib_kv is None:
+            self._calib_kv = [(fake_quant.bf16_round(k), fake_quant.bf16_round(v))
+                              for k, v in calibration.capture_kv(self.model, self.calib_ids)]
+        return self._calib_kv
 
-def sim_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    assert query.shape[0] == 1, "batch 1 only"
-    layer = module.layer_idx
-    g = module.num_key_value_groups
-    q, k, v = query[0].float(), key[0].float(), value[0].float()
-    if Sim.record is not None:
-        Sim.record.setdefault(layer, []).append((_bf16(k), _bf16(v)))
-    var = Sim.variant
-    if var is None:
-        kq, vq = _bf16(k), _bf16(v)
-    else:
-        kq = var.quant(k, layer, "k", Sim.stats)
-        vq = var.quant(v, layer, "v", Sim.stats)
-    out = _attend(q, kq, vq, scaling, g)
-    if Sim.errors is not None:
-        ref = _attend(q, _bf16(k), _bf16(v), scaling, g)
-        e = (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
-        Sim.errors.setdefault(layer, []).append(e)
-    return out.to(query.dtype).unsqueeze(0).transpose(1, 2).contiguous(), None
+    def build(self, var: Variant):
+        """(quantizer, K+V bytes per token per KV head averaged over layers, largest layer's bytes)."""
+        calib = self.calib_file(var.smooth or 0.0) if var.center else None
+        cfg = config.load(var.config_path) if var.config_path else config.from_dict(var.yaml_dict(calib))
+        fmts = formats_from_config(cfg, num_layers=self.n_layers, num_kv_heads=self.n_kv, head_size=self.head_dim)
+        protos: dict[tuple[int, int], object] = {}
+        layer_bytes = []
+        for i, (ks, vs) in enumerate(var.per_layer):
+            nb = [max(c.nbytes for c in fmts[i].keys), max(c.nbytes for c in fmts[i].values)]
+            for side, s in enumerate((ks, vs)):
+                if is_proto(s):
+                    protos[i, side] = make_proto(s, self.head_dim, fmts[i], side, self.calib_kv()[i][side])
+                    nb[side] = protos[i, side].nbytes
+            layer_bytes.append(sum(nb))
+        sink_fmt = None
+        if var.sink:
+            sc = config.parse_codec(codec_yaml(var.sink_spec)).build(self.head_dim, cfg.seed)
+            sink_fmts = [KVFormat(self.head_dim, [sc] * self.n_kv, [sc] * self.n_kv, **f.calibration()) for f in fmts]
+            sink_fmt = sink_fmts
 
+        def quantizer(layer, k, v):
+            kq, vq = fake_quant.roundtrip(fmts[layer], k, v)
+            for side, x in ((0, k), (1, v)):
+                p = protos.get((layer, side))
+                if p is not None:
+                    (kq, vq)[side][:] = p(x)
+            if var.sink:
+                n = var.sink
+                ks, vs = fake_quant.roundtrip(sink_fmt[layer], k[:, :n].contiguous(), v[:, :n].contiguous())
+                kq[:, :n], vq[:, :n] = ks, vs
+            return kq, vq
 
-def load_model(dtype=torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.llama import modeling_llama as ML
+        return quantizer, sum(layer_bytes) / len(layer_bytes), max(layer_bytes), cfg
 
-    ML.eager_attention_forward = sim_attention
-    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype, attn_implementation="eager")
-    model.eval()
-    return tok, model
+    def evaluate(self, var: Variant) -> dict:
+        quantizer, avg_bytes, max_bytes, cfg = self.build(var)
+        nll, ref_nll, kl, top1 = [], [], [], []
+        t0 = time.time()
+        with fake_quant.quantized(self.model, quantizer, recent_window=var.window):
+            for w, ref in zip(self.wins, self.ref):
+                r = fake_quant.score(self.model, self.ids[w.begin:w.end], score_from=w.score_from - w.begin,
+                                     ref_top=ref["top"])
+                nll.append(r["nll"])
+                ref_nll.append(ref["nll"])
+                kl.append(r["kl"])
+                top1.append(r["top1"])
+        nll, ref_nll, kl, top1 = (torch.cat(x).double() for x in (nll, ref_nll, kl, top1))
+        d = nll - ref_nll
+        delta = math.expm1(d.mean().item())
+        se = math.exp(d.mean().item()) * (d.std().item() / math.sqrt(d.numel()))
+        return {"spec": var.spec, "bytes": avg_bytes, "bytes_padded": max_bytes, "sink": var.sink,
+                "sink_spec": var.sink_spec, "proto": var.protos, "ppl": math.exp(nll.mean().item()),
+                "ppl_ref": math.exp(ref_nll.mean().item()), "delta_pct": 100 * delta, "se_pct": 100 * se,
+                "kl": kl.mean().item(), "top1": top1.mean().item(), "tokens": int(d.numel()),
+                "secs": round(time.time() - t0, 1), "yaml": None if var.protos else var.yaml_dict(None)}
 
-
-def windows(ids, context, n, stride=None):
-    from vllm_kvq.eval.ppl import sliding_windows
-    return sliding_windows(len(ids), context, stride, n)
-
-
-@torch.no_grad()
-def nll_of(model, ids, wins):
-    tot, cnt = 0.0, 0
-    for w in wins:
-        x = torch.tensor([ids[w.begin:w.end]])
-        h = model.model(x).last_hidden_state[0]
-        first = w.score_from - w.begin - 1  # hidden state at position i predicts token i + 1
-        logits = model.lm_head(h[first:-1]).float()
-        tgt = x[0, first + 1:]
-        sel = -torch.log_softmax(logits, dim=-1).gather(1, tgt.unsqueeze(1))[:, 0]
-        tot += sel.sum().item()
-        cnt += sel.numel()
-    return tot / cnt, cnt
-
-
-@torch.no_grad()
-def calibrate(model, tok, text, context, n_exclude=4, cache=None):
-    """Per-(layer, KV head) means, channel RMS and energy orderings of post-RoPE K and of V."""
-    if cache and Path(cache).exists():
-        return torch.load(cache)
-    from vllm_kvq.eval.data import load_text
-    ids = tok(load_text(text))["input_ids"][:context]
-    Sim.record, Sim.variant = {}, None
-    model(torch.tensor([ids]))
-    rec, Sim.record = Sim.record, None
-    st = {k: [] for k in ("mean_k", "mean_v", "rms_k", "rms_k_c")}
-    perms = {}
-    for layer in sorted(rec):
-        k, v = rec[layer][0]
-        k, v = k[:, n_exclude:], v[:, n_exclude:]
-        mk, mv = k.mean(1), v.mean(1)
-        st["mean_k"].append(mk)
-        st["mean_v"].append(mv)
-        st["rms_k"].append(k.pow(2).mean(1).sqrt())
-        st["rms_k_c"].append((k - mk.unsqueeze(1)).pow(2).mean(1).sqrt())
-        for side, x, m in (("k", k, mk), ("v", v, mv)):
-            for mode, xx in (("r", x), ("c", x - m.unsqueeze(1))):
-                order = xx.pow(2).mean(1).argsort(dim=-1, descending=True)  # (H, D)
-                for n_hi in (8, 16, 32):
-                    perms.setdefault(f"perm_{side}_{n_hi}_{mode}", []).append(order)
-    st = {k: torch.stack(v) for k, v in st.items()}
-    st.update({k: torch.stack(v) for k, v in perms.items()})
-    if cache:
-        torch.save(st, cache)
-    return st
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 VARIANTS = {
-    "bf16": "K=bf16",
-    "u8": "K=u8",
-    "tq4": "K=tq4", "tq3": "K=tq3", "tq2": "K=tq2",
-    # the changes that measured best (see the report in the commit message): centring + token 0 exact
-    "tq4c": "K=tq4;center=kv;sink=1", "tq3c": "K=tq3;center=kv;sink=1", "tq2c": "K=tq2;center=kv;sink=1",
-    # keys at more bits than values
-    "k4v2c": "K=tq4;V=tq2;center=kv;sink=1", "k4v3c": "K=tq4;V=tq3;center=kv;sink=1",
-    "k3v2c": "K=tq3;V=tq2;center=kv;sink=1",
-    # first and last layer at uniform8
-    "tq4ce": "K=tq4;center=kv;sink=1;edge=1:u8", "tq3ce": "K=tq3;center=kv;sink=1;edge=1:u8",
+    "tq4": "K=tq4", "tq3": "K=tq3", "tq2": "K=tq2", "tq3.5": "K=tq3.5", "tq2.5": "K=tq2.5",
+    # centring + smoothing (package) + token 0 exact (proto)
+    "tq4cs": "K=tq4;center=kv;smooth=0.5;sink=1", "tq3cs": "K=tq3;center=kv;smooth=0.5;sink=1",
+    "k4v3cs": "K=tq4;V=tq3;center=kv;smooth=0.5;sink=1", "k3v2cs": "K=tq3;V=tq2;center=kv;smooth=0.5;sink=1",
 }
 
 
-def selftest():
+TIERS = ((3.7, 1.5), (4.5, 4.0), (5.8, 12.0))  # (capacity vs bf16, ΔPPL target %) of the quality issue
+
+
+def report(paths: list[str], head_dim: int = 64) -> str:
+    """Markdown table of JSON-line results (``--out`` files), best ΔPPL first within each capacity tier."""
+    rows = {}
+    for p in paths:
+        for ln in Path(p).read_text().splitlines():
+            if ln.strip():
+                r = json.loads(ln)
+                rows[r["spec"], r["context"], r["tokens"]] = r  # a repeated run replaces the earlier one
+    rows = list(rows.values())
+    bf16 = 4 * head_dim
+
+    def tier(r):
+        cap = bf16 / r["bytes"]
+        return next((i for i, (c, _) in enumerate(TIERS) if cap >= c and (i + 1 == len(TIERS) or cap < TIERS[i + 1][0])),
+                    None if cap < TIERS[0][0] else len(TIERS) - 1)
+
+    out = ["| tier | variant | context (scored tokens) | B/token/head (largest layer) | capacity | ΔPPL % ± SE | KL | top-1 | "
+           "prototype features |", "|---|---|---|---|---|---|---|---|---|"]
+    rows.sort(key=lambda r: (-1 if tier(r) is None else tier(r), r["context"], r["delta_pct"]))
+    for r in rows:
+        t = tier(r)
+        label = "< 3.7x" if t is None else f">= {TIERS[t][0]}x (target {TIERS[t][1]:+.1f} %)"
+        met = t is not None and r["delta_pct"] <= TIERS[t][1]
+        spec = r["spec"].replace("|", "\\|")  # a layer-rule separator, not a table column
+        out.append(f"| {label} | `{spec}` | {r['context']} ({r['tokens']}) | {r['bytes']:.1f} ({r['bytes_padded']}) | "
+                   f"{bf16 / r['bytes']:.2f}x | {'**' if met else ''}{r['delta_pct']:+.2f}{'**' if met else ''} ± "
+                   f"{r['se_pct']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {', '.join(r['proto']) or '-'} |")
+    return "\n".join(out)
+
+
+def selftest() -> None:
+    """fake_quant.roundtrip == what ops.reference.paged_attention reads, on a calibrated format."""
+    from vllm_kvq import codecs
+    from vllm_kvq.ops import reference
+
     torch.manual_seed(0)
-    x = torch.randn(200, HEAD_DIM) * torch.linspace(0.2, 5, HEAD_DIM)
-    for bits in (2, 2.5, 3, 4):
-        for sm in ("norm", "corrected", "lsq"):
-            c = codecs.get("turboquant", head_dim=HEAD_DIM, bits=bits, scale_mode=sm)
-            ref = c.decode(c.encode(x))
-            got = TQ(HEAD_DIM, bits, sm)(x)
-            assert torch.allclose(ref, got, atol=1e-5, rtol=1e-5), (bits, sm, (ref - got).abs().max())
-            assert c.nbytes == TQ(HEAD_DIM, bits, sm).nbytes
-    print("selftest ok: TQ fake quantizer == codec encode/decode")
+    hk, hq, n, d = 2, 4, 37, 64
+    c = codecs.get("turboquant3", head_dim=d)
+    fmt = KVFormat(d, [c] * hk, [c] * hk, k_shift=torch.randn(hk, d), v_shift=torch.randn(hk, d),
+                   k_scale=torch.rand(hk, d) + 0.5)
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, hk, d) * 3, torch.randn(n, hk, d)
+    cache = fmt.allocate(4, 16)
+    reference.store(k, v, cache, torch.arange(n), fmt)
+    got = reference.paged_attention(q, cache, torch.arange(4)[None], torch.tensor([n]), torch.tensor([0, n]), fmt,
+                                    scale=d ** -0.5)
+    kq, vq = fake_quant.roundtrip(fmt, k.transpose(0, 1), v.transpose(0, 1))
+    want = fake_quant._attend(q.transpose(0, 1), kq, vq, d ** -0.5, hq // hk).transpose(0, 1)
+    err = (got - want).abs().max().item()
+    assert err < 1e-4, err
+    print(f"selftest ok: simulator attention == ops.reference.paged_attention (max diff {err:.1e})")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="bf16,tq4,tq3,tq2")
+    p.add_argument("--variants", default="tq4,tq3,tq2")
+    p.add_argument("--model", default=None, help="HF model dir (default: SmolLM2, prepared if needed)")
     p.add_argument("--text", default="shakespeare:hamlet")
     p.add_argument("--calib-text", default="shakespeare:macbeth")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sensitivity", default=None, help="codec spec: quantize one layer at a time")
-    p.add_argument("--errors", action="store_true", help="also report per-layer attention-output error")
+    p.add_argument("--work", default="/tmp/kvq_sim", help="calibration files go here")
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--emit-yaml", default=None, help="write each package-only variant's YAML into this dir")
+    p.add_argument("--report", nargs="+", default=None, help="print a Markdown table of these --out files and exit")
     p.add_argument("--list", action="store_true")
     p.add_argument("--selftest", action="store_true")
     a = p.parse_args(argv)
+    if a.report:
+        print(report(a.report))
+        return 0
     if a.list:
         for k, v in VARIANTS.items():
-            print(f"{k:24s} {v}")
+            print(f"{k:12s} {v}")
         return 0
     torch.set_num_threads(a.threads)
     if a.selftest:
         selftest()
         return 0
-    from vllm_kvq.eval.data import load_text
-    tok, model = load_model()
-    n_layers = model.config.num_hidden_layers
-    ids = tok(load_text(a.text))["input_ids"]
-    wins = windows(ids, a.context, a.windows)
-    calib = f"/tmp/kvq_sim_calib_{a.calib_text.split(':')[-1]}_{a.context}.pt"
-    Sim.stats = calibrate(model, tok, a.calib_text, a.context, cache=calib)
-
-    def run(name, spec):
-        Sim.variant = Variant(spec, n_layers)
-        Sim.errors = {} if a.errors else None
-        t0 = time.time()
-        nll, n = nll_of(model, ids, wins)
-        row = {"variant": name, "spec": spec, "bytes": Sim.variant.bytes_per_token_head(), "nll": nll,
-               "ppl": math.exp(nll), "tokens": n, "secs": round(time.time() - t0, 1)}
-        if a.errors:
-            row["attn_err"] = [sum(v) / len(v) for _, v in sorted(Sim.errors.items())]
-        return row
-
-    base = run("bf16", "K=bf16")
-    rows = [base]
-    print(f"{'variant':40s} {'B/tok/head':>10s} {'ppl':>9s} {'delta%':>8s}", flush=True)
-
-    def show(r):
-        r["delta_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
-        print(f"{r['variant'][:40]:40s} {r['bytes']:10.1f} {r['ppl']:9.4f} {r['delta_pct']:+8.2f}"
-              + (f"  err {sum(r['attn_err']) / len(r['attn_err']):.3f}" if "attn_err" in r else ""), flush=True)
+    if a.model is None:
+        from vllm_kvq.eval.models import prepare_smollm2
+        a.model = str(prepare_smollm2())
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    run = SimRun(a.model, a.text, a.calib_text, a.context, a.windows, work)
+    specs = ([(f"{a.sensitivity} only layer {i}", f"K={a.sensitivity};only={i}") for i in range(run.n_layers)]
+             if a.sensitivity else [(v, VARIANTS.get(v, v)) for v in a.variants.split(",") if v])
+    print(f"ctx {a.context}, {len(run.wins)} windows, bf16 ppl {math.exp(torch.cat([r['nll'] for r in run.ref]).mean()):.4f}")
+    print(f"{'variant':44s} {'B/tok/head':>10s} {'padded':>6s} {'ppl':>9s} {'delta%':>8s} {'±':>5s} {'KL':>7s} "
+          f"{'top1':>6s}", flush=True)
+    for name, spec in specs:
+        try:
+            var = Variant(spec, run.n_layers)
+            r = {"variant": name, "context": a.context, **run.evaluate(var)}
+        except (ValueError, KeyError) as e:  # a bad spec in a long list: say so and measure the rest
+            print(f"{name[:44]:44s} ERROR {e}", flush=True)
+            continue
+        print(f"{name[:44]:44s} {r['bytes']:10.1f} {r['bytes_padded']:6d} {r['ppl']:9.4f} {r['delta_pct']:+8.2f} "
+              f"{r['se_pct']:5.2f} {r['kl']:7.4f} {r['top1']:6.3f}" + (" proto" if r["proto"] else ""), flush=True)
         if a.out:
             with open(a.out, "a") as f:
                 f.write(json.dumps(r) + "\n")
-
-    show(base)
-    if a.sensitivity:
-        for i in range(n_layers):
-            show(run(f"{a.sensitivity} only layer {i}", f"K={a.sensitivity};only={i}"))
-        return 0
-    for v in a.variants.split(","):
-        if v == "bf16":
-            continue
-        spec = VARIANTS.get(v, v)
-        rows.append(run(v, spec))
-        show(rows[-1])
+        if a.emit_yaml and r["yaml"] is not None:
+            import yaml
+            y = var.yaml_dict(run.calib_file(var.smooth or 0.0) if var.center else None, name=name)
+            (Path(a.emit_yaml) / f"{name}.yaml").write_text(yaml.safe_dump(y, sort_keys=False))
     return 0
 
 

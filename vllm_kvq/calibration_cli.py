@@ -3,6 +3,12 @@
 One eager forward of the model in HF transformers (float32, CPU is fine for small models) over the first
 ``--tokens`` tokens of a text; writes the per-(layer, KV head) key/value means and key channel scales that a
 config's ``calibration:`` key points to. Calibrate on a text other than the one you evaluate on.
+
+``--budget BITS`` (bits per cached element, metadata included; bf16 = 16) also chooses every layer's key and
+value codec: it measures each layer's sensitivity on ``--prompts`` prompts of the same text (after the
+calibration tokens), picks the cheapest-loss choice that meets the budget (``vllm_kvq.budget``), prints a
+table of what it chose and why, and writes a YAML config (``--config-out``, default beside ``--out``) that
+``vllm serve --kv-cache-dtype kvq --additional-config '{"kvq_config": "FILE.yaml"}'`` takes.
 """
 
 from __future__ import annotations
@@ -30,15 +36,36 @@ def add_parser(sub, name, help_):
                    help="key channel scale = rms(centred key) ** alpha (0 disables smoothing; default 0.5)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.add_argument("--out", required=True, help="output .safetensors file")
+    b = p.add_argument_group("bit allocation (--budget)")
+    b.add_argument("--budget", type=float, default=None,
+                   help="bits per cached element incl. metadata (e.g. 3.25 = 52 B per token per head at head_dim 64)")
+    b.add_argument("--candidates", default=",".join(budget_candidates()),
+                   help="codecs each layer's keys and values may use (default: %(default)s)")
+    b.add_argument("--slot", choices=("uniform", "mixed"), default="uniform",
+                   help="uniform: every layer fits the budget (what vLLM allocates today); mixed: the average does")
+    b.add_argument("--prompts", type=_positive, default=1, help="prompts for the sensitivity runs (default 1)")
+    b.add_argument("--prompt-tokens", type=_positive, default=512, help="tokens per prompt (default 512)")
+    b.add_argument("--head-sensitivity", action="store_true",
+                   help="also measure each KV head at the cheapest candidate (reported, not used in the choice)")
+    b.add_argument("--sensitivity", default=None,
+                   help="JSON file of measured sensitivities: read if it exists (same model and candidates), "
+                        "else written, so several budgets share one measurement")
+    b.add_argument("--config-out", default=None, help="the YAML to write (default: --out with .yaml)")
+    b.add_argument("--name", default=None, help="config name (default: the YAML's file stem)")
     p.set_defaults(run=run)
     return p
 
 
+def budget_candidates() -> tuple[str, ...]:
+    from vllm_kvq.budget import DEFAULT_CANDIDATES
+
+    return DEFAULT_CANDIDATES
+
+
 def run(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_kvq import calibration
+    from vllm_kvq import calibration, fake_quant
     from vllm_kvq.eval.data import load_text
 
     def say(msg):
@@ -48,10 +75,18 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     say(f"loading {args.model}")
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
-    ids = tok(load_text(args.text))["input_ids"][:args.tokens]
+    if args.budget is not None:  # fail before the slow part
+        from vllm_kvq import budget as _budget
+
+        cands = [c for c in args.candidates.split(",") if c]
+        unknown = [c for c in cands if c not in _budget.codecs.names()]
+        if not cands or unknown:
+            raise SystemExit(f"--candidates: unknown codecs {unknown or '(none given)'}; registered: "
+                             f"{', '.join(_budget.codecs.names())}")
+    # the fake-quant attention is plain eager attention until a quantizer is set: the statistics are the same
+    tok, model = fake_quant.load_model(args.model)
+    all_ids = tok(load_text(args.text))["input_ids"]
+    ids = all_ids[:args.tokens]
     if len(ids) < args.tokens:
         say(f"warning: {args.text} has only {len(ids)} tokens")
     stats = calibration.compute(model, torch.tensor(ids), skip_first=args.skip_first,
@@ -65,4 +100,52 @@ def run(args) -> int:
     say(f"wrote {out} ({out.stat().st_size} B): mu_k, mu_v, k_smooth of shape ({L}, {H}, {D}) "
         f"in {time.time() - t0:.1f}s")
     print(out)
+    if args.budget is not None:
+        return _allocate(args, model, all_ids, stats, out, cands, say)
+    return 0
+
+
+def _allocate(args, model, all_ids, stats, calib_path: Path, cands: list[str], say) -> int:
+    import yaml
+
+    from vllm_kvq import budget, config
+
+    L, H, D = stats.shape
+    target = budget.budget_bytes(args.budget, D)
+    need = args.prompts * args.prompt_tokens
+    rest = all_ids[args.tokens:] if len(all_ids) - args.tokens >= need else all_ids
+    if len(rest) < need:
+        raise SystemExit(f"{args.text} has {len(all_ids)} tokens, fewer than --prompts x --prompt-tokens = {need}")
+    prompts = [rest[i * args.prompt_tokens:(i + 1) * args.prompt_tokens] for i in range(args.prompts)]
+    smooth = args.smooth_alpha > 0
+    say(f"sensitivity: {L} layers x K/V x {len(cands)} codecs on {args.prompts} x {args.prompt_tokens} tokens")
+    cache = Path(args.sensitivity) if args.sensitivity else None
+    sens = budget.load_sensitivity(cache, cands, L) if cache and cache.exists() else None
+    if sens is None:
+        sens = budget.measure(model, prompts, num_layers=L, num_kv_heads=H, head_dim=D, calibration_stats=stats,
+                              smooth_keys=smooth, candidates=cands, head_sensitivity=args.head_sensitivity)
+        if cache:
+            budget.save_sensitivity(sens, cache)
+    else:
+        say(f"sensitivities from {cache}")
+    try:
+        choice = budget.choose(sens, target, args.slot)
+    except ValueError as e:
+        raise SystemExit(f"--budget {args.budget:g}: {e}") from None
+    cfg_path = Path(args.config_out or calib_path.with_suffix(".yaml"))
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    rel = calib_path.resolve()
+    try:
+        rel = rel.relative_to(cfg_path.parent.resolve())
+    except ValueError:
+        pass
+    data = budget.to_yaml_dict(choice, name=args.name or cfg_path.stem, calibration_file=str(rel),
+                               smooth_keys=smooth, budget_bits=args.budget, head_dim=D)
+    cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    config.load(cfg_path)  # what we wrote must load, with its calibration file
+    print(f"\nKL per layer (nats/token, only that layer's K or V quantized; bf16 elsewhere):")
+    print(budget.table(sens, choice))
+    for line in budget.explain(choice, D):
+        print(line)
+    print(f"wrote {cfg_path}")
     return 0

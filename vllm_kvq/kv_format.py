@@ -30,6 +30,7 @@ form one ``HeadGroup``: one kernel launch, with the state stacked to (heads, D).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -129,16 +130,16 @@ class KVFormat:
             return None
         return torch.stack([torch.full((self.head_size,), identity) if t is None else t for t in ts])
 
-    @property
+    @functools.cached_property
     def k_shift(self) -> torch.Tensor | None:
         """(Hk, D) key shifts bound to the key codecs (zeros for unbound heads), or None."""
         return self._stacked(self.keys, "shift", 0.0)
 
-    @property
+    @functools.cached_property
     def k_scale(self) -> torch.Tensor | None:
         return self._stacked(self.keys, "scale", 1.0)
 
-    @property
+    @functools.cached_property
     def v_shift(self) -> torch.Tensor | None:
         return self._stacked(self.values, "shift", 0.0)
 

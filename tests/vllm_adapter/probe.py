@@ -25,6 +25,13 @@ def _prompt_lp(out):
     return lps
 
 
+def _kvq_impls():
+    """Which implementations the plugin's ops dispatched to in this process, e.g. ["paged_attention:cpu"]."""
+    from vllm_kvq import ops
+
+    return sorted({f"{a[0]}:{a[1]}" for a in ops._announced if len(a) == 2})
+
+
 def run_job(job):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -52,7 +59,7 @@ def run_job(job):
             } for o in outs])
         sc = llm.llm_engine.vllm_config.scheduler_config
         return {"num_blocks": cc.num_gpu_blocks, "block_size": cc.block_size, "runs": runs,
-                "max_num_batched_tokens": sc.max_num_batched_tokens}
+                "max_num_batched_tokens": sc.max_num_batched_tokens, "kvq_impls": _kvq_impls()}
     finally:
         del llm
         gc.collect()

@@ -293,3 +293,29 @@ def test_selection_does_not_import_the_backend():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "[]"  # neither vLLM nor our backend until a layer is routed
+
+
+def test_each_engine_gets_its_own_kvq_yaml(tmp_path):
+    """vLLM memoizes backend choice per selector config, which does not hold additional_config."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.selector import AttentionSelectorConfig, _cached_get_attn_backend
+
+    sel = AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="kvq", block_size=None)
+    chosen = []
+    for preset in ("turboquant3", "turboquant4"):
+        with set_current_vllm_config(VllmConfig(additional_config={"kvq_config": preset})):
+            chosen.append(_cached_get_attn_backend(None, sel))
+    assert [b.kvq_config.name for b in chosen] == ["turboquant3", "turboquant4"]
+    assert _cached_get_attn_backend(None, sel._replace(kv_cache_dtype="turboquant3")).kvq_dtype == "turboquant3"
+
+
+def test_no_host_context_bound_is_baked_into_a_captured_graph(monkeypatch):
+    """Split-K sized from max_seq_len at capture would drop the tokens of longer contexts at replay."""
+    from vllm_kvq.vllm.backend import replay_safe_max_seq_len
+
+    md = SimpleNamespace(max_seq_len=300)
+    cuda_query = SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert replay_safe_max_seq_len(cuda_query, md) is None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert replay_safe_max_seq_len(cuda_query, md) == 300  # eager steps keep the tighter split-K sizing

@@ -1,4 +1,4 @@
-"""``vllm-kvq eval ppl|needle|lmeval|sweep|codecs``: quality through a running server, and at codec level."""
+"""``vllm-kvq eval ppl|needle|greedy|lmeval|sweep|codecs``: quality through a running server, and at codec level."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import importlib
 ACTIONS = {
     "ppl": ("vllm_kvq.eval.ppl", "perplexity over sliding windows via prompt logprobs"),
     "needle": ("vllm_kvq.eval.needle", "passkey retrieval through greedy generation, per length and depth"),
+    "greedy": ("vllm_kvq.eval.greedy", "greedy continuations; agreement and first divergence vs a reference run"),
     "lmeval": ("vllm_kvq.eval.lmeval", "the packaged lm-eval tasks (offline Shakespeare) against a server"),
     "sweep": ("vllm_kvq.eval.sweep", "serve each --kv-cache-dtype in turn, run ppl + needle + lm-eval, "
                                      "write a Markdown table and a frontier plot"),

@@ -5,11 +5,14 @@ A result is one dict per served cache (what ``sweep.evaluate`` returns):
     {"label": "turboquant3", "dtype": "turboquant3", "bytes_per_token": 5040, "error": None,
      "kv_cache_tokens": 23296, "ppl": {"ppl": ..., "token_nll": [...], ...},
      "needle": {"accuracy": ..., "accuracy_by_length": {"1024": ...}},
+     "greedy": {"starts": [...], "outputs": [[token ids], ...], ...},
      "lmeval": {"headline": {"kvq_shakespeare_mc": ...}}}
 
 The reference for deltas is the ``auto`` (bf16) entry. Perplexity deltas are paired per token: both runs
 score the same tokens, so the standard error of the mean NLL difference is small even when PPL itself is
-noisy across windows (tokens are correlated, so treat it as a lower bound).
+noisy across windows (tokens are correlated, so treat it as a lower bound). With per-token top-k in both
+runs the KL divergence of next-token distributions (top-k + rest bin, ``eval.kl``) and top-1 agreement are
+derived too, and greedy continuations are compared token by token (``eval.greedy.agreement``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,17 @@ def derived(results: list[dict]) -> list[dict]:
             r["ppl_delta"], r["ppl_delta_se"] = paired_delta(rppl["token_nll"], ppl["token_nll"])
         elif ppl and rppl:
             r["ppl_delta"], r["ppl_delta_se"] = ppl["ppl"] / rppl["ppl"] - 1, float("nan")
+        if ppl and rppl and r is not ref:
+            from vllm_kvq.eval.ppl import kl_against
+
+            vs = kl_against(rppl, ppl)
+            if vs:
+                r["kl"], r["top1_agreement"], r["kl_top_k"] = vs["kl"], vs["top1_agreement"], vs["top_k"]
+        g, rg = r.get("greedy"), (ref or {}).get("greedy")
+        if g and rg and r is not ref:
+            from vllm_kvq.eval.greedy import agreement
+
+            r["greedy_vs_ref"] = agreement(rg, g)
         out.append(r)
     return out
 
@@ -70,7 +84,12 @@ def markdown_table(results: list[dict]) -> str:
     rows = derived(results)
     lengths = sorted({int(n) for r in rows for n in ((r.get("needle") or {}).get("accuracy_by_length") or {})})
     tasks = sorted({t for r in rows for t in ((r.get("lmeval") or {}).get("headline") or {})})
+    top_k = next((r["kl_top_k"] for r in rows if r.get("kl_top_k")), None)
+    has_greedy = any(r.get("greedy_vs_ref") for r in rows)
+    gen = next((r["greedy_vs_ref"]["gen"] for r in rows if r.get("greedy_vs_ref")), None)
     head = (["cache", "bytes/token", "compression", "KV tokens", "PPL", "ΔPPL vs auto"]
+            + ([f"KL (top-{top_k})", "top-1 agree"] if top_k else [])
+            + ([f"greedy agree (prefix)", f"first divergence / {gen}"] if has_greedy else [])
             + [f"needle {n // 1024}k" if n % 1024 == 0 else f"needle {n}" for n in lengths]
             + [_task_label(t) for t in tasks] + ["note"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -88,6 +107,18 @@ def markdown_table(results: list[dict]) -> str:
         cells = [f"`{r['label']}`", _f(r.get("bytes_per_token"), "d"), _f(r.get("compression"), ".2f") + "x"
                  if r.get("compression") else "-", _f(r.get("kv_cache_tokens"), ",d"), _f(ppl.get("ppl"), ".3f"),
                  dtext]
+        ref_row = r["label"] == REFERENCE
+        if top_k:
+            cells += ["0" if ref_row else _f(r.get("kl"), ".4f"), "1" if ref_row else _f(r.get("top1_agreement"), ".3f")]
+        if has_greedy:
+            g = r.get("greedy_vs_ref")
+            if ref_row:
+                cells += ["1", "-"]
+            elif g:
+                cells += [f"{g['agreement']:.3f} ({g['prefix_agreement']:.3f})",
+                          f"median {g['first_divergence_median']:g}: " + ", ".join(map(str, g["first_divergence"]))]
+            else:
+                cells += ["-", "-"]
         cells += [_f((needle.get("accuracy_by_length") or {}).get(str(n)), ".2f") for n in lengths]
         cells += [_f(lm.get(t), ".4f") for t in tasks]
         cells.append(note)
@@ -137,7 +168,8 @@ def _acc_text(by_length: dict) -> str:
 
 
 def plot_frontier(results: list[dict], path, title: str = "KV cache: memory vs fidelity") -> None:
-    """Left: relative PPL change vs bytes per token; right: needle accuracy vs bytes per token."""
+    """Fidelity vs bytes per token: relative PPL change, KL vs bf16, greedy agreement, needle accuracy (panels
+    without data are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,33 +177,47 @@ def plot_frontier(results: list[dict], path, title: str = "KV cache: memory vs f
     import matplotlib.ticker
 
     rows = [r for r in derived(results) if not r.get("error") and r.get("bytes_per_token")]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in rows:
-        x = r["bytes_per_token"] / 1024
-        if r.get("ppl_delta") is not None and not math.isnan(r["ppl_delta"]):
-            ax1.errorbar(x, r["ppl_delta"] * 100, yerr=(r.get("ppl_delta_se") or 0) * 100, fmt="o", capsize=3)
-            ax1.annotate(r["label"], (x, r["ppl_delta"] * 100), textcoords="offset points", xytext=(4, 4),
-                         fontsize=8)
-        if r.get("needle"):
-            ax2.plot(x, r["needle"]["accuracy"], "o")
-            ax2.annotate(r["label"], (x, r["needle"]["accuracy"]), textcoords="offset points", xytext=(4, 4),
-                         fontsize=8)
-    for label, goal in PPL_GOALS.items():
-        r = next((r for r in rows if r["label"] == label), None)
-        if r:
-            ax1.plot(r["bytes_per_token"] / 1024, goal * 100, "_", color="red", markersize=14)
-    ax1.axhline(0, color="gray", lw=0.8)
-    ax1.set_xlabel("KV cache KiB per token (all layers, K+V)")
-    ax1.set_ylabel("ΔPPL vs bf16 cache (%)  [red: goal]")
-    ax1.set_xscale("log")
-    ax2.set_xlabel("KV cache KiB per token (all layers, K+V)")
-    ax2.set_ylabel("needle accuracy (all lengths, depths)")
-    ax2.set_ylim(-0.05, 1.05)
-    ax2.set_xscale("log")
+    # (y label, value of a row or None, log scale)
+    panels = [("ΔPPL vs bf16 cache (%)  [red: goal]",
+               lambda r: None if r.get("ppl_delta") is None or math.isnan(r["ppl_delta"]) else r["ppl_delta"] * 100,
+               False),
+              ("KL vs bf16 cache (nats/token, top-k)", lambda r: r.get("kl"), True),
+              ("greedy prefix agreement vs bf16", lambda r: (r.get("greedy_vs_ref") or {}).get("prefix_agreement"),
+               False),
+              ("needle accuracy (all lengths, depths)", lambda r: (r.get("needle") or {}).get("accuracy"), False)]
+    panels = [p for p in panels if any(p[1](r) is not None for r in rows)] or panels[:1]
+    cols = 2 if len(panels) > 1 else 1
+    nrows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
     xs = sorted({r["bytes_per_token"] / 1024 for r in rows})
-    for ax in (ax1, ax2):  # label the measured sizes, not powers of ten
-        ax.set_xticks(xs, [f"{x:.1f}" for x in xs], fontsize=7)
+    for ax, (ylabel, value, log) in zip(axes.flat, panels):
+        for r in rows:
+            y = value(r)
+            if y is None or (log and y <= 0):
+                continue
+            x = r["bytes_per_token"] / 1024
+            if ylabel.startswith("ΔPPL"):
+                ax.errorbar(x, y, yerr=(r.get("ppl_delta_se") or 0) * 100, fmt="o", capsize=3)
+            else:
+                ax.plot(x, y, "o")
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if ylabel.startswith("ΔPPL"):
+            for label, goal in PPL_GOALS.items():
+                r = next((r for r in rows if r["label"] == label), None)
+                if r:
+                    ax.plot(r["bytes_per_token"] / 1024, goal * 100, "_", color="red", markersize=14)
+            ax.axhline(0, color="gray", lw=0.8)
+        if log:
+            ax.set_yscale("log")
+        if "agreement" in ylabel or "accuracy" in ylabel:
+            ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("KV cache KiB per token (all layers, K+V)")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:.1f}" for x in xs], fontsize=7)  # label the measured sizes, not powers of ten
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

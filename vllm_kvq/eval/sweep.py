@@ -1,10 +1,12 @@
-"""Serve each KV-cache dtype in turn and measure it: perplexity, needle retrieval, lm-eval tasks.
+"""Serve each KV-cache dtype in turn and measure it: perplexity and KL, greedy agreement, needle, lm-eval.
 
     vllm-kvq eval sweep --dtypes auto,fp8,turboquant4,turboquant3.5,turboquant3,turboquant2.5,turboquant2 \\
         [--configs my.yaml,...] [--model DIR] --out-dir sweep/
 
 For every entry ``vllm serve`` starts on 127.0.0.1 at a free port with the same KV byte budget, is measured,
-and is stopped. An entry whose server does not start (fp8 on vLLM-CPU, say) is recorded with its error and
+and is stopped. Perplexity requests also record each position's top-k next tokens (``--top-k``), so the table
+shows the KL divergence against the ``auto`` (bf16) entry; greedy continuations of ``--greedy-prompts``
+prompts are compared token by token with the ``auto`` entry's. An entry whose server does not start (fp8 on vLLM-CPU, say) is recorded with its error and
 the sweep goes on. Each entry's JSON is written as soon as it is measured, so ``--resume`` skips finished
 ones. At the end: ``sweep.md`` (table + goal check) and ``frontier.png``.
 
@@ -60,14 +62,18 @@ def kv_cache_tokens(log: str) -> int | None:
 
 def evaluate(base_url: str, *, context: int, ppl_text: str, ppl_windows: int | None, needle_lengths: list[int],
              needle_depths, lmeval_tasks: list[str], lmeval_limit: int | None, log_dir: Path, label: str,
-             tokenizer: str) -> dict:
+             tokenizer: str, top_k: int = 20, greedy_prompts: int = 0, greedy_gen: int = 256) -> dict:
+    from vllm_kvq.eval.greedy import run_greedy
     from vllm_kvq.eval.lmeval import run_lmeval
     from vllm_kvq.eval.needle import run_needle
     from vllm_kvq.eval.ppl import run_ppl
 
     out: dict = {}
     if ppl_windows != 0:
-        out["ppl"] = run_ppl(base_url, ppl_text, context=context, max_windows=ppl_windows).to_json()
+        out["ppl"] = run_ppl(base_url, ppl_text, context=context, max_windows=ppl_windows, top_k=top_k).to_json()
+    if greedy_prompts:
+        out["greedy"] = run_greedy(base_url, ppl_text, prompts=greedy_prompts, prompt_len=context - greedy_gen,
+                                   gen=greedy_gen)
     if needle_lengths:
         out["needle"] = run_needle(base_url, needle_lengths, depths=needle_depths)
     if lmeval_tasks:
@@ -81,12 +87,15 @@ def run_sweep(model_dir: str | Path, entries: list[tuple[str, str, str | None]],
               needle_lengths: list[int] = (1024, 2048, 4096), needle_depths=(0.1, 0.5, 0.9),
               lmeval_tasks=("kvq_shakespeare_ppl", "kvq_shakespeare_mc"), lmeval_limit: int | None = 20,
               max_model_len: int | None = None, kv_cache_memory_bytes: int = 512 << 20, resume: bool = False,
-              startup_timeout: float = 420.0) -> list[dict]:
+              startup_timeout: float = 420.0, top_k: int = 20, greedy_prompts: int = 4,
+              greedy_gen: int = 256) -> list[dict]:
     """``entries``: (label, kv_cache_dtype, YAML config path or None). Returns the results and writes
     ``<label>.json`` per entry, ``sweep.md`` and ``frontier.png`` under ``out_dir``."""
     out_dir = Path(out_dir)
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if greedy_prompts and not 0 < greedy_gen < context:
+        raise ValueError(f"greedy_gen must be in 1..context-1 ({context - 1}): the prompt is context - greedy_gen tokens")
     need = max([context + 1, *[n + 16 for n in needle_lengths]])
     max_model_len = max_model_len or need
     results = []
@@ -120,7 +129,8 @@ def run_sweep(model_dir: str | Path, entries: list[tuple[str, str, str | None]],
                 res.update(evaluate(srv.base_url, context=context, ppl_text=ppl_text, ppl_windows=ppl_windows,
                                     needle_lengths=list(needle_lengths), needle_depths=needle_depths,
                                     lmeval_tasks=list(lmeval_tasks), lmeval_limit=lmeval_limit, log_dir=logs,
-                                    label=label, tokenizer=str(model_dir)))
+                                    label=label, tokenizer=str(model_dir), top_k=top_k,
+                                    greedy_prompts=greedy_prompts, greedy_gen=greedy_gen))
             except Exception as e:  # keep the sweep going; the table shows what broke
                 res["error"] = f"{type(e).__name__}: {e}"
                 print(f"  {label}: {res['error'][:500]}", file=sys.stderr)
@@ -183,6 +193,12 @@ def add_arguments(p) -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--text", default="shakespeare:hamlet")
     p.add_argument("--ppl-windows", type=int, default=3, help="perplexity windows per dtype (0: skip)")
+    p.add_argument("--top-k", type=int, default=20,
+                   help="next-token candidates recorded per scored position for the KL column (0: no KL; at most 20, "
+                        "vLLM's default --max-logprobs)")
+    p.add_argument("--greedy-prompts", type=int, default=4, help="prompts continued greedily (0: skip)")
+    p.add_argument("--greedy-gen", type=int, default=256,
+                   help="tokens generated per prompt; each prompt is context - this long (default 256)")
     p.add_argument("--needle-lengths", type=lambda s: parse_lengths(s) if s.strip() else [], default=[1024, 2048, 4096],
                    help="needle prompt lengths ('' to skip; default 1k,2k,4k)")
     p.add_argument("--needle-depths", default="0.1,0.5,0.9")
@@ -204,6 +220,7 @@ def run(args) -> int:
                         needle_depths=[float(d) for d in args.needle_depths.split(",") if d],
                         lmeval_tasks=[t for t in args.lmeval_tasks.split(",") if t], lmeval_limit=args.lmeval_limit,
                         max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-                        resume=args.resume)
+                        resume=args.resume, top_k=args.top_k, greedy_prompts=args.greedy_prompts,
+                        greedy_gen=args.greedy_gen)
     print((Path(args.out_dir) / "sweep.md").read_text())
     return 0 if any(not r.get("error") for r in results) else 1

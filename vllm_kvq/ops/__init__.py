@@ -5,8 +5,9 @@
 
 One implementation table: each entry says on which devices it runs and, through ``why_not``, why it cannot
 take a format (or a call's shape). ``impl=None`` takes the first entry for the tensors' device that
-accepts the call (the choice, and why faster ones declined, are logged once); naming an impl that declines
-is an error that says why. Shapes and dtypes are checked here, in the launcher, so kernels need not.
+accepts the call (the choice, and why faster ones declined, are logged once), or the one the debug knob
+``VLLM_KVQ_IMPL`` names (e.g. to compare a kernel with the reference inside a running engine); naming an
+impl that declines is an error that says why. Shapes and dtypes are checked here, in the launcher.
 
     ops.plan(fmt, device)    # -> {impl: None or why not}, in the order ``impl=None`` tries them
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,7 +39,8 @@ class Impl:
 
 
 # Fastest first, per device type. Triton runs on CPU only when asked for (the interpreter is for tests).
-ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
+ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+_FORCED_IMPL = os.environ.get("VLLM_KVQ_IMPL") or None  # debug knob, read once
 _announced: set = set()
 
 
@@ -57,10 +60,13 @@ def _table() -> dict[str, Impl]:
     from vllm_kvq.kernels import cuda as _cuda
     if _cuda.available():
         table["cuda"] = Impl("cuda", _cuda.store, _cuda.paged_attention, _cuda.why_not)
+    from vllm_kvq.kernels import cpu as _cpu
+    if _cpu.available():
+        table["cpu"] = Impl("cpu", _cpu.store, _cpu.paged_attention, _cpu.why_not)
     return table
 
 
-IMPLS = ("reference", "triton", "cuda")
+IMPLS = ("reference", "triton", "cuda", "cpu")
 
 
 def plan(fmt: KVFormat, device: torch.device | str, op: str = "paged_attention", decode: bool = True,
@@ -78,6 +84,8 @@ def plan(fmt: KVFormat, device: torch.device | str, op: str = "paged_attention",
 def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat, decode: bool,
           group: int = 1) -> Callable:
     table = _table()
+    if impl is None and _FORCED_IMPL is not None:
+        impl = _FORCED_IMPL
     if impl is None:
         reasons = plan(fmt, device, op, decode, group)
         name = next(n for n, why in reasons.items() if why is None)

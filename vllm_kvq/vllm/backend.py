@@ -106,6 +106,16 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
                            max_seq_len=cam.max_seq_len)
 
 
+def replay_safe_max_seq_len(query: torch.Tensor, attn_metadata: KVQMetadata) -> int | None:
+    """The host bound on context lengths that split-K may be sized from. A CUDA graph keeps the host values
+    it was captured with and replays on later, longer contexts: the Triton kernels split each sequence's
+    own context and stay exact with a stale bound, but the CUDA extension sizes splits on the host, so while
+    capturing the bound is dropped (None: the block table's width, fixed per captured batch size)."""
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return attn_metadata.max_seq_len
+
+
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -226,7 +236,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = ops.paged_attention(q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
                                   attn_metadata.query_start_loc, self._format(layer, kv_cache.shape[2]),
-                                  scale=self.scale, max_seq_len=attn_metadata.max_seq_len)
+                                  scale=self.scale, max_seq_len=replay_safe_max_seq_len(query, attn_metadata))
         flat = output.view(num_tokens, -1)
         flat[:n] = out.reshape(n, -1).to(output.dtype)
         if n < num_tokens:

@@ -159,3 +159,36 @@ def route_attention_backend(choose: Callable) -> bool:
     setattr(get_attn_backend_cls, _HOOK_ATTR, True)
     cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     return True
+
+
+def bypass_selector_cache(names: tuple[str, ...], choose: Callable) -> bool:
+    """Choose the backend of the dtypes in ``names`` on every call instead of through vLLM's memo.
+
+    What: wraps ``vllm.v1.attention.selector._cached_get_attn_backend`` (a ``functools.cache``) so that a
+      selector config whose ``kv_cache_dtype`` is in ``names`` goes to ``choose`` (the backend class path,
+      resolved) each time; every other dtype keeps vLLM's cached path.
+    Why: the memo is keyed by the selector config, which does not hold ``additional_config``; the ``kvq``
+      dtype's backend depends on it (its YAML), so a second engine in one process would silently get the
+      first engine's YAML.
+    Versions: vLLM 0.32 and 0.33.
+    Retire: when the selector's cache key covers the plugin config, or a dtype handler can name its backend.
+    Returns True when the wrapper was installed now (False: already installed).
+    """
+    import vllm.v1.attention.selector as selector_mod
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    orig = _require(selector_mod, "_cached_get_attn_backend", "vllm.v1.attention.selector")
+    if getattr(orig, _HOOK_ATTR, False):
+        return False
+
+    @functools.wraps(orig)
+    def _cached_get_attn_backend(backend, attn_selector_config, *args, **kwargs):
+        if getattr(attn_selector_config, "kv_cache_dtype", None) in names:
+            return resolve_obj_by_qualname(choose(attn_selector_config))
+        return orig(backend, attn_selector_config, *args, **kwargs)
+
+    setattr(_cached_get_attn_backend, _HOOK_ATTR, True)
+    if hasattr(orig, "cache_clear"):
+        _cached_get_attn_backend.cache_clear = orig.cache_clear
+    selector_mod._cached_get_attn_backend = _cached_get_attn_backend
+    return True

@@ -35,8 +35,10 @@ def register() -> None:
         patches.register_dtypes_v033(KVQ_DTYPES)
     else:
         patches.extend_cache_dtype_literal(KVQ_DTYPES)
+    from vllm_kvq.vllm.dtypes import CONFIG_DTYPE
     from vllm_kvq.vllm.selection import choose_backend
 
     patches.route_attention_backend(choose_backend)
+    patches.bypass_selector_cache((CONFIG_DTYPE,), choose_backend)
     _done = True
     logger.debug("vllm_kvq registered dtypes %s on vLLM %s", ", ".join(KVQ_DTYPES), vllm_version())

@@ -120,7 +120,7 @@ def _find_seq(qsl_ptr, pid, S, BQ: tl.constexpr):
 def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
                  cache_ptr, sB, sH, sT, sC, bt_ptr, sbt, seqlen_ptr, qsl_ptr, heads_ptr,
                  k_rt, k_tab0, k_tab1, k_sub, k_fac, v_rt, v_tab0, v_tab1, v_sub, v_fac, part_ptr, ml_ptr,
-                 S, N, HQ, qscale, split_tokens,
+                 S, N, HQ, qscale,
                  D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                  BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NUM_SPLITS: tl.constexpr,
                  VOFF: tl.constexpr, DOT: tl.constexpr, RC: tl.constexpr,
@@ -160,8 +160,11 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
     q = q * qscale
 
     kv_end = ctx - q_len + tl.minimum(t0 + BQ, q_len)
-    lo = split * split_tokens
-    hi = tl.minimum(kv_end, lo + split_tokens)
+    # Each sequence splits its own context (whole tiles per split): the host's split count is a launch
+    # parameter only, so a CUDA graph captured at short contexts stays exact when it replays at long ones.
+    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BN) * BN
+    lo = split * split_len
+    hi = tl.minimum(kv_end, lo + split_len)
     m = tl.full((BM,), float("-inf"), tl.float32)
     l = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, DP), tl.float32)
@@ -265,9 +268,10 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     num_splits: int | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its packed context -> (N, Hq, D) in query's dtype.
 
-    ``max_seq_len`` (an upper bound of ``seq_lens`` the engine knows on the host) sizes split-K; without it
-    the block table's width is used, which for a 128K ``max_model_len`` leaves a 2K decode on a handful of
-    programs. ``num_splits`` (decode batches only) overrides the split-K heuristic; tests use it on CPU.
+    ``max_seq_len`` (a bound on ``seq_lens`` the engine knows on the host) picks the split-K count; without
+    it the block table's width is used. Each sequence divides its own context among the splits in the
+    kernel, so a stale bound (a replayed CUDA graph) costs speed, never correctness. ``num_splits`` (decode
+    batches only) overrides the heuristic; tests use it on CPU.
     """
     n, hq, d = query.shape
     s = seq_lens.shape[0]
@@ -292,7 +296,6 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         splits = num_splits if num_splits is not None else _num_splits(query.device, s * hk, max_ctx, bn)
     if splits > 1:  # short splits use short tiles, so every split gets work
         bn = max(16, min(bn, triton.next_power_of_2(triton.cdiv(max_ctx, splits))))
-    split_tokens = triton.cdiv(triton.cdiv(max_ctx, splits), bn) * bn
     dot = _DOT_KIND.get(query.dtype, 0)
     if dot == 2 and _interpreting():
         dot = 3
@@ -311,7 +314,7 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         _attn_kernel[(n if bq == 1 else n // bq + s, len(g.heads), splits)](
             query, query.stride(0), query.stride(1), out, out.stride(0), out.stride(1),
             cache, *cache.stride(), bt, bt.stride(0), seq_lens, qsl, heads,
-            *kp, *vp, part, ml, s, n, hq, scale * LOG2E, split_tokens,
+            *kp, *vp, part, ml, s, n, hq, scale * LOG2E,
             D=d, DP=dp, T=t, G=grp, GP=gp, BQ=bq, BM=bm, BN=bn, NUM_SPLITS=splits,
             VOFF=g.key.nbytes, DOT=dot, RC=min(32, dp), SINK=fmt.sink_tokens, SOFF=fmt.sink_offset,
             SB=max(1, fmt.sink_bytes), K_PREP=kh.prep, K_DEC=kh.decode, **kc,

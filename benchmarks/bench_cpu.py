@@ -1,0 +1,239 @@
+"""CPU benchmarks of the native kernels (csrc/cpu), against peers measured in the same run.
+
+    python benchmarks/bench_cpu.py kernel                  # decode attention, SmolLM2 and Llama-3.1-8B shapes
+    python benchmarks/bench_cpu.py kernel --shapes 1x4096 --codecs turboquant3
+    python benchmarks/bench_cpu.py e2e MODEL_DIR           # vLLM-CPU decode step and prefill per dtype
+    python benchmarks/bench_cpu.py serve MODEL_DIR         # `vllm bench serve` per dtype
+
+kernel: per (model, batch x context): our decode attention over the packed paged cache, vLLM-CPU's own bf16
+paged attention (``torch.ops._C.cpu_attention_with_kv_cache``, what its CPU_ATTN backend calls) over a bf16
+cache of the same shape, and a plain read of as many bytes as our kernel must read (the machine's memory
+bandwidth for that working set). Columns: milliseconds (median), our time / bf16 time, the bytes our kernel
+reads per second and that rate as a share of the plain read's.
+
+e2e: one vLLM engine per dtype (one process each, one after another): per batch x context, the prefill time
+(the whole batch in one step) and the mean decode step time over 32 steps, from vLLM's per-request timestamps.
+serve: starts ``vllm serve`` per dtype and runs vLLM's load client on random 512-in / 64-out prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODELS = {"smollm2": (9, 3, 64), "llama": (32, 8, 128)}  # (query heads, KV heads, head size)
+SHAPES = [(1, 4096), (1, 8192), (4, 8192), (8, 4096), (16, 8192)]
+BLOCK = 128  # vLLM-CPU's default block size
+
+
+def _median_s(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _vllm_bf16_attention(hq, hk, d, batch, ctx, gen):
+    """A callable running vLLM-CPU's bf16 decode attention over a paged cache of this shape, or None."""
+    try:
+        import vllm._custom_ops as vops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except ImportError as e:
+        print(f"(vLLM-CPU's attention op is unavailable: {e})")
+        return None
+    nb = batch * (ctx // BLOCK)
+    kv = torch.randn(nb, hk, 2 * BLOCK, d, generator=gen).to(torch.bfloat16)
+    key_cache, value_cache = kv.chunk(2, dim=2)
+    bt = torch.arange(nb, dtype=torch.int32).reshape(batch, ctx // BLOCK)
+    lens = torch.full((batch,), ctx, dtype=torch.int32)
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    q = torch.randn(batch, hq, d, generator=gen).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    isa = _get_attn_isa(torch.bfloat16, BLOCK, d, "auto")
+    if isa == "amx":  # the OS hands out AMX tiles only on request (in an engine oneDNN has asked already)
+        torch.cpu._init_amx()
+    sched = vops.cpu_attn_get_scheduler_metadata(
+        num_reqs=batch, num_heads=hq, num_kv_heads=hk, head_dim=d, seq_lens=lens, dtype=torch.bfloat16,
+        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=True)
+
+    def run():
+        vops.cpu_attention_with_kv_cache(
+            query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=qsl, seq_lens=lens,
+            scale=d ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1, block_table=bt, softcap=0.0,
+            scheduler_metadata=sched, s_aux=None)
+
+    return run
+
+
+def kernel(a) -> None:
+    from vllm_kvq import codecs
+    from vllm_kvq.kernels import cpu as kc
+    from vllm_kvq.kv_format import KVFormat
+
+    if not kc.available():
+        sys.exit("vllm_kvq._C_cpu is not built (pip install -e . or scripts/setup_env.sh builds it)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    gen = torch.Generator().manual_seed(0)
+    print(f"threads {torch.get_num_threads()}, our ISA {kc.best_isa()}, block size {BLOCK}")
+    print(f"{'model':8} {'shape':>9} {'codec':12} {'ours ms':>8} {'bf16 ms':>8} {'ours/bf16':>9} {'read ms':>8} "
+          f"{'ours GB/s':>9} {'% of read':>9}")
+    for model in ([a.model] if a.model != "all" else list(MODELS)):
+        hq, hk, d = MODELS[model]
+        for batch, ctx in a.shapes:
+            peer = _vllm_bf16_attention(hq, hk, d, batch, ctx, gen)
+            bf16_s = _median_s(peer, a.reps) if peer else float("nan")
+            del peer
+            nb = batch * (ctx // BLOCK)
+            bt = torch.arange(nb, dtype=torch.int32).reshape(batch, ctx // BLOCK)
+            lens = torch.full((batch,), ctx, dtype=torch.int32)
+            qsl = torch.arange(batch + 1, dtype=torch.int32)
+            q = torch.randn(batch, hq, d, generator=gen).to(torch.bfloat16)
+            for name in a.codecs:
+                c = codecs.get(name, head_dim=d)
+                fmt = KVFormat(d, [c] * hk, [c] * hk, name=name)
+                cache = fmt.allocate(nb, BLOCK)
+                n = nb * BLOCK
+                for i in range(0, n, 65536):  # fill through the store kernel, in pieces
+                    m = min(65536, n - i)
+                    kc.store(torch.randn(m, hk, d, generator=gen).to(torch.bfloat16),
+                             torch.randn(m, hk, d, generator=gen).to(torch.bfloat16), cache, torch.arange(i, i + m), fmt)
+                ours_s = _median_s(lambda: kc.paged_attention(q, cache, bt, lens, qsl, fmt, scale=d ** -0.5), a.reps)
+                nbytes = batch * ctx * hk * (c.nbytes * 2)
+                buf = torch.ones(nbytes // 4, dtype=torch.float32)
+                read_s = _median_s(lambda: buf.sum(), a.reps)
+                del cache, buf
+                print(f"{model:8} {batch:>3}x{ctx:<5} {name:12} {ours_s * 1e3:8.3f} {bf16_s * 1e3:8.3f} "
+                      f"{ours_s / bf16_s:9.2f} {read_s * 1e3:8.3f} {nbytes / ours_s / 1e9:9.1f} "
+                      f"{100 * read_s / ours_s:8.0f}%")
+
+
+# --------------------------------------------------------------------------------------------- e2e
+
+
+def _e2e_child(model_dir: str, dtype: str, cases: list[tuple[int, int]], steps: int) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    max_len = max(ctx for _, ctx in cases) + steps + 16
+    # The whole batch prefills in one step, so every later step is a pure decode step.
+    llm = LLM(model=model_dir, kv_cache_dtype=dtype, enforce_eager=True, dtype="bfloat16", max_model_len=max_len,
+              enable_prefix_caching=False, seed=0, kv_cache_memory_bytes=3 << 30, max_num_seqs=16,
+              max_num_batched_tokens=max(8192, max(b * c for b, c in cases)), disable_log_stats=False)
+    rng = torch.Generator().manual_seed(0)
+    vocab = llm.get_tokenizer().vocab_size
+    out = {}
+    for batch, ctx in cases:
+        prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, vocab - 100, (ctx,), generator=rng).tolist())
+                   for _ in range(batch)]
+        res = llm.generate(prompts, SamplingParams(max_tokens=steps, ignore_eos=True), use_tqdm=False)
+        m = [r.metrics for r in res]
+        prefill = max(x.first_token_ts for x in m) - min(x.scheduled_ts for x in m)
+        step = statistics.mean((x.last_token_ts - x.first_token_ts) / (x.num_generation_tokens - 1) for x in m)
+        out[f"{batch}x{ctx}"] = {"prefill_s": prefill, "step_ms": 1e3 * step}
+    return out
+
+
+def e2e(a) -> None:
+    cases = a.shapes
+    results = {}
+    for dtype in a.dtypes:
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run([sys.executable, __file__, "_e2e_child", a.model_dir, dtype, json.dumps(cases)],
+                              capture_output=True, text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            print(f"{dtype}: failed\n{proc.stderr[-2000:]}")
+            continue
+        results[dtype] = json.loads(lines[-1])
+    base = results.get("auto")
+    print(f"{'dtype':14} {'shape':>9} {'prefill s':>9} {'x bf16':>7} {'step ms':>8} {'x bf16':>7}")
+    for dtype, r in results.items():
+        for shape, v in r.items():
+            b = base[shape] if base else None
+            print(f"{dtype:14} {shape:>9} {v['prefill_s']:9.2f} {v['prefill_s'] / b['prefill_s'] if b else float('nan'):7.2f} "
+                  f"{v['step_ms']:8.1f} {v['step_ms'] / b['step_ms'] if b else float('nan'):7.2f}")
+
+
+# ------------------------------------------------------------------------------------------- serve
+
+
+def serve(a) -> None:
+    import urllib.request
+
+    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
+    rows = {}
+    for dtype in a.dtypes:
+        log = open(f"/tmp/bench_cpu_serve_{dtype}.log", "w")
+        srv = subprocess.Popen([vllm, "serve", a.model_dir, "--served-model-name", "m", "--port", str(a.port),
+                                "--kv-cache-dtype", dtype, "--max-model-len", "2048", "--dtype", "bfloat16"],
+                               stdout=log, stderr=subprocess.STDOUT)
+        try:
+            for _ in range(300):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{a.port}/v1/models", timeout=2)
+                    break
+                except OSError:
+                    if srv.poll() is not None:
+                        raise RuntimeError(f"{dtype}: server exited, see {log.name}")
+                    time.sleep(2)
+            res = f"/tmp/bench_cpu_serve_{dtype}.json"
+            subprocess.run([vllm, "bench", "serve", "--backend", "openai", "--base-url", f"http://127.0.0.1:{a.port}",
+                            "--model", "m", "--tokenizer", a.model_dir, "--dataset-name", "random",
+                            "--random-input-len", "512", "--random-output-len", "64", "--num-prompts", str(a.prompts),
+                            "--max-concurrency", "8", "--save-result", "--result-filename", res, "--ignore-eos"],
+                           check=True, capture_output=True, text=True)
+            rows[dtype] = json.load(open(res))
+        finally:
+            srv.terminate()
+            srv.wait(60)
+    base = rows.get("auto")
+    print(f"{'dtype':14} {'out tok/s':>9} {'x bf16':>7} {'TPOT ms':>8} {'TTFT ms':>8}")
+    for dtype, r in rows.items():
+        ratio = r["output_throughput"] / base["output_throughput"] if base else float("nan")
+        print(f"{dtype:14} {r['output_throughput']:9.1f} {ratio:7.2f} {r['mean_tpot_ms']:8.1f} {r['mean_ttft_ms']:8.1f}")
+
+
+def _shape(s: str) -> tuple[int, int]:
+    b, c = s.lower().split("x")
+    return int(b), int(c)
+
+
+def main(argv=None) -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_e2e_child":
+        print(json.dumps(_e2e_child(sys.argv[2], sys.argv[3], [tuple(c) for c in json.loads(sys.argv[4])], 33)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    k = sub.add_parser("kernel")
+    k.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    k.add_argument("--codecs", type=lambda s: s.split(","), default=["turboquant4", "turboquant3"])
+    k.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")], default=SHAPES)
+    k.add_argument("--reps", type=int, default=10)
+    k.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    for name in ("e2e", "serve"):
+        p = sub.add_parser(name)
+        p.add_argument("model_dir")
+        p.add_argument("--dtypes", type=lambda s: s.split(","), default=["auto", "fp8", "turboquant4", "turboquant3"])
+        if name == "e2e":
+            p.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")],
+                           default=[(1, 3000), (1, 7000), (8, 4000)])
+        else:
+            p.add_argument("--port", type=int, default=8102)
+            p.add_argument("--prompts", type=int, default=48)
+    a = ap.parse_args(argv)
+    {"kernel": kernel, "e2e": e2e, "serve": serve}[a.what](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+// Framework-free interface between the torch binding (torch_bindings.cpp) and the per-ISA kernel builds
+// (kernels_avx512.cpp, kernels_portable.cpp, both compiled from kernels_impl.h). Plain structs of pointers
+// and strides, so the ISA translation units include no torch headers.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/codec_desc.h"
+
+namespace kvq {
+namespace cpu {
+
+enum InDType : int { kF32 = 0, kF16 = 1, kBF16In = 2 };
+
+struct StoreArgs {
+  const void* key;  // (N, Hk, D), last dim contiguous
+  const void* value;
+  int dtype;  // InDType of key and value
+  int64_t skn, skh, svn, svh;
+  uint8_t* cache;  // (B, Hk, T, C) bytes, any strides
+  int64_t sB, sH, sT, sC;
+  const int64_t* slots;  // (N,) slot = block * T + offset; < 0 skipped
+  const int32_t* heads;  // (gh,) KV heads of this head group
+  int gh;
+  int block_size;
+  int slot_bytes;
+  int value_offset;  // K nbytes
+  int pad_begin;     // K nbytes + V nbytes: bytes [pad_begin, slot_bytes) are zeroed
+  const float* k_shift;  // (Hk, D) or null: stored keys are (k - k_shift) / k_scale
+  const float* k_scale;
+  const float* v_shift;  // stored values are v - v_shift
+  CodecDesc k, v;
+};
+
+// One unit of attention work: KV head heads[hslot] of sequence seq, query tokens [q0, q1) (absolute rows of
+// the query tensor) against context tokens [c0, c1). split < 0: the item covers the whole context and writes
+// the output; otherwise it writes its partial softmax state to the split workspace.
+struct WorkItem {
+  int32_t seq, hslot, q0, q1, c0, c1, split;
+};
+
+struct AttnArgs {
+  const void* query;  // (N, Hq, D), last dim contiguous
+  int dtype;          // InDType of query and out
+  int64_t sqn, sqh;
+  void* out;
+  int64_t son, soh;
+  const uint8_t* cache;
+  int64_t sB, sH, sT, sC;
+  const int32_t* block_table;  // (S, max_blocks)
+  int64_t sbt;
+  const int32_t* seq_lens;  // (S,)
+  const int32_t* qsl;       // (S + 1,)
+  const int32_t* heads;
+  int gh;
+  int group;  // query heads per KV head
+  int block_size;
+  int head_dim;
+  int value_offset;
+  float scale;
+  const float* k_scale;  // (Hk, D) or null: queries are multiplied by it
+  const float* v_shift;  // (Hk, D) or null: added to each output row
+  int num_tokens;
+  int num_q_heads;
+  float* partial;  // (splits, N, Hq, D) when splitting
+  float* ml;       // (splits, N, Hq, 2): running max and normalizer
+  CodecDesc k, v;
+};
+
+#define KVQ_DECLARE_ISA(isa)                                                                  \
+  namespace isa {                                                                             \
+  void store_range(const StoreArgs& a, int64_t begin, int64_t end);                           \
+  void attend_item(const AttnArgs& a, const WorkItem& w);                                     \
+  void merge_splits(const AttnArgs& a, int splits, const int32_t* rows, int64_t begin, int64_t end); \
+  void decode_context(const AttnArgs& a, int s, int hslot, int c0, int c1, float* kout, float* vout); \
+  bool supports(const CodecDesc& k, const CodecDesc& v, int head_dim);                        \
+  }
+
+KVQ_DECLARE_ISA(portable)
+KVQ_DECLARE_ISA(avx512)
+
+#undef KVQ_DECLARE_ISA
+
+}  // namespace cpu
+}  // namespace kvq

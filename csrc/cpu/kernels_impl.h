@@ -1,0 +1,673 @@
+// The CPU kernels, compiled once per ISA: kernels_avx512.cpp defines KVQ_AVX512 1 under an AVX-512 target
+// pragma, kernels_portable.cpp compiles the same code as plain C++. KVQ_ISA names the namespace.
+//
+// Attention works on tiles of kTile context tokens: a tile's K codes are decoded once into a float32 tile
+// in the key codec's rotated domain, every query row of the work item (the G query heads of one KV head,
+// times up to a chunk of query tokens in prefill) takes its scores from it, the online softmax updates,
+// the tile's V codes are decoded once and accumulated in the value codec's rotated domain. Queries are
+// rotated once per item and outputs rotated back once per row. Everything here has internal linkage
+// (anonymous namespace or the ISA namespace), so the two builds never share a symbol.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/codec.h"
+#include "kernels.h"
+
+#if KVQ_AVX512
+#include <immintrin.h>
+#endif
+
+namespace kvq {
+namespace cpu {
+namespace KVQ_ISA {
+namespace {
+
+constexpr int kTile = 32;  // context tokens decoded per tile (a multiple of 16)
+
+// Per-thread scratch, grown on demand and kept (vLLM's worker threads live as long as the engine).
+struct Scratch {
+  void* p = nullptr;
+  size_t cap = 0;
+  ~Scratch() { std::free(p); }
+  void* get(size_t bytes) {
+    if (bytes > cap) {
+      std::free(p);
+      cap = bytes + 4096;
+      p = std::aligned_alloc(64, (cap + 63) / 64 * 64);
+      std::memset(p, 0, cap);  // tile rows past a tile's valid tokens are read (never used): keep them finite
+    }
+    return p;
+  }
+};
+
+thread_local Scratch tls_scratch;
+
+inline float load_elem(const void* p, int64_t i, int dtype) {
+  if (dtype == kF32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return dtype == kF16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+inline void store_elem(void* p, int64_t i, int dtype, float v) {
+  if (dtype == kF32)
+    static_cast<float*>(p)[i] = v;
+  else
+    static_cast<uint16_t*>(p)[i] = dtype == kF16 ? f32_to_f16(v) : f32_to_bf16(v);
+}
+
+inline int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// ------------------------------------------------------------------------------------------ row decode
+
+#if KVQ_AVX512
+
+// What the SIMD row decoder does for one codec, decided once per call. Codes are unpacked 64 at a time to
+// bytes with VBMI (a byte permute puts the b bytes holding codes 8k..8k+7 into qword k, a multishift pulls
+// each code's bit field out), widened 16 at a time and looked up in a codebook held in registers.
+struct Segment {
+  int start, n, b, byte0;  // coordinates [start, start + n) at b bits, packed from byte byte0
+  int ngroups;             // groups of up to 64 codes
+  __mmask64 lmask[8];      // bytes to load per group (never past the segment)
+  int nch[8];              // 16-coordinate chunks per group
+  __m512i perm, shift, mask;
+  __m512 cb0, cb1;  // codebook entries 0..15 and 16..31
+  const float* cent;
+};
+
+struct RowDecoder {
+  const CodecDesc* c;
+  int mode;  // 0 scalar, 1 TurboQuant (unscaled centroids; the row scale is returned), 2 uniform, 3 bf16, 4 fp16
+  int nseg;
+  Segment seg[2];
+};
+
+inline Segment make_segment(int start, int n, int b, int byte0, const float* cent) {
+  Segment g;
+  std::memset(static_cast<void*>(&g), 0, sizeof(g));
+  alignas(64) uint8_t perm[64], shift[64];
+  for (int k = 0; k < 8; ++k)
+    for (int j = 0; j < 8; ++j) {
+      perm[8 * k + j] = static_cast<uint8_t>(k * b + j);
+      shift[8 * k + j] = static_cast<uint8_t>(j * b);
+    }
+  g.start = start;
+  g.n = n;
+  g.b = b;
+  g.byte0 = byte0;
+  g.ngroups = (n + 63) / 64;
+  for (int gi = 0; gi < g.ngroups && gi < 8; ++gi) {
+    const int codes = n - 64 * gi < 64 ? n - 64 * gi : 64;
+    const int bytes = codes * b / 8;
+    g.lmask[gi] = bytes >= 64 ? ~static_cast<__mmask64>(0) : (static_cast<__mmask64>(1) << bytes) - 1;
+    g.nch[gi] = codes / 16;
+  }
+  g.perm = _mm512_load_si512(perm);
+  g.shift = _mm512_load_si512(shift);
+  g.mask = _mm512_set1_epi8(static_cast<char>((1 << b) - 1));
+  g.cb0 = g.cb1 = _mm512_setzero_ps();
+  g.cent = cent;
+  if (cent) {
+    const int w = 1 << b;
+    g.cb0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(w >= 16 ? 0xffffu : (1u << w) - 1u), cent);
+    if (w > 16) g.cb1 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(w >= 32 ? 0xffffu : (1u << (w - 16)) - 1u), cent + 16);
+  }
+  return g;
+}
+
+RowDecoder make_decoder(const CodecDesc& c) {
+  RowDecoder r;
+  std::memset(static_cast<void*>(&r), 0, sizeof(r));
+  r.c = &c;
+  const bool fits = c.dim <= 512;  // 8 groups of 64 codes per segment
+  if (c.kind == kTurboQuant) {
+    if (fits && c.n0 % 16 == 0 && (c.dim - c.n0) % 16 == 0) {
+      r.mode = 1;
+      r.nseg = c.n0 < c.dim ? 2 : 1;
+      r.seg[0] = make_segment(0, c.n0, c.b0, 0, c.cent0);
+      if (r.nseg == 2) r.seg[1] = make_segment(c.n0, c.dim - c.n0, c.b1, c.seg1, c.cent1);
+    }
+  } else if (c.kind == kUniform) {
+    if (fits && c.gs % 16 == 0) {
+      r.mode = 2;
+      r.nseg = 1;
+      r.seg[0] = make_segment(0, c.dim, c.b0, 0, nullptr);
+    }
+  } else {
+    r.mode = c.kind == kBF16 ? 3 : 4;
+  }
+  return r;
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// Codebook lookup of 16 codes: a register permute for up to 32 entries, a gather beyond.
+template <int B>
+inline __m512 lookup(const Segment& g, __m512i idx) {
+  if (B <= 4) return _mm512_permutexvar_ps(idx, g.cb0);
+  if (B == 5) return _mm512_permutex2var_ps(g.cb0, idx, g.cb1);
+  return _mm512_i32gather_ps(idx, g.cent, 4);
+}
+
+// Values of one segment of every row of a tile: TurboQuant centroids (MODE 1) or uniform q * scale + min
+// (MODE 2), rows ptrs[jj] + offset written to out + jj * dp.
+template <int B, int MODE>
+inline void decode_segment_tile(const Segment& g, const CodecDesc& c, const uint8_t* const* ptrs, int n, int offset,
+                                float* out, int64_t dp) {
+  const __m512i perm = g.perm, shift = g.shift, mask = g.mask;
+  for (int jj = 0; jj < n; ++jj) {
+    const uint8_t* row = ptrs[jj] + offset;
+    for (int gi = 0; gi < g.ngroups; ++gi) {
+      __m512i x = _mm512_maskz_loadu_epi8(g.lmask[gi], row + g.byte0 + 8 * B * gi);
+      x = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, x)), mask);
+      float* y = out + jj * dp + g.start + 64 * gi;
+      const int nch = g.nch[gi];
+      auto emit = [&](__m128i codes, int ch) {
+        const __m512i idx = _mm512_cvtepu8_epi32(codes);
+        if (MODE == 1) {
+          _mm512_store_ps(y + 16 * ch, lookup<B>(g, idx));
+        } else {
+          const uint8_t* m = row + c.meta + 4 * ((g.start + 64 * gi + 16 * ch) / c.gs);
+          // multiply then add, as the reference does (no fused rounding)
+          _mm512_store_ps(y + 16 * ch, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(idx), _mm512_set1_ps(half_at(m))),
+                                                     _mm512_set1_ps(half_at(m + 2))));
+        }
+      };
+      emit(_mm512_castsi512_si128(x), 0);
+      if (nch > 1) emit(_mm512_extracti32x4_epi32(x, 1), 1);
+      if (nch > 2) emit(_mm512_extracti32x4_epi32(x, 2), 2);
+      if (nch > 3) emit(_mm512_extracti32x4_epi32(x, 3), 3);
+    }
+  }
+}
+
+template <int MODE>
+inline void decode_segment_bits(const Segment& g, const CodecDesc& c, const uint8_t* const* ptrs, int n, int offset,
+                                float* out, int64_t dp) {
+  switch (g.b) {
+    case 1: decode_segment_tile<1, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 2: decode_segment_tile<2, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 3: decode_segment_tile<3, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 4: decode_segment_tile<4, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 5: decode_segment_tile<5, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 6: decode_segment_tile<6, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 7: decode_segment_tile<7, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    default: decode_segment_tile<8, MODE>(g, c, ptrs, n, offset, out, dp); break;
+  }
+}
+
+// Decodes the rows at ptrs[jj] + offset (jj < n) into out rows of stride dp (rotated domain) and writes
+// the factor each row's values still need into scales[jj]: TurboQuant's scale (applied to a whole tile of
+// scores or weights at once), 1 for the other codecs. The mode is dispatched once per tile.
+inline void decode_tile(const RowDecoder& r, const uint8_t* const* ptrs, int n, int offset, float* out, int64_t dp,
+                        float* scales) {
+  const CodecDesc& c = *r.c;
+  const int d = c.dim;
+  switch (r.mode) {
+    case 1:
+      for (int si = 0; si < r.nseg; ++si) decode_segment_bits<1>(r.seg[si], c, ptrs, n, offset, out, dp);
+      for (int jj = 0; jj < n; ++jj) scales[jj] = half_at(ptrs[jj] + offset + c.meta);
+      return;
+    case 2:
+      decode_segment_bits<2>(r.seg[0], c, ptrs, n, offset, out, dp);
+      for (int jj = 0; jj < n; ++jj) scales[jj] = 1.f;
+      return;
+    case 3:
+      for (int jj = 0; jj < n; ++jj) {
+        const uint8_t* row = ptrs[jj] + offset;
+        for (int ch = 0; ch < d / 16; ++ch) {
+          const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * ch));
+          _mm512_store_ps(out + jj * dp + 16 * ch, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+        }
+        scales[jj] = 1.f;
+      }
+      return;
+    case 4:
+      for (int jj = 0; jj < n; ++jj) {
+        const uint8_t* row = ptrs[jj] + offset;
+        for (int ch = 0; ch < d / 16; ++ch)
+          _mm512_store_ps(out + jj * dp + 16 * ch,
+                          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * ch))));
+        scales[jj] = 1.f;
+      }
+      return;
+    default:
+      for (int jj = 0; jj < n; ++jj) {
+        decode_rotated_scalar(c, ptrs[jj] + offset, out + jj * dp);
+        scales[jj] = 1.f;
+      }
+  }
+}
+
+// s[jj] *= f[jj] for a tile
+inline void scale_tile(float* s, const float* f) {
+  for (int g = 0; g < kTile; g += 16) _mm512_store_ps(s + g, _mm512_mul_ps(_mm512_load_ps(s + g), _mm512_load_ps(f + g)));
+}
+
+// exp for attention weights: Cody-Waite reduction to |f| <= ln2/2 and a degree-6 polynomial (relative
+// error ~2e-7, near float rounding); inputs below -87 give 0.
+inline __m512 exp512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~tiny), p, n);
+}
+
+// Sum of each of 16 vectors. Lane i of the result is the sum of v[(i % 4) * 4 + i / 4]; that map is its
+// own inverse, so callers put token t's accumulator at index kHsumOrder[t] to get tokens in lane order.
+constexpr int kHsumOrder[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+inline __m512 hsum16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k)
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k)
+    x[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
+#pragma GCC unroll 2
+  for (int k = 0; k < 2; ++k)
+    y[k] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * k], x[2 * k + 1], 0x44), _mm512_shuffle_ps(x[2 * k], x[2 * k + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+}
+
+// s[jj] = q . kt[jj] for jj < kTile (rows past the valid ones are computed and masked by the caller).
+inline void tile_scores(const float* q, const float* kt, int d, int64_t dp, int nv, float* s) {
+  for (int g = 0; g < nv; g += 16) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+    for (int ch = 0; ch < d; ch += 16) {
+      const __m512 qv = _mm512_load_ps(q + ch);
+#pragma GCC unroll 16
+      for (int u = 0; u < 16; ++u)
+        acc[kHsumOrder[u]] = _mm512_fmadd_ps(qv, _mm512_load_ps(kt + (g + u) * dp + ch), acc[kHsumOrder[u]]);
+    }
+    _mm512_store_ps(s + g, hsum16(acc));
+  }
+}
+
+// Online softmax over one row's tile of scores: p = exp(s - m_new) for the nv valid tokens (0 past them),
+// returns alpha = exp(m_old - m_new) and updates m, l.
+inline float softmax_tile(float* s, int nv, float* m, float* l) {
+  float mt = -INFINITY;
+  for (int g = 0; g < nv; g += 16) {
+    const __mmask16 k = nv - g >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (nv - g)) - 1u);
+    mt = std::fmax(mt, _mm512_mask_reduce_max_ps(k, _mm512_load_ps(s + g)));
+  }
+  const float m_new = std::fmax(*m, mt);
+  const float alpha = std::exp(*m - m_new);
+  const __m512 mv = _mm512_set1_ps(m_new);
+  __m512 sum = _mm512_setzero_ps();
+  for (int g = 0; g < kTile; g += 16) {
+    const int left = nv - g;
+    const __mmask16 k = left >= 16 ? static_cast<__mmask16>(0xffff)
+                                   : (left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u));
+    const __m512 p = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_load_ps(s + g), mv)));
+    _mm512_store_ps(s + g, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  *l = *l * alpha + _mm512_reduce_add_ps(sum);
+  *m = m_new;
+  return alpha;
+}
+
+// acc[0 .. 16 NC) = acc * alpha + sum_jj p[jj] vt[jj][0 .. 16 NC): NC is a constant so the accumulators stay
+// in registers.
+template <int NC>
+inline void accumulate_chunks(float* acc, __m512 al, const float* p, const float* vt, int64_t dp, int nv) {
+  // Two accumulator sets (even and odd tokens): one chain of dependent FMAs per chunk would wait on the
+  // FMA latency, not its throughput.
+  __m512 a[NC], b[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) {
+    a[c] = _mm512_mul_ps(_mm512_load_ps(acc + 16 * c), al);
+    b[c] = _mm512_setzero_ps();
+  }
+  int jj = 0;
+  for (; jj + 1 < nv; jj += 2) {
+    const __m512 p0 = _mm512_set1_ps(p[jj]), p1 = _mm512_set1_ps(p[jj + 1]);
+    const float* v0 = vt + jj * dp;
+    const float* v1 = v0 + dp;
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      a[c] = _mm512_fmadd_ps(p0, _mm512_load_ps(v0 + 16 * c), a[c]);
+      b[c] = _mm512_fmadd_ps(p1, _mm512_load_ps(v1 + 16 * c), b[c]);
+    }
+  }
+  if (jj < nv) {
+    const __m512 p0 = _mm512_set1_ps(p[jj]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(p0, _mm512_load_ps(vt + jj * dp + 16 * c), a[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) _mm512_store_ps(acc + 16 * c, _mm512_add_ps(a[c], b[c]));
+}
+
+// acc = acc * alpha + sum_jj p[jj] vt[jj]
+inline void tile_accumulate(float* acc, float alpha, const float* p, const float* vt, int d, int64_t dp, int nv) {
+  const __m512 al = _mm512_set1_ps(alpha);
+  int c0 = 0;
+  for (; d - c0 >= 128; c0 += 128) accumulate_chunks<8>(acc + c0, al, p, vt + c0, dp, nv);
+  switch ((d - c0) / 16) {
+    case 1: accumulate_chunks<1>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 2: accumulate_chunks<2>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 3: accumulate_chunks<3>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 4: accumulate_chunks<4>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 5: accumulate_chunks<5>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 6: accumulate_chunks<6>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 7: accumulate_chunks<7>(acc + c0, al, p, vt + c0, dp, nv); break;
+    default: break;
+  }
+}
+
+#else  // portable
+
+struct RowDecoder {
+  const CodecDesc* c;
+};
+
+RowDecoder make_decoder(const CodecDesc& c) { return RowDecoder{&c}; }
+
+inline void decode_tile(const RowDecoder& r, const uint8_t* const* ptrs, int n, int offset, float* out, int64_t dp,
+                        float* scales) {
+  for (int jj = 0; jj < n; ++jj) {
+    decode_rotated_scalar(*r.c, ptrs[jj] + offset, out + jj * dp);
+    scales[jj] = 1.f;
+  }
+}
+
+inline void scale_tile(float* s, const float* f) {
+  for (int jj = 0; jj < kTile; ++jj) s[jj] *= f[jj];
+}
+
+inline void tile_scores(const float* q, const float* kt, int d, int64_t dp, int nv, float* s) {
+  for (int jj = 0; jj < nv; ++jj) {
+    float acc = 0.f;
+    for (int i = 0; i < d; ++i) acc += q[i] * kt[jj * dp + i];
+    s[jj] = acc;
+  }
+}
+
+inline float softmax_tile(float* s, int nv, float* m, float* l) {
+  float mt = -INFINITY;
+  for (int jj = 0; jj < nv; ++jj) mt = std::fmax(mt, s[jj]);
+  const float m_new = std::fmax(*m, mt);
+  const float alpha = std::exp(*m - m_new);
+  float sum = 0.f;
+  for (int jj = 0; jj < kTile; ++jj) {
+    s[jj] = jj < nv ? std::exp(s[jj] - m_new) : 0.f;
+    sum += s[jj];
+  }
+  *l = *l * alpha + sum;
+  *m = m_new;
+  return alpha;
+}
+
+inline void tile_accumulate(float* acc, float alpha, const float* p, const float* vt, int d, int64_t dp, int nv) {
+  for (int i = 0; i < d; ++i) acc[i] *= alpha;
+  for (int jj = 0; jj < nv; ++jj)
+    for (int i = 0; i < d; ++i) acc[i] += p[jj] * vt[jj * dp + i];
+}
+
+#endif
+
+// ---------------------------------------------------------------------------------------------- output
+
+// o_rot (D) -> unrotate with the value codec, + v_shift, written to out row (token t, query head qh).
+inline void write_output(const AttnArgs& a, int64_t t, int qh, int kvh, const float* o_rot, float* tmp) {
+  const int d = a.head_dim;
+  rotate_inverse(a.v.rot, o_rot, tmp);
+  const int64_t base = t * a.son + qh * a.soh;
+  for (int i = 0; i < d; ++i) {
+    const float v = a.v_shift ? tmp[i] + a.v_shift[kvh * d + i] : tmp[i];
+    store_elem(a.out, base + i, a.dtype, v);
+  }
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------------- store
+
+void store_range(const StoreArgs& a, int64_t begin, int64_t end) {
+  const int d = a.k.dim;
+  auto* fs = static_cast<float*>(tls_scratch.get(sizeof(float) * 4 * d + d));
+  float* x = fs;
+  float* work = fs + d;  // 2 * D floats for the codec
+  uint8_t* codes = reinterpret_cast<uint8_t*>(fs + 3 * d);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t n = i / a.gh;
+    const int64_t slot = a.slots[n];
+    if (slot < 0) continue;
+    const int h = a.heads[i % a.gh];
+    uint8_t* row = a.cache + (slot / a.block_size) * a.sB + h * a.sH + (slot % a.block_size) * a.sT;
+    const int64_t kb = n * a.skn + h * a.skh;
+    for (int j = 0; j < d; ++j) {
+      float v = load_elem(a.key, kb + j, a.dtype);
+      if (a.k_shift) v = v - a.k_shift[h * d + j];
+      if (a.k_scale) v = v / a.k_scale[h * d + j];
+      x[j] = v;
+    }
+    encode_vector(a.k, x, row, a.sC, work, codes);
+    const int64_t vb = n * a.svn + h * a.svh;
+    for (int j = 0; j < d; ++j) {
+      const float v = load_elem(a.value, vb + j, a.dtype);
+      x[j] = a.v_shift ? v - a.v_shift[h * d + j] : v;
+    }
+    encode_vector(a.v, x, row + static_cast<int64_t>(a.value_offset) * a.sC, a.sC, work, codes);
+    for (int b = a.pad_begin; b < a.slot_bytes; ++b) row[static_cast<int64_t>(b) * a.sC] = 0;
+  }
+}
+
+// ------------------------------------------------------------------------------------------- attention
+
+bool supports(const CodecDesc& k, const CodecDesc& v, int head_dim) {
+#if KVQ_AVX512
+  return head_dim % 16 == 0 && k.dim == head_dim && v.dim == head_dim;
+#else
+  return k.dim == head_dim && v.dim == head_dim;
+#endif
+}
+
+void attend_item(const AttnArgs& a, const WorkItem& w) {
+  const int d = a.head_dim, g = a.group;
+  const int s = w.seq;
+  const int h = a.heads[w.hslot];
+  const int len = a.seq_lens[s];
+  const int q_start = a.qsl[s];
+  const int ql = a.qsl[s + 1] - q_start;
+  const int nq = w.q1 - w.q0;
+  const int rows = nq * g;
+  const int first_pos = len - ql + (w.q0 - q_start);
+  const int c_end = w.c1 < first_pos + nq ? w.c1 : first_pos + nq;
+  const int64_t dp = align16(d);
+  const int64_t span = a.value_offset + a.v.nbytes;  // slot bytes attention reads
+  const bool packed = a.sC == 1;
+
+  // Scratch layout (floats): Q rows, acc rows, K tile, V tile, scores, m, l, tmp (2 D), then slot copies.
+  const size_t nf = static_cast<size_t>(rows) * dp * 2 + 2 * kTile * dp + static_cast<size_t>(rows) * kTile +
+                    2 * align16(rows) + 2 * dp + 2 * kTile;
+  auto* base = static_cast<float*>(tls_scratch.get(sizeof(float) * nf + kTile * (align16(span) + 64)));
+  float* qr = base;
+  float* acc = qr + rows * dp;
+  float* kt = acc + rows * dp;
+  float* vt = kt + kTile * dp;
+  float* sc = vt + kTile * dp;
+  float* mrow = sc + rows * kTile;
+  float* lrow = mrow + align16(rows);
+  float* tmp = lrow + align16(rows);
+  float* kscale = tmp + 2 * dp;  // per-token factors decode_tile leaves to the tile (TurboQuant scales)
+  float* vscale = kscale + kTile;
+  uint8_t* copies = reinterpret_cast<uint8_t*>(base + nf);
+  const uint8_t* ptrs[kTile];
+
+  for (int qi = 0; qi < nq; ++qi) {
+    for (int gi = 0; gi < g; ++gi) {
+      const int r = qi * g + gi;
+      const int64_t qb = static_cast<int64_t>(w.q0 + qi) * a.sqn + static_cast<int64_t>(h * g + gi) * a.sqh;
+      for (int i = 0; i < d; ++i) {
+        const float v = load_elem(a.query, qb + i, a.dtype);
+        tmp[i] = a.k_scale ? v * a.k_scale[h * d + i] : v;
+      }
+      float* q = qr + r * dp;
+      rotate_apply(a.k.rot, tmp, q);
+      for (int i = 0; i < d; ++i) q[i] *= a.scale;
+      mrow[r] = -INFINITY;
+      lrow[r] = 0.f;
+      std::memset(acc + r * dp, 0, sizeof(float) * dp);
+    }
+  }
+
+  const RowDecoder kd = make_decoder(a.k), vd = make_decoder(a.v);
+  const uint8_t* head_base = a.cache + static_cast<int64_t>(h) * a.sH;
+  const int32_t* bt = a.block_table + static_cast<int64_t>(s) * a.sbt;
+  for (int j0 = w.c0; j0 < c_end; j0 += kTile) {
+    const int n = c_end - j0 < kTile ? c_end - j0 : kTile;
+    int bi = j0 / a.block_size, off = j0 % a.block_size;
+    const uint8_t* blk = head_base + static_cast<int64_t>(bt[bi]) * a.sB;
+    for (int jj = 0; jj < n; ++jj) {
+      const uint8_t* p = blk + static_cast<int64_t>(off) * a.sT;
+      if (++off == a.block_size && jj + 1 < n) {
+        off = 0;
+        blk = head_base + static_cast<int64_t>(bt[++bi]) * a.sB;
+      }
+      if (!packed) {  // strided slot bytes: gather the slot into a contiguous copy first
+        uint8_t* c = copies + jj * (align16(span) + 64);
+        for (int64_t b = 0; b < span; ++b) c[b] = p[b * a.sC];
+        p = c;
+      }
+      ptrs[jj] = p;
+    }
+    decode_tile(kd, ptrs, n, 0, kt, dp, kscale);
+    for (int qi = 0; qi < nq; ++qi) {
+      const int nv = first_pos + qi - j0 + 1 < n ? first_pos + qi - j0 + 1 : n;  // causal: keys j <= position
+      if (nv <= 0) continue;
+      for (int gi = 0; gi < g; ++gi) {
+        float* sr = sc + (qi * g + gi) * kTile;
+        tile_scores(qr + (qi * g + gi) * dp, kt, d, dp, nv, sr);
+        scale_tile(sr, kscale);
+      }
+    }
+    decode_tile(vd, ptrs, n, a.value_offset, vt, dp, vscale);
+    for (int qi = 0; qi < nq; ++qi) {
+      const int nv = first_pos + qi - j0 + 1 < n ? first_pos + qi - j0 + 1 : n;
+      if (nv <= 0) continue;
+      for (int gi = 0; gi < g; ++gi) {
+        const int r = qi * g + gi;
+        const float alpha = softmax_tile(sc + r * kTile, nv, mrow + r, lrow + r);
+        scale_tile(sc + r * kTile, vscale);  // after the normalizer took the weights: V's per-token scales
+        tile_accumulate(acc + r * dp, alpha, sc + r * kTile, vt, d, dp, nv);
+      }
+    }
+  }
+
+  for (int qi = 0; qi < nq; ++qi) {
+    const int64_t t = w.q0 + qi;
+    for (int gi = 0; gi < g; ++gi) {
+      const int r = qi * g + gi;
+      const int qh = h * g + gi;
+      if (w.split >= 0) {
+        const int64_t at = (static_cast<int64_t>(w.split) * a.num_tokens + t) * a.num_q_heads + qh;
+        std::memcpy(a.partial + at * d, acc + r * dp, sizeof(float) * d);
+        a.ml[2 * at] = mrow[r];
+        a.ml[2 * at + 1] = lrow[r];
+        continue;
+      }
+      const float inv = 1.f / (lrow[r] > 1e-30f ? lrow[r] : 1e-30f);
+      float* o = acc + r * dp;
+      for (int i = 0; i < d; ++i) o[i] = o[i] * inv;
+      write_output(a, t, qh, h, o, tmp);
+    }
+  }
+}
+
+void decode_context(const AttnArgs& a, int s, int hslot, int c0, int c1, float* kout, float* vout) {
+  const int d = a.head_dim;
+  const int h = a.heads[hslot];
+  const int64_t span = a.value_offset + a.v.nbytes;
+  auto* base = static_cast<uint8_t*>(tls_scratch.get(2 * kTile * sizeof(float) + kTile * (align16(span) + 64)));
+  float* ks = reinterpret_cast<float*>(base);
+  float* vs = ks + kTile;
+  uint8_t* copies = base + 2 * kTile * sizeof(float);
+  const uint8_t* ptrs[kTile];
+  const RowDecoder kd = make_decoder(a.k), vd = make_decoder(a.v);
+  const uint8_t* head_base = a.cache + static_cast<int64_t>(h) * a.sH;
+  const int32_t* bt = a.block_table + static_cast<int64_t>(s) * a.sbt;
+  for (int j0 = c0; j0 < c1; j0 += kTile) {
+    const int n = c1 - j0 < kTile ? c1 - j0 : kTile;
+    for (int jj = 0; jj < n; ++jj) {
+      const int j = j0 + jj;
+      const uint8_t* p = head_base + static_cast<int64_t>(bt[j / a.block_size]) * a.sB +
+                         static_cast<int64_t>(j % a.block_size) * a.sT;
+      if (a.sC != 1) {
+        uint8_t* c = copies + jj * (align16(span) + 64);
+        for (int64_t b = 0; b < span; ++b) c[b] = p[b * a.sC];
+        p = c;
+      }
+      ptrs[jj] = p;
+    }
+    float* ko = kout + static_cast<int64_t>(j0 - c0) * d;
+    float* vo = vout + static_cast<int64_t>(j0 - c0) * d;
+    decode_tile(kd, ptrs, n, 0, ko, d, ks);
+    decode_tile(vd, ptrs, n, a.value_offset, vo, d, vs);
+    for (int jj = 0; jj < n; ++jj)
+      for (int i = 0; i < d; ++i) {
+        ko[jj * d + i] *= ks[jj];
+        vo[jj * d + i] *= vs[jj];
+      }
+  }
+}
+
+void merge_splits(const AttnArgs& a, int splits, const int32_t* tok_rows, int64_t begin, int64_t end) {
+  const int d = a.head_dim, g = a.group;
+  auto* f = static_cast<float*>(tls_scratch.get(sizeof(float) * 3 * align16(d)));
+  float* o = f;
+  float* tmp = f + align16(d);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t t = tok_rows[i / (a.gh * g)];
+    const int rest = static_cast<int>(i % (a.gh * g));
+    const int h = a.heads[rest / g];
+    const int qh = h * g + rest % g;
+    float mx = -INFINITY;
+    for (int sp = 0; sp < splits; ++sp)
+      mx = std::fmax(mx, a.ml[2 * ((static_cast<int64_t>(sp) * a.num_tokens + t) * a.num_q_heads + qh)]);
+    for (int k = 0; k < d; ++k) o[k] = 0.f;
+    float l = 0.f;
+    for (int sp = 0; sp < splits; ++sp) {
+      const int64_t at = (static_cast<int64_t>(sp) * a.num_tokens + t) * a.num_q_heads + qh;
+      const float m = a.ml[2 * at];
+      if (m == -INFINITY) continue;
+      const float wgt = std::exp(m - mx);
+      l += wgt * a.ml[2 * at + 1];
+      const float* p = a.partial + at * d;
+      for (int k = 0; k < d; ++k) o[k] += wgt * p[k];
+    }
+    const float inv = 1.f / (l > 1e-30f ? l : 1e-30f);
+    for (int k = 0; k < d; ++k) o[k] *= inv;
+    write_output(a, t, qh, h, o, tmp);
+  }
+}
+
+}  // namespace KVQ_ISA
+}  // namespace cpu
+}  // namespace kvq

@@ -1,0 +1,419 @@
+// torch.library registration of the CPU kernels as vllm_kvq_cpu::store and vllm_kvq_cpu::paged_attention,
+// the run-time ISA choice (AVX-512 when the CPU has it, else portable C++) and the work split over threads
+// (at::parallel_for, so the kernels run on the OpenMP threads vLLM-CPU binds). Shapes are validated in
+// Python (vllm_kvq/kernels/cpu.py); here only what the kernels would silently misread is checked.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+using kvq::CodecDesc;
+using kvq::cpu::AttnArgs;
+using kvq::cpu::StoreArgs;
+using kvq::cpu::WorkItem;
+
+enum Isa : int64_t { kBest = 0, kPortable = 1, kAvx512 = 2 };
+
+bool cpu_has_avx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  }();
+  return has;
+}
+
+bool use_avx512(int64_t isa) {
+  TORCH_CHECK(isa == kBest || isa == kPortable || isa == kAvx512, "vllm_kvq_cpu: isa must be 0 (best), 1 (portable) "
+              "or 2 (avx512), got ", isa);
+  TORCH_CHECK(isa != kAvx512 || cpu_has_avx512(), "vllm_kvq_cpu: isa=avx512 requested but this CPU lacks AVX-512");
+  return isa == kAvx512 || (isa == kBest && cpu_has_avx512());
+}
+
+std::string best_isa() { return cpu_has_avx512() ? "avx512" : "portable"; }
+
+int dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kvq::cpu::kF32;
+    case at::kHalf: return kvq::cpu::kF16;
+    case at::kBFloat16: return kvq::cpu::kBF16In;
+    default: TORCH_CHECK(false, "vllm_kvq_cpu: expected float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+const float* table_ptr(const at::Tensor& t, int64_t need, const char* what) {
+  if (need == 0) return nullptr;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() >= need,
+              "vllm_kvq_cpu: codec table ", what, " must be a contiguous CPU float32 tensor of >= ", need,
+              " elements, got ", t.scalar_type(), " ", t.sizes());
+  return t.data_ptr<float>();
+}
+
+// spec = [kind, dim, nbytes, b0, n0, b1, seg1, meta, gs, smode, rotation]; tables = [cent0, cent1, thr0,
+// thr1, signs, matrix] (vllm_kvq/kernels/cpu.py: codec_args).
+CodecDesc codec_of(at::IntArrayRef spec, at::TensorList tabs) {
+  TORCH_CHECK(spec.size() == 11 && tabs.size() == 6, "vllm_kvq_cpu: codec spec needs 11 ints and 6 tables, got ",
+              spec.size(), " and ", tabs.size());
+  CodecDesc c{};
+  c.kind = static_cast<int>(spec[0]);
+  c.dim = static_cast<int>(spec[1]);
+  c.nbytes = static_cast<int>(spec[2]);
+  c.b0 = static_cast<int>(spec[3]);
+  c.n0 = static_cast<int>(spec[4]);
+  c.b1 = static_cast<int>(spec[5]);
+  c.seg1 = static_cast<int>(spec[6]);
+  c.meta = static_cast<int>(spec[7]);
+  c.gs = static_cast<int>(spec[8]);
+  c.smode = static_cast<int>(spec[9]);
+  TORCH_CHECK(c.kind >= kvq::kTurboQuant && c.kind <= kvq::kFP16, "vllm_kvq_cpu: unknown codec kind ", c.kind);
+  TORCH_CHECK(c.dim > 0 && c.dim <= 1024, "vllm_kvq_cpu: head size ", c.dim, " out of range");
+  const bool tq = c.kind == kvq::kTurboQuant;
+  if (tq || c.kind == kvq::kUniform) {
+    TORCH_CHECK(c.b0 >= 1 && c.b0 <= 8 && c.b1 >= 1 && c.b1 <= 8 && c.n0 >= 1 && c.n0 <= c.dim,
+                "vllm_kvq_cpu: bad code segments");
+  }
+  if (c.kind == kvq::kUniform) TORCH_CHECK(c.gs > 0 && c.dim % c.gs == 0, "vllm_kvq_cpu: bad uniform group size");
+  c.cent0 = table_ptr(tabs[0], tq ? (1 << c.b0) : 0, "cent0");
+  c.cent1 = table_ptr(tabs[1], tq ? (1 << c.b1) : 0, "cent1");
+  c.thr0 = table_ptr(tabs[2], tq ? (1 << c.b0) - 1 : 0, "thr0");
+  c.thr1 = table_ptr(tabs[3], tq ? (1 << c.b1) - 1 : 0, "thr1");
+  c.rot.kind = static_cast<int>(spec[10]);
+  c.rot.dim = c.dim;
+  TORCH_CHECK(c.rot.kind >= kvq::kRotIdentity && c.rot.kind <= kvq::kRotDense, "vllm_kvq_cpu: unknown rotation");
+  c.rot.signs = table_ptr(tabs[4], c.rot.kind == kvq::kRotHadamard ? c.dim : 0, "signs");
+  c.rot.mat = table_ptr(tabs[5], c.rot.kind == kvq::kRotDense ? static_cast<int64_t>(c.dim) * c.dim : 0, "matrix");
+  TORCH_CHECK(c.rot.kind != kvq::kRotHadamard || (c.dim & (c.dim - 1)) == 0,
+              "vllm_kvq_cpu: a Hadamard rotation needs a power-of-two head size, got ", c.dim);
+  c.rot.norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.dim)));
+  return c;
+}
+
+const float* optional_ptr(const c10::optional<at::Tensor>& t, int64_t hk, int64_t d, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == hk &&
+                  t->size(1) == d,
+              "vllm_kvq_cpu: ", what, " must be contiguous float32 (", hk, ", ", d, "), got ", t->sizes());
+  return t->data_ptr<float>();
+}
+
+void check_cache(const at::Tensor& cache) {
+  TORCH_CHECK(cache.device().is_cpu() && cache.dim() == 4 && cache.scalar_type() == at::kByte,
+              "vllm_kvq_cpu: cache must be a 4-D uint8 CPU tensor");
+}
+
+void check_heads(const at::Tensor& heads, int64_t hk) {
+  TORCH_CHECK(heads.scalar_type() == at::kInt && heads.is_contiguous(), "vllm_kvq_cpu: heads must be contiguous int32");
+  const int32_t* h = heads.data_ptr<int32_t>();
+  for (int64_t i = 0; i < heads.numel(); ++i)
+    TORCH_CHECK(h[i] >= 0 && h[i] < hk, "vllm_kvq_cpu: head index ", h[i], " out of range for ", hk, " KV heads");
+}
+
+// Runs fn(i) for i in [0, n) on at::parallel_for's threads, handing out indices one at a time (items
+// differ in cost: causal prefill chunks, ragged sequence lengths).
+template <typename F>
+void parallel_items(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  });
+}
+
+void store(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, const at::Tensor& slot_mapping,
+           const at::Tensor& heads, int64_t value_offset, int64_t pad_begin, at::IntArrayRef k_spec,
+           at::TensorList k_tabs, at::IntArrayRef v_spec, at::TensorList v_tabs,
+           const c10::optional<at::Tensor>& k_shift, const c10::optional<at::Tensor>& k_scale,
+           const c10::optional<at::Tensor>& v_shift, int64_t isa) {
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && key.stride(2) == 1 && value.stride(2) == 1 &&
+                  key.scalar_type() == value.scalar_type() && key.device().is_cpu(),
+              "vllm_kvq_cpu::store: key/value must be CPU (N, Hk, D) of one dtype with a contiguous last dim");
+  check_cache(cache);
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == key.size(0),
+              "vllm_kvq_cpu::store: slot_mapping must be contiguous int64 (N,)");
+  const int64_t hk = cache.size(1), d = key.size(2);
+  check_heads(heads, hk);
+  StoreArgs a{};
+  a.key = key.data_ptr();
+  a.value = value.data_ptr();
+  a.dtype = dtype_of(key);
+  a.skn = key.stride(0);
+  a.skh = key.stride(1);
+  a.svn = value.stride(0);
+  a.svh = value.stride(1);
+  a.cache = cache.data_ptr<uint8_t>();
+  a.sB = cache.stride(0);
+  a.sH = cache.stride(1);
+  a.sT = cache.stride(2);
+  a.sC = cache.stride(3);
+  a.slots = slot_mapping.data_ptr<int64_t>();
+  a.heads = heads.data_ptr<int32_t>();
+  a.gh = static_cast<int>(heads.numel());
+  a.block_size = static_cast<int>(cache.size(2));
+  a.slot_bytes = static_cast<int>(cache.size(3));
+  a.value_offset = static_cast<int>(value_offset);
+  a.pad_begin = static_cast<int>(pad_begin);
+  a.k_shift = optional_ptr(k_shift, hk, d, "k_shift");
+  a.k_scale = optional_ptr(k_scale, hk, d, "k_scale");
+  a.v_shift = optional_ptr(v_shift, hk, d, "v_shift");
+  a.k = codec_of(k_spec, k_tabs);
+  a.v = codec_of(v_spec, v_tabs);
+  TORCH_CHECK(a.k.dim == d && a.v.dim == d && a.value_offset == a.k.nbytes && a.pad_begin == a.k.nbytes + a.v.nbytes &&
+                  a.pad_begin <= a.slot_bytes,
+              "vllm_kvq_cpu::store: codec sizes do not match the key and the cache slot");
+  const int64_t max_slot = cache.size(0) * cache.size(2);
+  for (int64_t i = 0; i < key.size(0); ++i)
+    TORCH_CHECK(a.slots[i] < max_slot, "vllm_kvq_cpu::store: slot ", a.slots[i], " beyond the cache's ", max_slot);
+  const bool simd = use_avx512(isa);
+  const int64_t total = key.size(0) * a.gh;
+  at::parallel_for(0, total, 16, [&](int64_t b, int64_t e) {
+    if (simd)
+      kvq::cpu::avx512::store_range(a, b, e);
+    else
+      kvq::cpu::portable::store_range(a, b, e);
+  });
+}
+
+void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor& cache, const at::Tensor& block_table,
+                     const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& heads,
+                     int64_t value_offset, double scale, at::IntArrayRef k_spec, at::TensorList k_tabs,
+                     at::IntArrayRef v_spec, at::TensorList v_tabs, const c10::optional<at::Tensor>& k_scale,
+                     const c10::optional<at::Tensor>& v_shift, int64_t num_splits, int64_t skip_from, int64_t isa) {
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && out.sizes() == query.sizes() && out.stride(2) == 1 &&
+                  out.scalar_type() == query.scalar_type() && query.device().is_cpu(),
+              "vllm_kvq_cpu::paged_attention: query/out must be CPU (N, Hq, D) of one dtype, last dim contiguous");
+  check_cache(cache);
+  for (const at::Tensor* t : {&block_table, &seq_lens, &query_start_loc})
+    TORCH_CHECK(t->scalar_type() == at::kInt, "vllm_kvq_cpu::paged_attention: index tensors must be int32");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.stride(1) == 1 && seq_lens.is_contiguous() &&
+                  query_start_loc.is_contiguous() && query_start_loc.numel() == seq_lens.numel() + 1 &&
+                  block_table.size(0) >= seq_lens.numel(),
+              "vllm_kvq_cpu::paged_attention: bad block_table / seq_lens / query_start_loc shapes");
+  const int64_t hk = cache.size(1), d = query.size(2), hq = query.size(1);
+  TORCH_CHECK(hq % hk == 0, "vllm_kvq_cpu::paged_attention: Hq must be a multiple of Hk");
+  check_heads(heads, hk);
+  AttnArgs a{};
+  a.query = query.data_ptr();
+  a.dtype = dtype_of(query);
+  a.sqn = query.stride(0);
+  a.sqh = query.stride(1);
+  a.out = out.data_ptr();
+  a.son = out.stride(0);
+  a.soh = out.stride(1);
+  a.cache = cache.data_ptr<uint8_t>();
+  a.sB = cache.stride(0);
+  a.sH = cache.stride(1);
+  a.sT = cache.stride(2);
+  a.sC = cache.stride(3);
+  a.block_table = block_table.data_ptr<int32_t>();
+  a.sbt = block_table.stride(0);
+  a.seq_lens = seq_lens.data_ptr<int32_t>();
+  a.qsl = query_start_loc.data_ptr<int32_t>();
+  a.heads = heads.data_ptr<int32_t>();
+  a.gh = static_cast<int>(heads.numel());
+  a.group = static_cast<int>(hq / hk);
+  a.block_size = static_cast<int>(cache.size(2));
+  a.head_dim = static_cast<int>(d);
+  a.value_offset = static_cast<int>(value_offset);
+  a.scale = static_cast<float>(scale);
+  a.k_scale = optional_ptr(k_scale, hk, d, "k_scale");
+  a.v_shift = optional_ptr(v_shift, hk, d, "v_shift");
+  a.num_tokens = static_cast<int>(query.size(0));
+  a.num_q_heads = static_cast<int>(hq);
+  a.k = codec_of(k_spec, k_tabs);
+  a.v = codec_of(v_spec, v_tabs);
+  TORCH_CHECK(a.k.dim == d && a.v.dim == d && a.value_offset == a.k.nbytes &&
+                  a.value_offset + a.v.nbytes <= cache.size(3),
+              "vllm_kvq_cpu::paged_attention: codec sizes do not match the query and the cache slot");
+
+  // Work items: decode sequences (one new token) split their context so a few long sequences still fill
+  // every thread; prefill sequences are cut into chunks of query tokens that share each decoded tile.
+  const int64_t s_count = seq_lens.numel();
+  const int64_t threads = at::get_num_threads();
+  const int max_blocks = static_cast<int>(block_table.size(1));
+  std::vector<int32_t> decode_rows;
+  int max_decode_len = 0;
+  for (int64_t s = 0; s < s_count; ++s) {
+    const int ql = a.qsl[s + 1] - a.qsl[s];
+    const int len = a.seq_lens[s];
+    TORCH_CHECK(ql >= 0 && ql <= len && a.qsl[s + 1] <= a.num_tokens && len <= static_cast<int64_t>(max_blocks) * a.block_size,
+                "vllm_kvq_cpu::paged_attention: sequence ", s, " has ", ql, " new tokens, length ", len,
+                " and room for ", static_cast<int64_t>(max_blocks) * a.block_size);
+    if (ql == 1) {
+      decode_rows.push_back(a.qsl[s]);
+      max_decode_len = std::max(max_decode_len, len);
+    }
+  }
+  int64_t splits = num_splits;
+  if (splits <= 0) {
+    const int64_t base = static_cast<int64_t>(decode_rows.size()) * a.gh;
+    splits = base == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>((4 * threads + base - 1) / base, max_decode_len / 512));
+  }
+  const int64_t split_tokens = (max_decode_len + splits - 1) / splits;
+  const int64_t split_aligned = std::max<int64_t>(32, (split_tokens + 31) / 32 * 32);
+  at::Tensor partial, ml;
+  if (splits > 1 && !decode_rows.empty()) {
+    partial = at::empty({splits, a.num_tokens, hq, d}, query.options().dtype(at::kFloat));
+    ml = at::empty({splits, a.num_tokens, hq, 2}, query.options().dtype(at::kFloat));
+    a.partial = partial.data_ptr<float>();
+    a.ml = ml.data_ptr<float>();
+  }
+  const int qchunk = std::max(1, 64 / a.group);
+  std::vector<WorkItem> items;
+  std::vector<int64_t> cost;
+  for (int64_t s = 0; s < s_count; ++s) {
+    const int q0 = a.qsl[s], q1 = a.qsl[s + 1], len = a.seq_lens[s];
+    if (skip_from > 0 && q1 - q0 >= skip_from) continue;  // the caller attends these (long prefills) itself
+    for (int h = 0; h < a.gh; ++h) {
+      if (q1 - q0 == 1 && splits > 1) {
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const int c0 = static_cast<int>(std::min<int64_t>(sp * split_aligned, len));
+          const int c1 = static_cast<int>(std::min<int64_t>(c0 + split_aligned, len));
+          items.push_back({static_cast<int32_t>(s), h, q0, q1, c0, c1, static_cast<int32_t>(sp)});
+          cost.push_back(c1 - c0);
+        }
+      } else {
+        for (int c = q0; c < q1; c += qchunk) {
+          const int ce = std::min(q1, c + qchunk);
+          items.push_back({static_cast<int32_t>(s), h, c, ce, 0, len, -1});
+          cost.push_back(static_cast<int64_t>(len - (q1 - ce)) * (ce - c));
+        }
+      }
+    }
+  }
+  // Longest first, so the last items handed out are the short ones.
+  std::vector<int64_t> order(items.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+  const bool simd = use_avx512(isa) && kvq::cpu::avx512::supports(a.k, a.v, a.head_dim);
+  parallel_items(static_cast<int64_t>(items.size()), [&](int64_t i) {
+    if (simd)
+      kvq::cpu::avx512::attend_item(a, items[order[i]]);
+    else
+      kvq::cpu::portable::attend_item(a, items[order[i]]);
+  });
+  if (splits > 1 && !decode_rows.empty()) {
+    const int64_t total = static_cast<int64_t>(decode_rows.size()) * a.gh * a.group;
+    at::parallel_for(0, total, 4, [&](int64_t b, int64_t e) {
+      if (simd)
+        kvq::cpu::avx512::merge_splits(a, static_cast<int>(splits), decode_rows.data(), b, e);
+      else
+        kvq::cpu::portable::merge_splits(a, static_cast<int>(splits), decode_rows.data(), b, e);
+    });
+  }
+}
+
+// Decodes context tokens [0, length) of sequence seq for the head group into float32 (gh, length, D) K and V
+// in the codecs' rotated domains (scales applied): the operands of a dense attention for long prefills.
+void decode_context(const at::Tensor& cache, const at::Tensor& block_table, int64_t seq, int64_t length,
+                    const at::Tensor& heads, int64_t value_offset, at::IntArrayRef k_spec, at::TensorList k_tabs,
+                    at::IntArrayRef v_spec, at::TensorList v_tabs, at::Tensor& k_out, at::Tensor& v_out, int64_t isa) {
+  check_cache(cache);
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.stride(1) == 1 &&
+                  seq >= 0 && seq < block_table.size(0) && length >= 0 &&
+                  length <= block_table.size(1) * cache.size(2),
+              "vllm_kvq_cpu::decode_context: bad block_table, seq or length");
+  check_heads(heads, cache.size(1));
+  const int64_t gh = heads.numel();
+  AttnArgs a{};
+  a.k = codec_of(k_spec, k_tabs);
+  a.v = codec_of(v_spec, v_tabs);
+  const int64_t d = a.k.dim;
+  for (const at::Tensor* t : {&k_out, &v_out})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == gh &&
+                    t->size(1) == length && t->size(2) == d,
+                "vllm_kvq_cpu::decode_context: outputs must be contiguous float32 (", gh, ", ", length, ", ", d, ")");
+  TORCH_CHECK(a.v.dim == d && value_offset == a.k.nbytes && value_offset + a.v.nbytes <= cache.size(3),
+              "vllm_kvq_cpu::decode_context: codec sizes do not match the cache slot");
+  a.cache = cache.data_ptr<uint8_t>();
+  a.sB = cache.stride(0);
+  a.sH = cache.stride(1);
+  a.sT = cache.stride(2);
+  a.sC = cache.stride(3);
+  a.block_table = block_table.data_ptr<int32_t>();
+  a.sbt = block_table.stride(0);
+  a.heads = heads.data_ptr<int32_t>();
+  a.gh = static_cast<int>(gh);
+  a.block_size = static_cast<int>(cache.size(2));
+  a.head_dim = static_cast<int>(d);
+  a.value_offset = static_cast<int>(value_offset);
+  const bool simd = use_avx512(isa) && kvq::cpu::avx512::supports(a.k, a.v, a.head_dim);
+  constexpr int64_t kPiece = 256;
+  const int64_t pieces = (length + kPiece - 1) / kPiece;
+  float* ko = k_out.data_ptr<float>();
+  float* vo = v_out.data_ptr<float>();
+  at::parallel_for(0, gh * pieces, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int hs = static_cast<int>(i / pieces);
+      const int c0 = static_cast<int>((i % pieces) * kPiece);
+      const int c1 = static_cast<int>(std::min<int64_t>(length, c0 + kPiece));
+      float* kp = ko + (hs * length + c0) * d;
+      float* vp = vo + (hs * length + c0) * d;
+      if (simd)
+        kvq::cpu::avx512::decode_context(a, static_cast<int>(seq), hs, c0, c1, kp, vp);
+      else
+        kvq::cpu::portable::decode_context(a, static_cast<int>(seq), hs, c0, c1, kp, vp);
+    }
+  });
+}
+
+// y = R x (or R^T x with inverse) row by row for a codec's rotation: x, y contiguous float32 (M, D).
+void rotate(const at::Tensor& x, at::Tensor& y, at::IntArrayRef spec, at::TensorList tabs, bool inverse) {
+  const CodecDesc c = codec_of(spec, tabs);
+  for (const at::Tensor* t : {&x, static_cast<const at::Tensor*>(&y)})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(1) == c.dim,
+                "vllm_kvq_cpu::rotate: x and y must be contiguous float32 (M, ", c.dim, ")");
+  TORCH_CHECK(x.size(0) == y.size(0) && x.data_ptr() != y.data_ptr(), "vllm_kvq_cpu::rotate: y must be a separate (M, D)");
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t d = c.dim;
+  at::parallel_for(0, x.size(0), 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (inverse)
+        kvq::rotate_inverse(c.rot, xp + i * d, yp + i * d);
+      else
+        kvq::rotate_apply(c.rot, xp + i * d, yp + i * d);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vllm_kvq_cpu, m) {
+  m.def(
+      "store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor heads, int value_offset, "
+      "int pad_begin, int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, Tensor? k_shift, "
+      "Tensor? k_scale, Tensor? v_shift, int isa) -> ()");
+  m.def(
+      "paged_attention(Tensor query, Tensor(a!) out, Tensor cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor query_start_loc, Tensor heads, int value_offset, float scale, int[] k_spec, Tensor[] k_tabs, "
+      "int[] v_spec, Tensor[] v_tabs, Tensor? k_scale, Tensor? v_shift, int num_splits, int skip_from, int isa) -> ()");
+  m.def(
+      "decode_context(Tensor cache, Tensor block_table, int seq, int length, Tensor heads, int value_offset, "
+      "int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, Tensor(a!) k_out, Tensor(b!) v_out, "
+      "int isa) -> ()");
+  m.def("rotate(Tensor x, Tensor(a!) y, int[] spec, Tensor[] tabs, bool inverse) -> ()");
+  m.def("best_isa() -> str", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(vllm_kvq_cpu, CPU, m) {
+  m.impl("store", &store);
+  m.impl("paged_attention", &paged_attention);
+  m.impl("decode_context", &decode_context);
+  m.impl("rotate", &rotate);
+}

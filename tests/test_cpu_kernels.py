@@ -1,0 +1,367 @@
+"""The native CPU kernels (csrc/cpu, ``vllm_kvq.kernels.cpu``) against the reference ops, for every registered
+codec, mixed per-head formats and calibrated formats, in both ISA builds (AVX-512 where the CPU has it, and
+the portable one).
+
+Store must give the reference's bytes; where a rotation's summation order differs (dense Haar matrices,
+the fp32 norm) a code may flip only if its rotated value sits on a threshold tie. Attention follows
+flash-attention's rule: its error against the float32 reference is at most twice that of a bf16 PyTorch
+run over the same dequantized K/V; with float32 queries it must match the reference to 1e-4.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+
+from vllm_kvq import codecs, ops
+from vllm_kvq.codecs.packing import unpack_bits
+from vllm_kvq.codecs.turboquant import TurboQuantCodec
+from vllm_kvq.codecs.uniform import UniformCodec
+from vllm_kvq.kernels import cpu as kc
+from vllm_kvq.kv_format import KVFormat, kv_format
+from vllm_kvq.ops import reference
+from vllm_kvq.testing import random_paged_batch, roundtrip
+
+
+def test_extension_is_built_on_x86():
+    """setup.py builds the extension by default on x86-64 CPU torch; a silent fallback would hide a broken build."""
+    if platform.machine() != "x86_64" or torch.version.cuda or os.environ.get("VLLM_KVQ_BUILD_CPU") == "0":
+        pytest.skip("the CPU extension is built only on x86-64 with CPU torch")
+    assert kc.available(), kc.why_not(KVFormat(64, [codecs.get("bf16", head_dim=64)], [codecs.get("bf16", head_dim=64)]))
+
+
+pytestmark = pytest.mark.skipif(not kc.available(), reason="vllm_kvq._C_cpu is not built")
+
+ISAS = [pytest.param("avx512", marks=pytest.mark.skipif(not kc.available() or kc.best_isa() != "avx512",
+                                                        reason="no AVX-512")), "portable"]
+
+# Every registered preset, plus family parameters the presets do not reach.
+FAMILIES = {n for n in codecs.names() if n not in codecs._PRESETS}
+CODECS = {n: (n, {}) for n in codecs.names() if n not in FAMILIES}
+CODECS.update({
+    "uniform-g32-rot-2b": ("uniform", dict(bits=2, group_size=32, rotate=True)),
+    "uniform3": ("uniform", dict(bits=3)),
+    "tq3-norm": ("turboquant", dict(bits=3, scale_mode="norm")),
+    "tq4-corrected": ("turboquant", dict(bits=4, scale_mode="corrected")),
+    "tq3-haar": ("turboquant", dict(bits=3, rotation="haar")),
+    "tq2-identity": ("turboquant", dict(bits=2, rotation="identity")),
+    "tq5.5": ("turboquant", dict(bits=5.5)),  # 6/5-bit codes: wider than the 16-entry SIMD lookups
+})
+
+
+def make_codec(cid: str, d: int):
+    name, params = CODECS[cid]
+    return codecs.get(name, head_dim=d, **params)
+
+
+def uniform_fmt(cid: str, d: int, hk: int, **kw) -> KVFormat:
+    c = make_codec(cid, d)
+    return KVFormat(d, [c] * hk, [c] * hk, name=cid, **kw)
+
+
+def mixed_fmt(d: int) -> KVFormat:
+    """Three head groups with different codecs and slot sizes (padding in the smaller slots)."""
+    g = lambda n, **p: codecs.get(n, head_dim=d, **p)  # noqa: E731
+    return KVFormat(d, [g("turboquant3"), g("bf16"), g("uniform4")],
+                    [g("turboquant3"), g("bf16"), g("turboquant2.5")], name="mixed")
+
+
+def yaml_fmt(d: int) -> KVFormat:
+    return kv_format("kvq-mixed-example", head_size=d, num_kv_heads=3, layer=2, num_layers=6)
+
+
+def calibrated_fmt(cid: str, d: int, hk: int, gen) -> KVFormat:
+    return uniform_fmt(cid, d, hk, k_shift=torch.randn(hk, d, generator=gen), v_shift=torch.randn(hk, d, generator=gen),
+                       k_scale=torch.rand(hk, d, generator=gen) * 1.5 + 0.25)
+
+
+def _cache(fmt, blocks, t, layout):
+    if layout == "contiguous":
+        return fmt.allocate(blocks, t)
+    if layout == "token-major":  # (B, T, Hk, C) storage seen as (B, Hk, T, C)
+        return torch.zeros(blocks, t, fmt.num_kv_heads, fmt.slot_bytes, dtype=torch.uint8).permute(0, 2, 1, 3)
+    if layout == "byte-stride-2":  # every other byte of a wider buffer
+        return torch.zeros(blocks, fmt.num_kv_heads, t, 2 * fmt.slot_bytes, dtype=torch.uint8)[..., ::2]
+    raise ValueError(layout)
+
+
+# ---------------------------------------------------------------------------------------------- store
+
+
+def _codes_and_ties(codec, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor):
+    """(got codes, want codes, distance of each rotated input to its nearest rounding tie)."""
+    x64 = x.double()
+    y = x64 @ codec.rotation.matrix(dtype=torch.float64).T
+    if isinstance(codec, TurboQuantCodec):
+        y = y / x64.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        thr = torch.full((codec.head_dim, (1 << max(b for b, _ in codec.segments)) - 1), float("nan"),
+                         dtype=torch.float64)
+        start = 0
+        for book, (b, n) in zip(codec.codebooks, codec.segments):
+            thr[start:start + n, : (1 << b) - 1] = torch.tensor(book.thresholds, dtype=torch.float64)
+            start += n
+        dist = (y[:, :, None] - thr[None]).abs().nan_to_num(float("inf")).amin(-1)
+        return codec.unpack_codes(got), codec.unpack_codes(want), dist
+    m = want[:, codec.code_nbytes:].contiguous().view(torch.float16).double().reshape(len(x), codec.groups, 2)
+    s = m[..., 0].repeat_interleave(codec.group_size, 1)
+    t = (y - m[..., 1].repeat_interleave(codec.group_size, 1)) / torch.where(s > 0, s, 1)
+    unpack = lambda r: unpack_bits(r[:, : codec.code_nbytes], codec.bits, codec.head_dim)  # noqa: E731
+    return unpack(got), unpack(want), ((t - t.floor()) - 0.5).abs() * s
+
+
+def _check_rows(codec, x, got, want):
+    if torch.equal(got, want):
+        return
+    rotates = codec.rotation.kind != "identity" or isinstance(codec, TurboQuantCodec)
+    assert rotates and isinstance(codec, (TurboQuantCodec, UniformCodec)), \
+        f"{codec.name}: {(got != want).sum().item()} bytes differ"
+    cg, cw, dist = _codes_and_ties(codec, x, got, want)
+    flip = cg != cw
+    assert flip.float().mean() < 0.01, f"{codec.name}: {flip.sum().item()} of {flip.numel()} codes differ"
+    assert (dist[flip] < 1e-5).all(), f"{codec.name}: a code differs away from a tie: {dist[flip].max()}"
+    meta = slice(codec.code_nbytes, codec.nbytes)
+    mg = got[:, meta].contiguous().view(torch.float16).float()
+    mw = want[:, meta].contiguous().view(torch.float16).float()
+    assert torch.allclose(mg, mw, rtol=2e-2, atol=1e-3), f"{codec.name}: metadata differs beyond a tie's effect"
+
+
+def _check_cache(fmt, x_k, x_v, slots, got, want):
+    t = got.shape[2]
+    keep = slots >= 0
+    blk, off = slots[keep] // t, slots[keep] % t
+    written = torch.zeros(got.shape[0], t, dtype=torch.bool)
+    written[blk, off] = True
+    assert torch.equal(got.permute(0, 2, 1, 3)[~written], want.permute(0, 2, 1, 3)[~written]), \
+        "bytes outside the written slots changed"
+    for h in range(fmt.num_kv_heads):
+        gk, wk = got[blk, h, off], want[blk, h, off]
+        kn, vn = fmt.keys[h].nbytes, fmt.values[h].nbytes
+        _check_rows(fmt.keys[h], x_k[keep, h], gk[:, :kn], wk[:, :kn])
+        _check_rows(fmt.values[h], x_v[keep, h], gk[:, kn:kn + vn], wk[:, kn:kn + vn])
+        assert torch.equal(gk[:, kn + vn:], wk[:, kn + vn:]), "padding bytes differ"
+
+
+def _store_case(fmt, n, blocks, t, layout, gen, isa, dtype=torch.bfloat16, scale=1.0):
+    d, hk = fmt.head_size, fmt.num_kv_heads
+    k = (torch.randn(n, hk, d, generator=gen) * scale).to(dtype)
+    v = torch.randn(n, hk, d, generator=gen).to(dtype)
+    k[0, 0] = 0.0  # an all-zero vector: norm 0 and a zero uniform range
+    slots = torch.randperm(blocks * t, generator=gen)[:n]
+    slots[torch.randperm(n, generator=gen)[: max(1, n // 5)]] = -1
+    got, want = _cache(fmt, blocks, t, layout), _cache(fmt, blocks, t, layout)
+    got.fill_(7)
+    want.fill_(7)
+    reference.store(k, v, want, slots, fmt)
+    kc.store(k, v, got, slots, fmt, isa=isa)
+    # what the codecs saw: calibrated formats encode shifted / scaled inputs
+    xk, xv = k.float(), v.float()
+    if fmt.k_shift is not None:
+        xk = xk - fmt.k_shift
+    if fmt.k_scale is not None:
+        xk = xk / fmt.k_scale
+    if fmt.v_shift is not None:
+        xv = xv - fmt.v_shift
+    _check_cache(fmt, xk, xv, slots, got, want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", list(CODECS))
+def test_store_matches_reference(cid, isa, gen):
+    _store_case(uniform_fmt(cid, 64, 2), 41, 4, 16, "contiguous", gen, isa, scale=8.0)
+
+
+@pytest.mark.parametrize("d,cid", [(128, "turboquant3"), (128, "turboquant2.5"), (128, "uniform4"),
+                                   (80, "turboquant3.5"), (96, "turboquant4"), (32, "turboquant2")])
+def test_store_head_dims(d, cid, gen):
+    _store_case(uniform_fmt(cid, d, 2), 23, 2, 16, "contiguous", gen, "best")
+
+
+@pytest.mark.parametrize("layout", ["token-major", "byte-stride-2"])
+@pytest.mark.parametrize("fmt_fn", [mixed_fmt, yaml_fmt], ids=["mixed", "yaml"])
+def test_store_mixed_formats_and_strides(fmt_fn, layout, gen):
+    _store_case(fmt_fn(64), 19, 3, 16, layout, gen, "best", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5", "uniform4", "bf16"])
+def test_store_calibrated(cid, gen):
+    _store_case(calibrated_fmt(cid, 64, 2, gen), 19, 3, 16, "contiguous", gen, "best")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_store_input_dtypes(dtype, gen):
+    _store_case(mixed_fmt(64), 19, 3, 16, "contiguous", gen, "best", dtype=dtype)
+
+
+def test_store_empty_and_all_padding():
+    fmt = uniform_fmt("turboquant3", 64, 2)
+    cache = fmt.allocate(2, 16)
+    kc.store(torch.zeros(0, 2, 64), torch.zeros(0, 2, 64), cache, torch.zeros(0, dtype=torch.long), fmt)
+    kc.store(torch.randn(5, 2, 64), torch.randn(5, 2, 64), cache, torch.full((5,), -1, dtype=torch.int32), fmt)
+    assert not cache.any()
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def _lowp_attention(q, k_deq, v_deq, batch, scale, dtype=torch.bfloat16):
+    """The low-precision PyTorch run: dense causal attention with every operand and result in ``dtype``."""
+    out = torch.zeros(q.shape, dtype=dtype)
+    qsl = batch.query_start_loc.tolist()
+    g = q.shape[1] // k_deq.shape[1]
+    for i, s in enumerate(batch.seq_lens.tolist()):
+        q0, q1 = qsl[i], qsl[i + 1]
+        if q1 == q0:
+            continue
+        c0 = batch.ctx_start[i]
+        k = k_deq[c0:c0 + s].to(dtype).repeat_interleave(g, 1)
+        v = v_deq[c0:c0 + s].to(dtype).repeat_interleave(g, 1)
+        sc = torch.einsum("nhd,lhd->hnl", q[q0:q1].to(dtype), k) * scale
+        pos = torch.arange(s - (q1 - q0), s)
+        sc = sc.masked_fill(torch.arange(s)[None, None, :] > pos[None, :, None], float("-inf"))
+        out[q0:q1] = torch.einsum("hnl,lhd->nhd", torch.softmax(sc, -1), v)
+    return out
+
+
+def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="contiguous", num_splits=None,
+               dtype=torch.bfloat16):
+    d, hk = fmt.head_size, fmt.num_kv_heads
+    batch = random_paged_batch(seq_lens, q_lens, t, generator=gen)
+    total = int(batch.seq_lens.sum())
+    k_ctx = torch.randn(total, hk, d, generator=gen)
+    k_ctx[:, :, :2] *= 4  # outlier channels, as real keys have
+    v_ctx = torch.randn(total, hk, d, generator=gen)
+    cache = _cache(fmt, batch.num_blocks, t, layout)
+    reference.store(k_ctx, v_ctx, cache, batch.ctx_slots, fmt)
+    q = torch.randn(batch.num_tokens, hq, d, generator=gen) * 2
+    scale = d ** -0.5
+    args = (cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt)
+    ref = reference.paged_attention(q.to(dtype).float(), *args, scale=scale)
+    out = kc.paged_attention(q.to(dtype), *args, scale=scale, num_splits=num_splits, isa=isa)
+    assert out.dtype == dtype and out.shape == q.shape
+    err = (out.float() - ref).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-4, f"float32 kernel differs from the reference by {err}"
+        return
+    if fmt.calibrated:  # the dense bf16 run needs the stored (shifted, scaled) K/V and the adjusted query
+        k_in = (k_ctx - (fmt.k_shift if fmt.k_shift is not None else 0)) / (fmt.k_scale if fmt.k_scale is not None else 1)
+        k_deq, v_deq = roundtrip(fmt, k_in, v_ctx - (fmt.v_shift if fmt.v_shift is not None else 0))
+        g = hq // hk
+        qa = q.to(dtype).float() * (fmt.k_scale.repeat_interleave(g, 0) if fmt.k_scale is not None else 1)
+        lowp = _lowp_attention(qa, k_deq, v_deq, batch, scale, dtype).float()
+        if fmt.v_shift is not None:
+            lowp = (lowp + fmt.v_shift.repeat_interleave(g, 0)).to(dtype).float()
+    else:
+        k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx)
+        lowp = _lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype).float()
+    err_lowp = (lowp - ref).abs().max().item()
+    assert err <= 2 * err_lowp + 1e-5, f"kernel error {err} > 2 x bf16 PyTorch error {err_lowp}"
+
+
+DECODE = ([37, 50, 1, 16], [1, 1, 1, 1])
+# prefill, chunked prefill, decodes at odd and block-boundary lengths, a sequence with no new tokens; the
+# 70-token chunk takes the dense path (kc.DENSE_PREFILL_FROM), the others the fused kernel
+MIXED = ([9, 7, 41, 32, 5, 90], [1, 7, 6, 1, 0, 70])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", list(CODECS))
+def test_attention_decode_and_mixed_batch(cid, isa, gen):
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *DECODE, gen, isa=isa)
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *MIXED, gen, isa=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5", "uniform-g32-rot-2b", "bf16"])
+def test_attention_decode_split_context(cid, isa, gen):
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *DECODE, gen, isa=isa, num_splits=3)
+    _attn_case(uniform_fmt(cid, 64, 2), 6, [1500, 700, 33], [1, 1, 1], gen, isa=isa)  # automatic splits
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 4), (8, 1), (9, 3), (16, 2)])
+def test_attention_gqa_ratios(hq, hk, gen):
+    _attn_case(uniform_fmt("turboquant3", 64, hk), hq, *MIXED, gen)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d,cid", [(32, "turboquant4"), (128, "turboquant3"), (128, "turboquant3.5"), (128, "uniform4"),
+                                   (80, "turboquant3.5"), (96, "turboquant4"), (80, "bf16")])
+def test_attention_head_dims(d, cid, isa, gen):
+    _attn_case(uniform_fmt(cid, d, 2), 4, [20, 9, 70, 45], [1, 4, 1, 40], gen, isa=isa, t=8)
+
+
+@pytest.mark.parametrize("layout", ["token-major", "byte-stride-2"])
+@pytest.mark.parametrize("fmt_fn", [mixed_fmt, yaml_fmt], ids=["mixed", "yaml"])
+def test_attention_mixed_formats_and_strides(fmt_fn, layout, gen):
+    _attn_case(fmt_fn(64), 6, *MIXED, gen, layout=layout)
+    _attn_case(fmt_fn(64), 6, *DECODE, gen, layout=layout, num_splits=2)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", ["turboquant3", "uniform4", "fp16", "tq3-haar"])
+def test_attention_float32_queries_match_tightly(cid, isa, gen):
+    _attn_case(uniform_fmt(cid, 64, 2), 4, *MIXED, gen, dtype=torch.float32, isa=isa)
+    _attn_case(uniform_fmt(cid, 64, 2), 4, *DECODE, gen, dtype=torch.float32, num_splits=2, isa=isa)
+
+
+def test_attention_fp16_queries(gen):
+    _attn_case(uniform_fmt("turboquant3", 64, 2), 6, *MIXED, gen, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5", "uniform4", "bf16"])
+def test_attention_calibrated(cid, gen):
+    _attn_case(calibrated_fmt(cid, 64, 2, gen), 6, *MIXED, gen)
+    _attn_case(calibrated_fmt(cid, 64, 2, gen), 6, *DECODE, gen, dtype=torch.float32, num_splits=2)
+
+
+def test_attention_empty_batch():
+    fmt = uniform_fmt("turboquant3", 64, 2)
+    out = kc.paged_attention(torch.zeros(0, 4, 64), fmt.allocate(1, 16), torch.zeros(0, 1, dtype=torch.int32),
+                             torch.zeros(0, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), fmt, scale=0.125)
+    assert out.shape == (0, 4, 64)
+
+
+# ------------------------------------------------------------------------------------ dispatch, library
+
+
+def test_ops_pick_cpu_on_cpu_tensors(gen):
+    """impl=None on CPU tensors runs these kernels, calibrated formats included."""
+    assert ops.available("store", torch.device("cpu"))[0] == "cpu"
+    fmt = calibrated_fmt("turboquant3", 64, 2, gen)
+    k, v = torch.randn(4, 2, 64, generator=gen), torch.randn(4, 2, 64, generator=gen)
+    a, b = fmt.allocate(1, 16), fmt.allocate(1, 16)
+    ops.store(k, v, a, torch.arange(4), fmt)
+    kc.store(k, v, b, torch.arange(4), fmt)
+    assert torch.equal(a, b)
+
+
+def test_why_not_names_a_reason_for_unknown_codecs():
+    class Odd(codecs.RawCodec):
+        pass
+
+    c = Odd(64)
+    assert "Odd" in kc.why_not(KVFormat(64, [c], [c]))
+    assert kc.why_not(uniform_fmt("turboquant3", 64, 1)) is None
+
+
+def test_bad_isa_is_rejected():
+    fmt = uniform_fmt("turboquant3", 64, 1)
+    with pytest.raises(ValueError, match="allowed"):
+        kc.store(torch.randn(1, 1, 64), torch.randn(1, 1, 64), fmt.allocate(1, 16), torch.arange(1), fmt, isa="sse9")
+
+
+def test_opcheck(gen):
+    """Schemas, fake kernels and the declared mutation of the cache / output hold up under torch.library."""
+    fmt = uniform_fmt("turboquant3", 64, 2)
+    (heads, vo, pad, ks, kt, vs, vt), = kc._group_args(fmt)
+    cache = fmt.allocate(2, 16)
+    k, v = torch.randn(5, 2, 64, generator=gen), torch.randn(5, 2, 64, generator=gen)
+    torch.library.opcheck(torch.ops.vllm_kvq_cpu.store.default,
+                          (k, v, cache, torch.arange(5), heads, vo, pad, ks, kt, vs, vt, None, None, None, 0))
+    q = torch.randn(2, 4, 64, generator=gen)
+    out = torch.zeros_like(q)
+    args = (q, out, cache, torch.tensor([[0, 1], [1, 0]], dtype=torch.int32), torch.tensor([5, 3], dtype=torch.int32),
+            torch.tensor([0, 1, 2], dtype=torch.int32), heads, vo, 0.125, ks, kt, vs, vt, None, None, 0, 0, 0)
+    torch.library.opcheck(torch.ops.vllm_kvq_cpu.paged_attention.default, args)

@@ -1,0 +1,187 @@
+"""A Hugging Face causal LM whose attention reads fake-quantized K/V: quality of a KV format without vLLM.
+
+Every layer's post-RoPE keys and values (what vLLM caches) go through the package's store -> decode before
+attention, for every position including the current one, so prefill attends the quantized cache exactly as
+the vLLM backend does (its strict path). Used by ``vllm-kvq calibrate --budget`` (per-layer sensitivity) and
+by ``benchmarks/quality_sim.py`` (recipe studies).
+
+    model = load_model(model_dir)                       # attn_implementation="kvq_fake"
+    with quantized(model, formats_quantizer(fmts)):     # fmts: one KVFormat per layer
+        res = score(model, ids, keep_top=64)            # per-token NLL, top-64 next-token log-probs
+
+The attention is registered in transformers' ``AttentionInterface`` under ``kvq_fake``, so any architecture
+that dispatches through it (Llama, Qwen2, Mistral, ...) works without a per-model hook. Batch 1, no padding,
+no KV cache (one forward per window): enough for measurement, not for serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "kvq_fake"
+
+# quantizer(layer, k, v) -> (k_hat, v_hat); k, v (Hk, N, D) float32 as the model produced them
+Quantizer = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _State:
+    quantizer: Quantizer | None = None
+    recent_window: int = 0  # each query reads its last W positions (itself included) at bf16
+    errors: dict[int, list[float]] | None = None  # layer -> attention-output relative error per forward
+
+
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
+    """What a bf16 model hands the cache."""
+    return x.to(torch.bfloat16).float()
+
+
+def _attend(q, k, v, scaling, groups):
+    k = k.repeat_interleave(groups, dim=0)
+    v = v.repeat_interleave(groups, dim=0)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+
+
+def _attend_window(q, k, v, kq, vq, scaling, groups, window):
+    """Causal attention where positions within ``window`` of the query read (k, v) and older ones (kq, vq):
+    a bf16 window of recent tokens over a quantized cache (KIVI, OSCAR). Dense (H, N, N): for measurement."""
+    n = q.shape[1]
+    rep = lambda t: t.repeat_interleave(groups, dim=0)  # noqa: E731
+    i = torch.arange(n)
+    dist = i[:, None] - i[None, :]
+    recent = (dist >= 0) & (dist < window)
+    s = torch.where(recent, q @ rep(k).transpose(1, 2), q @ rep(kq).transpose(1, 2)) * scaling
+    p = torch.softmax(s.masked_fill(dist < 0, float("-inf")), dim=-1)
+    return (p * recent) @ rep(v) + (p * ~recent) @ rep(vq)
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: query (1, Hq, N, D), key/value (1, Hk, N, D) -> ((1, N, Hq, D), None)."""
+    if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+        raise ValueError(f"kvq_fake attention takes batch 1 without a KV cache; got query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)} (call the model with use_cache=False)")
+    layer, groups = module.layer_idx, module.num_key_value_groups
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q, k, v = query[0].float(), key[0].float(), value[0].float()
+    kb, vb = bf16_round(k), bf16_round(v)
+    kq, vq = (kb, vb) if _State.quantizer is None else _State.quantizer(layer, kb, vb)
+    if _State.recent_window and _State.quantizer is not None:
+        out = _attend_window(q, kb, vb, kq, vq, scaling, groups, _State.recent_window)
+    else:
+        out = _attend(q, kq, vq, scaling, groups)
+    if _State.errors is not None:
+        ref = _attend(q, kb, vb, scaling, groups)
+        err = (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp(min=1e-30)).item()
+        _State.errors.setdefault(layer, []).append(err)
+    return out.to(query.dtype).transpose(0, 1).unsqueeze(0).contiguous(), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, attention)
+
+
+def load_model(model_dir, dtype=torch.float32):
+    """(tokenizer, model) with the fake-quant attention; float32 by default (CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    register()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=ATTN_NAME)
+    model.eval()
+    return tok, model
+
+
+@contextlib.contextmanager
+def quantized(model, quantizer: Quantizer | None, *, record_errors: bool = False, recent_window: int = 0):
+    """Runs the block with ``quantizer`` on every layer's K/V (None: the bf16 cache). Yields the per-layer
+    attention-error dict when ``record_errors`` (filled as forwards run). ``recent_window`` W > 0: each query
+    reads the W most recent positions (itself included) unquantized, as a cache with a bf16 window would."""
+    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+        raise ValueError(f"model uses attention {model.config._attn_implementation!r}; load it with "
+                         f"fake_quant.load_model (attn_implementation={ATTN_NAME!r})")
+    if recent_window < 0:
+        raise ValueError(f"recent_window must be >= 0, got {recent_window}")
+    prev = (_State.quantizer, _State.errors, _State.recent_window)
+    _State.quantizer, _State.errors = quantizer, ({} if record_errors else None)
+    _State.recent_window = recent_window
+    try:
+        yield _State.errors
+    finally:
+        _State.quantizer, _State.errors, _State.recent_window = prev
+
+
+def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v (Hk, N, D) -> what attention sees after ``ops.reference.store`` into a cache of ``fmt`` and decode.
+
+    The bytes are the package's own (the reference store defines them). A calibrated format's key shift is
+    added back: attention ignores it (it moves all of a query's scores equally), and adding it keeps the
+    result comparable with the input."""
+    from vllm_kvq.ops import reference
+
+    if getattr(fmt, "sink_tokens", 0):
+        # Sink records live in a per-block area that only the paged attention reads; decoding slot by slot
+        # would miss them. The simulator prototypes sinks itself (quality_sim sink=N).
+        raise ValueError(f"format {fmt.name!r} has sink_tokens={fmt.sink_tokens}: fake_quant.roundtrip decodes "
+                         f"codes slot by slot and cannot read sink records; drop sink_tokens from the config "
+                         f"and use quality_sim's sink=N")
+    hk, n, d = k.shape
+    cache = fmt.allocate(n, 1, device=k.device)  # one token per block: slot i is token i
+    reference.store(k.transpose(0, 1), v.transpose(0, 1), cache, torch.arange(n, device=k.device), fmt)
+    slots = cache[:, :, 0]  # (N, Hk, C)
+    k_hat = torch.empty(hk, n, d, device=k.device)
+    v_hat = torch.empty(hk, n, d, device=k.device)
+    for g in fmt.groups:
+        heads = list(g.heads)
+        kb, vb = g.key.nbytes, g.value.nbytes
+        s = slots[:, heads].reshape(n * len(heads), -1)
+        k_hat[heads] = g.key.decode(s[:, :kb].contiguous()).reshape(n, len(heads), d).transpose(0, 1)
+        v_hat[heads] = g.value.decode(s[:, kb:kb + vb].contiguous()).reshape(n, len(heads), d).transpose(0, 1)
+    if fmt.k_scale is not None:
+        k_hat = k_hat * fmt.k_scale[:, None]
+    if fmt.k_shift is not None:
+        k_hat = k_hat + fmt.k_shift[:, None]
+    if fmt.v_shift is not None:
+        v_hat = v_hat + fmt.v_shift[:, None]
+    return k_hat, v_hat
+
+
+def formats_quantizer(fmts: list, *, only: set[int] | None = None) -> Quantizer:
+    """Quantizer storing layer i through ``fmts[i]`` (a KVFormat); layers outside ``only`` stay bf16."""
+    def q(layer, k, v):
+        if only is not None and layer not in only:
+            return k, v
+        return roundtrip(fmts[layer], k, v)
+    return q
+
+
+@torch.no_grad()
+def score(model, ids: list[int], *, score_from: int = 1, keep_top: int | None = None,
+          ref_top: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """One forward over ``ids``; tokens from ``score_from`` on are scored (M of them).
+
+    Returns {"nll": (M,) per-token NLL; with ``keep_top=K``: "top": (token ids (M, K), log-probs (M, K)) of the
+    K most likely next tokens; with ``ref_top`` (a reference run's "top"): "kl": (M,) KL(reference || this)
+    over the reference's top K tokens plus one bucket for the rest of the vocabulary (``eval.kl.bucket_kl``,
+    the same estimator the server path uses, here with this run's exact log-probs), "top1": (M,) bool, whether
+    this run's most likely token is the reference's}."""
+    from vllm_kvq.eval.kl import bucket_kl
+
+    x = torch.tensor([ids])
+    h = model.model(x, use_cache=False).last_hidden_state[0]
+    first = score_from - 1  # the hidden state at position i predicts token i + 1
+    logp = torch.log_softmax(model.lm_head(h[first:-1]).float(), dim=-1)
+    tgt = x[0, first + 1:]
+    out = {"nll": -logp.gather(1, tgt[:, None])[:, 0]}
+    if keep_top:
+        lp, idx = logp.topk(keep_top, dim=-1)
+        out["top"] = (idx, lp)
+    if ref_top is not None:
+        idx, ref_lp = ref_top
+        out["kl"] = bucket_kl(ref_lp, logp.gather(1, idx))
+        out["top1"] = idx[:, 0] == logp.argmax(-1)
+    return out

@@ -1,0 +1,272 @@
+"""Python side of the CPU extension (csrc/cpu, built as ``vllm_kvq._C_cpu`` by setup.py on x86-64):
+``store`` and ``paged_attention`` with the reference signatures, for every codec the package registers
+(TurboQuant at integer and fractional rates, uniform, raw bf16/fp16), mixed per-head formats (one call per
+head group) and calibrated formats.
+
+The extension picks its ISA at run time (AVX-512 when the CPU has F/BW/VL/DQ, else portable C++);
+``isa="portable"`` forces the fallback (tests run both). Threads come from ``at::parallel_for``, i.e. the
+OpenMP threads torch (and vLLM-CPU's thread binding) set up.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import weakref
+
+import torch
+
+from vllm_kvq.codecs.base import VectorCodec
+from vllm_kvq.codecs.raw import RawCodec
+from vllm_kvq.codecs.turboquant import SCALE_MODES, TurboQuantCodec
+from vllm_kvq.codecs.uniform import UniformCodec
+from vllm_kvq.kv_format import KVFormat
+
+logger = logging.getLogger(__name__)
+
+ISAS = {"best": 0, "portable": 1, "avx512": 2}
+# Prefill chunks of at least this many query tokens attend through torch's scaled_dot_product_attention over
+# the context decoded once to the rotated domain (its CPU flash kernel uses the machine's bf16 matrix units);
+# shorter ones (decodes, small chunks) run the fused native kernel.
+DENSE_PREFILL_FROM = 32
+_ROTATIONS = {"identity": 0, "hadamard": 1, "haar": 2}
+MAX_HEAD_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> str | None:
+    """Loads the extension once; returns None on success, else why it is not usable."""
+    spec = importlib.util.find_spec("vllm_kvq._C_cpu")
+    if spec is None or spec.origin is None:
+        return "the CPU extension vllm_kvq._C_cpu is not built (pip install -e . builds it on x86-64)"
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as e:
+        return f"the CPU extension {spec.origin} does not load ({e})"
+    for name in ("vllm_kvq_cpu::store", "vllm_kvq_cpu::paged_attention", "vllm_kvq_cpu::decode_context",
+                 "vllm_kvq_cpu::rotate"):
+        try:  # both ops only mutate their arguments: nothing to compute for fake tensors
+            torch.library.register_fake(name)(lambda *args, **kwargs: None)
+        except RuntimeError:  # already registered by an earlier load in this process
+            pass
+    logger.info("vllm_kvq: CPU kernels loaded from %s (ISA %s)", spec.origin, best_isa())
+    return None
+
+
+def available() -> bool:
+    """True when the built extension loads (the ops then run on any CPU tensors)."""
+    why = _load()
+    if why is not None:
+        _log_once(why)
+    return why is None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(msg: str) -> None:
+    logger.info("vllm_kvq: %s", msg)
+
+
+def best_isa() -> str:
+    """The ISA the kernels run with by default on this CPU: "avx512" or "portable"."""
+    return torch.ops.vllm_kvq_cpu.best_isa()
+
+
+def _codec_why_not(c: VectorCodec) -> str | None:
+    # Exact types: a subclass may change the bytes or the math the kernels hard-code.
+    if type(c) not in (TurboQuantCodec, UniformCodec, RawCodec):
+        return f"no CPU kernel for codec type {type(c).__name__} ({c.name})"
+    if c.rotation.kind not in _ROTATIONS:
+        return f"{c.name}: rotation {c.rotation.kind!r} has no CPU kernel"
+    return None
+
+
+def why_not(fmt: KVFormat, op: str = "paged_attention", decode: bool = True, group: int = 1) -> str | None:
+    """None when these kernels run ``fmt``, else why not (the extension is missing, a codec is unknown, a
+    format feature the kernels do not implement)."""
+    why = _load()
+    if why is not None:
+        return why
+    if fmt.head_size > MAX_HEAD_SIZE:
+        return f"head size {fmt.head_size} > {MAX_HEAD_SIZE}"
+    if fmt.sink_tokens:
+        return "sink records are not implemented in the CPU kernels"
+    if any(c.scale is not None for c in fmt.values):
+        return "value codecs bound to a channel scale are not implemented in the CPU kernels"
+    for g in fmt.groups:
+        for c in (g.key, g.value):
+            why = _codec_why_not(c)
+            if why is not None:
+                return why
+    return None
+
+
+_EMPTY = torch.zeros(0, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _codec_args_by_key(key: tuple, codec: VectorCodec) -> tuple[list[int], list[torch.Tensor]]:
+    return _codec_args(codec)
+
+
+def codec_args(codec: VectorCodec) -> tuple[list[int], list[torch.Tensor]]:
+    """(spec ints, tables) as csrc/cpu/torch_bindings.cpp ``codec_of`` reads them; cached per codec."""
+    return _codec_args_by_key(codec.key, codec)
+
+
+def _codec_args(codec: VectorCodec) -> tuple[list[int], list[torch.Tensor]]:
+    d = codec.head_dim
+    rot = codec.rotation
+    signs = rot.signs.float().contiguous() if rot.kind == "hadamard" else _EMPTY
+    mat = rot.matrix(dtype=torch.float32).contiguous() if rot.kind == "haar" else _EMPTY
+    if isinstance(codec, TurboQuantCodec):
+        (b0, n0), (b1, _) = codec.segments[0], codec.segments[-1]
+        books = codec.codebooks
+        tabs = [books[0].centroids_tensor(), books[-1].centroids_tensor(), books[0].thresholds_tensor(),
+                books[-1].thresholds_tensor()]
+        spec = [0, d, codec.nbytes, b0, n0, b1, codec.segment_nbytes[0], codec.code_nbytes, d,
+                SCALE_MODES.index(codec.scale_mode), _ROTATIONS[rot.kind]]
+    elif isinstance(codec, UniformCodec):
+        tabs = [_EMPTY] * 4
+        spec = [1, d, codec.nbytes, codec.bits, d, codec.bits, codec.code_nbytes, codec.code_nbytes,
+                codec.group_size, 0, _ROTATIONS[rot.kind]]
+    elif isinstance(codec, RawCodec):
+        tabs = [_EMPTY] * 4
+        kind = 2 if codec.torch_dtype == torch.bfloat16 else 3
+        spec = [kind, d, codec.nbytes, 16, d, 16, 2 * d, 2 * d, d, 0, _ROTATIONS["identity"]]
+    else:
+        raise ValueError(f"no CPU kernel for codec type {type(codec).__name__}")
+    return spec, [t.contiguous() for t in tabs] + [signs, mat]
+
+
+# Per format: one argument tuple per head group (built once; the ops sit on vLLM's per-layer hot path).
+_GROUP_ARGS: "weakref.WeakKeyDictionary[KVFormat, list[tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _group_args(fmt: KVFormat) -> list[tuple]:
+    args = _GROUP_ARGS.get(fmt)
+    if args is None:
+        args = []
+        for g in fmt.groups:
+            heads = torch.tensor(g.heads, dtype=torch.int32)
+            ks, kt = codec_args(g.key)
+            vs, vt = codec_args(g.value)
+            args.append((heads, g.key.nbytes, g.key.nbytes + g.value.nbytes, ks, kt, vs, vt))
+        _GROUP_ARGS[fmt] = args
+    return args
+
+
+def _isa(isa: str) -> int:
+    if isa not in ISAS:
+        raise ValueError(f"unknown isa {isa!r}; allowed: {', '.join(ISAS)}")
+    return ISAS[isa]
+
+
+def _refuse(op: str, fmt: KVFormat, why: str):
+    # ops dispatch asks why_not first and moves on; a direct call with a declined format is a caller bug.
+    raise ValueError(f"the CPU {op} does not take format {fmt.name!r}: {why}")
+
+
+def store(key: torch.Tensor,  # (N, Hk, D)
+          value: torch.Tensor,  # (N, Hk, D)
+          cache: torch.Tensor,  # (B, Hk, T, C) uint8, any strides
+          slot_mapping: torch.Tensor,  # (N,) int; -1 = padding
+          fmt: KVFormat, *, isa: str = "best") -> None:
+    why = why_not(fmt, "store")
+    if why is not None:
+        _refuse("store", fmt, why)
+    if key.shape[0] == 0:
+        return
+    code = _isa(isa)
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    if key.dtype != value.dtype:
+        value = value.to(key.dtype)
+    slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    for heads, vo, pad, ks, kt, vs, vt in _group_args(fmt):
+        torch.ops.vllm_kvq_cpu.store(key, value, cache, slot_mapping, heads, vo, pad, ks, kt, vs, vt,
+                                     fmt.k_shift, fmt.k_scale, fmt.v_shift, code)
+
+
+def paged_attention(query: torch.Tensor,  # (N, Hq, D)
+                    cache: torch.Tensor,  # (B, Hk, T, C) uint8
+                    block_table: torch.Tensor,  # (S, max_blocks) int
+                    seq_lens: torch.Tensor,  # (S,)
+                    query_start_loc: torch.Tensor,  # (S + 1,)
+                    fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
+                    num_splits: int | None = None, isa: str = "best") -> torch.Tensor:
+    """Decode, prefill and chunked prefill in one call -> (N, Hq, D) in the query's dtype. ``num_splits``
+    fixes how many context splits a decode sequence gets (None: enough to keep every thread busy);
+    ``max_seq_len`` is accepted for the ops signature (the CPU kernels read ``seq_lens``)."""
+    why = why_not(fmt)
+    if why is not None:
+        _refuse("paged_attention", fmt, why)
+    code = _isa(isa)
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    out = torch.zeros(query.shape, dtype=query.dtype)
+    if query.shape[0] == 0 or seq_lens.numel() == 0:
+        return out
+    bt = block_table if block_table.dtype == torch.int32 and block_table.stride(1) == 1 else \
+        block_table.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    qsl = query_start_loc.to(torch.int32).contiguous()
+    q_lens = qsl[1:] - qsl[:-1]
+    dense = [] if int(q_lens.max()) < DENSE_PREFILL_FROM else \
+        [int(i) for i in torch.nonzero(q_lens >= DENSE_PREFILL_FROM).flatten()]
+    skip_from = DENSE_PREFILL_FROM if dense else 0
+    for g, (heads, vo, _, ks, kt, vs, vt) in zip(fmt.groups, _group_args(fmt)):
+        torch.ops.vllm_kvq_cpu.paged_attention(query, out, cache, bt, seq_lens, qsl, heads, vo, float(scale), ks, kt,
+                                               vs, vt, fmt.k_scale, fmt.v_shift, num_splits or 0, skip_from, code)
+        for s in dense:
+            _dense_prefill(query, out, cache, bt, int(seq_lens[s]), int(qsl[s]), int(qsl[s + 1]), s, g,
+                           (heads, vo, ks, kt, vs, vt), fmt, scale, code)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _rotation_matrix(key: tuple, codec: VectorCodec) -> torch.Tensor | None:
+    return None if codec.rotation.kind == "identity" else codec.rotation.matrix(dtype=torch.float32).contiguous()
+
+
+def _rotate(x: torch.Tensor, codec: VectorCodec, *, inverse: bool) -> torch.Tensor:
+    """(M, D) float32 rows rotated by a codec's rotation (R x, or R^T x when ``inverse``): one GEMM, which for
+    thousands of prefill rows beats a per-row fast transform."""
+    r = _rotation_matrix(codec.key, codec)
+    if r is None:
+        return x
+    return x @ r if inverse else x @ r.T
+
+
+def _dense_prefill(query, out, cache, bt, length: int, q0: int, q1: int, seq: int, g, args, fmt: KVFormat,
+                   scale: float, code: int) -> None:
+    """One long prefill chunk of one head group: decode the context once (rotated domain), attend it with
+    torch's SDPA, rotate the output back. Same math as the fused kernel, different summation order."""
+    heads, vo, ks, kt, vs, vt = args
+    gh, d = len(g.heads), fmt.head_size
+    group = query.shape[1] // fmt.num_kv_heads
+    k_rot = torch.empty(gh, length, d)
+    v_rot = torch.empty(gh, length, d)
+    torch.ops.vllm_kvq_cpu.decode_context(cache, bt, seq, length, heads, vo, ks, kt, vs, vt, k_rot, v_rot, code)
+    ql = q1 - q0
+    qidx = (heads.long()[:, None] * group + torch.arange(group)).reshape(-1)  # this group's query heads
+    q = query[q0:q1].index_select(1, qidx).float()  # (ql, gh * G, D)
+    hidx = heads.long().repeat_interleave(group)
+    if fmt.k_scale is not None:
+        q = q * fmt.k_scale[hidx]
+    q_rot = _rotate(q.reshape(-1, d), g.key, inverse=False).reshape(ql, gh * group, d)
+    dt = query.dtype  # SDPA in the query's precision (bf16 runs on the CPU's bf16 matrix units)
+    q4 = q_rot.transpose(0, 1).unsqueeze(0).to(dt)
+    k4, v4 = k_rot.unsqueeze(0).to(dt), v_rot.unsqueeze(0).to(dt)
+    if ql == length:
+        o = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=True)
+    else:  # a chunk continuing a prefill: query i sits at position length - ql + i
+        mask = torch.arange(length)[None, :] <= torch.arange(length - ql, length)[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=True)
+    o = _rotate(o[0].transpose(0, 1).reshape(-1, d).float(), g.value, inverse=True).reshape(ql, gh * group, d)
+    if fmt.v_shift is not None:
+        o = o + fmt.v_shift[hidx]
+    out[q0:q1].index_copy_(1, qidx, o.to(out.dtype))
+
+
+store.supports_calibration = True
+paged_attention.supports_calibration = True
