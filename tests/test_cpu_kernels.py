@@ -253,8 +253,7 @@ def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="cont
 
 
 DECODE = ([37, 50, 1, 16], [1, 1, 1, 1])
-# prefill, chunked prefill, decodes at odd and block-boundary lengths, a sequence with no new tokens; the
-# 70-token chunk takes the dense path (kc.DENSE_PREFILL_FROM), the others the fused kernel
+# prefill, chunked prefill, decodes at odd and block-boundary lengths, a sequence with no new tokens
 MIXED = ([9, 7, 41, 32, 5, 90], [1, 7, 6, 1, 0, 70])
 
 
@@ -296,6 +295,16 @@ def test_attention_mixed_formats_and_strides(fmt_fn, layout, gen):
 def test_attention_float32_queries_match_tightly(cid, isa, gen):
     _attn_case(uniform_fmt(cid, 64, 2), 4, *MIXED, gen, dtype=torch.float32, isa=isa)
     _attn_case(uniform_fmt(cid, 64, 2), 4, *DECODE, gen, dtype=torch.float32, num_splits=2, isa=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5", "uniform-g32-rot-2b", "tq3-haar", "bf16"])
+def test_attention_dense_prefill_path(cid, isa, gen, monkeypatch):
+    """The opt-in long-prefill path (decoded context + SDPA): chunks of >= 32 query tokens take it."""
+    monkeypatch.setattr(kc, "DENSE_PREFILL_FROM", 32)
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *MIXED, gen, isa=isa)  # the 70-token chunked prefill
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *MIXED, gen, isa=isa, dtype=torch.float32)
+    _attn_case(calibrated_fmt(cid, 64, 2, gen), 6, [45, 80], [45, 33], gen, isa=isa)
 
 
 def test_attention_fp16_queries(gen):
