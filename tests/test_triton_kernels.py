@@ -314,6 +314,14 @@ def test_split_k_divides_each_sequences_own_context(gen):
     assert "split_tokens" not in __import__("inspect").signature(launches[0].kernel.fn).parameters
 
 
+@pytest.mark.parametrize("cid", ["turboquant3", "uniform4+shift+scale"])
+def test_split_k_for_short_query_batches(cid, gen):
+    """Speculative-decoding verification (a few query tokens per sequence) and mixed batches split the
+    context too; the merge handles every query row (issue 12, item 10)."""
+    _attn_case(uniform_fmt(cid, 64, 2), 6, [37, 50, 9, 16], [3, 4, 2, 1], gen, num_splits=3)
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *MIXED, gen, num_splits=2)
+
+
 def test_split_count_is_a_power_of_two_bounded_by_context():
     from vllm_kvq.kernels import split_count
 

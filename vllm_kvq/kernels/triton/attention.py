@@ -35,6 +35,7 @@ from vllm_kvq.kernels.triton.store import side_args
 from vllm_kvq.kv_format import KVFormat
 
 LOG2E = 1.4426950408889634
+SHORT_QUERY = 8  # tokens per sequence (on average) up to which a batch gets split-K
 _DOT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -270,8 +271,8 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
 
     ``max_seq_len`` (a bound on ``seq_lens`` the engine knows on the host) picks the split-K count; without
     it the block table's width is used. Each sequence divides its own context among the splits in the
-    kernel, so a stale bound (a replayed CUDA graph) costs speed, never correctness. ``num_splits`` (decode
-    batches only) overrides the heuristic; tests use it on CPU.
+    kernel, so a stale bound (a replayed CUDA graph) costs speed, never correctness. ``num_splits``
+    overrides the heuristic (any batch); tests use it on CPU.
     """
     n, hq, d = query.shape
     s = seq_lens.shape[0]
@@ -291,9 +292,14 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     max_ctx = block_table.shape[1] * t
     if max_seq_len is not None:
         max_ctx = max(1, min(max_ctx, int(max_seq_len)))
+    # Split-K for decode steps and for batches of short queries (speculative-decoding verification, decodes
+    # mixed with small chunks: at most SHORT_QUERY tokens per sequence on average), which would otherwise
+    # give each sequence's long context to one program. Long prefills fill the GPU with query tiles.
     splits = 1
-    if decode:
-        splits = num_splits if num_splits is not None else _num_splits(query.device, s * hk, max_ctx, bn)
+    if num_splits is not None:
+        splits = num_splits
+    elif decode or n <= SHORT_QUERY * s:
+        splits = _num_splits(query.device, triton.cdiv(n, bq) * hk, max_ctx, bn)
     if splits > 1:  # short splits use short tiles, so every split gets work
         bn = max(16, min(bn, triton.next_power_of_2(triton.cdiv(max_ctx, splits))))
     dot = _DOT_KIND.get(query.dtype, 0)
