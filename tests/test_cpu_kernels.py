@@ -17,10 +17,9 @@ import pytest
 import torch
 
 from tests import codec_cases
+from tests.kernel_checks import cache as _cache
+from tests.kernel_checks import check_cache, lowp_attention
 from vllm_kvq import codecs, ops
-from vllm_kvq.codecs.packing import unpack_bits
-from vllm_kvq.codecs.turboquant import TurboQuantCodec
-from vllm_kvq.codecs.uniform import UniformCodec
 from vllm_kvq.kernels import cpu as kc
 from vllm_kvq.kv_format import KVFormat, kv_format
 from vllm_kvq.ops import reference
@@ -70,70 +69,7 @@ def calibrated_fmt(cid: str, d: int, hk: int, gen) -> KVFormat:
                        k_scale=torch.rand(hk, d, generator=gen) * 1.5 + 0.25)
 
 
-def _cache(fmt, blocks, t, layout):
-    if layout == "contiguous":
-        return fmt.allocate(blocks, t)
-    if layout == "token-major":  # (B, T, Hk, C) storage seen as (B, Hk, T, C)
-        return torch.zeros(blocks, t, fmt.num_kv_heads, fmt.slot_bytes, dtype=torch.uint8).permute(0, 2, 1, 3)
-    if layout == "byte-stride-2":  # every other byte of a wider buffer
-        return torch.zeros(blocks, fmt.num_kv_heads, t, 2 * fmt.slot_bytes, dtype=torch.uint8)[..., ::2]
-    raise ValueError(layout)
-
-
 # ---------------------------------------------------------------------------------------------- store
-
-
-def _codes_and_ties(codec, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor):
-    """(got codes, want codes, distance of each rotated input to its nearest rounding tie)."""
-    x64 = x.double()
-    y = x64 @ codec.rotation.matrix(dtype=torch.float64).T
-    if isinstance(codec, TurboQuantCodec):
-        y = y / x64.norm(dim=1, keepdim=True).clamp(min=1e-30)
-        thr = torch.full((codec.head_dim, (1 << max(b for b, _ in codec.segments)) - 1), float("nan"),
-                         dtype=torch.float64)
-        start = 0
-        for book, (b, n) in zip(codec.codebooks, codec.segments):
-            thr[start:start + n, : (1 << b) - 1] = torch.tensor(book.thresholds, dtype=torch.float64)
-            start += n
-        dist = (y[:, :, None] - thr[None]).abs().nan_to_num(float("inf")).amin(-1)
-        return codec.unpack_codes(got), codec.unpack_codes(want), dist
-    m = want[:, codec.code_nbytes:].contiguous().view(torch.float16).double().reshape(len(x), codec.groups, 2)
-    s = m[..., 0].repeat_interleave(codec.group_size, 1)
-    t = (y - m[..., 1].repeat_interleave(codec.group_size, 1)) / torch.where(s > 0, s, 1)
-    unpack = lambda r: unpack_bits(r[:, : codec.code_nbytes], codec.bits, codec.head_dim)  # noqa: E731
-    return unpack(got), unpack(want), ((t - t.floor()) - 0.5).abs() * s
-
-
-def _check_rows(codec, x, got, want):
-    if torch.equal(got, want):
-        return
-    rotates = codec.rotation.kind != "identity" or isinstance(codec, TurboQuantCodec)
-    assert rotates and isinstance(codec, (TurboQuantCodec, UniformCodec)), \
-        f"{codec.name}: {(got != want).sum().item()} bytes differ"
-    cg, cw, dist = _codes_and_ties(codec, x, got, want)
-    flip = cg != cw
-    assert flip.float().mean() < 0.01, f"{codec.name}: {flip.sum().item()} of {flip.numel()} codes differ"
-    assert (dist[flip] < 1e-5).all(), f"{codec.name}: a code differs away from a tie: {dist[flip].max()}"
-    meta = slice(codec.code_nbytes, codec.nbytes)
-    mg = got[:, meta].contiguous().view(torch.float16).float()
-    mw = want[:, meta].contiguous().view(torch.float16).float()
-    assert torch.allclose(mg, mw, rtol=2e-2, atol=1e-3), f"{codec.name}: metadata differs beyond a tie's effect"
-
-
-def _check_cache(fmt, x_k, x_v, slots, got, want):
-    t = got.shape[2]
-    keep = slots >= 0
-    blk, off = slots[keep] // t, slots[keep] % t
-    written = torch.zeros(got.shape[0], t, dtype=torch.bool)
-    written[blk, off] = True
-    assert torch.equal(got.permute(0, 2, 1, 3)[~written], want.permute(0, 2, 1, 3)[~written]), \
-        "bytes outside the written slots changed"
-    for h in range(fmt.num_kv_heads):
-        gk, wk = got[blk, h, off], want[blk, h, off]
-        kn, vn = fmt.keys[h].nbytes, fmt.values[h].nbytes
-        _check_rows(fmt.keys[h], x_k[keep, h], gk[:, :kn], wk[:, :kn])
-        _check_rows(fmt.values[h], x_v[keep, h], gk[:, kn:kn + vn], wk[:, kn:kn + vn])
-        assert torch.equal(gk[:, kn + vn:], wk[:, kn + vn:]), "padding bytes differ"
 
 
 def _store_case(fmt, n, blocks, t, layout, gen, isa, dtype=torch.bfloat16, scale=1.0):
@@ -148,15 +84,7 @@ def _store_case(fmt, n, blocks, t, layout, gen, isa, dtype=torch.bfloat16, scale
     want.fill_(7)
     reference.store(k, v, want, slots, fmt)
     kc.store(k, v, got, slots, fmt, isa=isa)
-    # what the codecs saw: calibrated formats encode shifted / scaled inputs
-    xk, xv = k.float(), v.float()
-    if fmt.k_shift is not None:
-        xk = xk - fmt.k_shift
-    if fmt.k_scale is not None:
-        xk = xk / fmt.k_scale
-    if fmt.v_shift is not None:
-        xv = xv - fmt.v_shift
-    _check_cache(fmt, xk, xv, slots, got, want)
+    check_cache(fmt, k.float(), v.float(), slots, got, want)  # applies each codec's state transform
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -198,25 +126,6 @@ def test_store_empty_and_all_padding():
 # ------------------------------------------------------------------------------------------ attention
 
 
-def _lowp_attention(q, k_deq, v_deq, batch, scale, dtype=torch.bfloat16):
-    """The low-precision PyTorch run: dense causal attention with every operand and result in ``dtype``."""
-    out = torch.zeros(q.shape, dtype=dtype)
-    qsl = batch.query_start_loc.tolist()
-    g = q.shape[1] // k_deq.shape[1]
-    for i, s in enumerate(batch.seq_lens.tolist()):
-        q0, q1 = qsl[i], qsl[i + 1]
-        if q1 == q0:
-            continue
-        c0 = batch.ctx_start[i]
-        k = k_deq[c0:c0 + s].to(dtype).repeat_interleave(g, 1)
-        v = v_deq[c0:c0 + s].to(dtype).repeat_interleave(g, 1)
-        sc = torch.einsum("nhd,lhd->hnl", q[q0:q1].to(dtype), k) * scale
-        pos = torch.arange(s - (q1 - q0), s)
-        sc = sc.masked_fill(torch.arange(s)[None, None, :] > pos[None, :, None], float("-inf"))
-        out[q0:q1] = torch.einsum("hnl,lhd->nhd", torch.softmax(sc, -1), v)
-    return out
-
-
 def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="contiguous", num_splits=None,
                dtype=torch.bfloat16):
     d, hk = fmt.head_size, fmt.num_kv_heads
@@ -242,12 +151,12 @@ def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="cont
         k_deq, v_deq = roundtrip(fmt, k_in, v_ctx - (fmt.v_shift if fmt.v_shift is not None else 0))
         g = hq // hk
         qa = q.to(dtype).float() * (fmt.k_scale.repeat_interleave(g, 0) if fmt.k_scale is not None else 1)
-        lowp = _lowp_attention(qa, k_deq, v_deq, batch, scale, dtype).float()
+        lowp = lowp_attention(qa, k_deq, v_deq, batch, scale, dtype).float()
         if fmt.v_shift is not None:
             lowp = (lowp + fmt.v_shift.repeat_interleave(g, 0)).to(dtype).float()
     else:
         k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx)
-        lowp = _lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype).float()
+        lowp = lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype).float()
     err_lowp = (lowp - ref).abs().max().item()
     assert err <= 2 * err_lowp + 1e-5, f"kernel error {err} > 2 x bf16 PyTorch error {err_lowp}"
 

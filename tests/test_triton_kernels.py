@@ -9,7 +9,6 @@ float32 reference is at most twice that of a bf16 PyTorch run over the same dequ
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -24,6 +23,8 @@ assert HAS_CUDA or type(kt.store.__globals__["_store_kernel"]).__name__ == "Inte
 
 from vllm_kvq import codecs, ops  # noqa: E402
 from tests import codec_cases  # noqa: E402
+from tests.kernel_checks import check_cache, lowp_attention  # noqa: E402
+from tests.kernel_checks import cache as _kc_cache  # noqa: E402
 from vllm_kvq.kv_format import KVFormat, kv_format  # noqa: E402
 from vllm_kvq.ops import reference  # noqa: E402
 from vllm_kvq.testing import random_paged_batch, roundtrip  # noqa: E402
@@ -53,72 +54,7 @@ def yaml_fmt(d: int) -> KVFormat:
     return kv_format("kvq-mixed-example", head_size=d, num_kv_heads=3, layer=2, num_layers=6)
 
 
-def _cache(fmt, blocks, t, layout):
-    if layout == "contiguous":
-        return fmt.allocate(blocks, t, device=DEV)
-    if layout == "token-major":  # (B, T, Hk, C) storage seen as (B, Hk, T, C)
-        return torch.zeros(blocks, t, fmt.num_kv_heads, fmt.slot_bytes, dtype=torch.uint8, device=DEV).permute(0, 2, 1, 3)
-    if layout == "byte-stride-2":  # every other byte of a wider buffer: slot bytes are not adjacent
-        return torch.zeros(blocks, fmt.num_kv_heads, t, 2 * fmt.slot_bytes, dtype=torch.uint8, device=DEV)[..., ::2]
-    raise ValueError(layout)
-
-
 # ---------------------------------------------------------------------------------------------- store
-
-
-def _check_rows(codec, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> None:
-    """got/want (M, nbytes) packed rows of x (M, D), x as the codec encodes it (state applied). Exact where
-    the codec has no rounding decision to flip (``boundary_distance`` is None); otherwise codes may differ
-    only on a tie, and then in the metadata that depends on them."""
-    if torch.equal(got, want):
-        return
-    bw = codec.boundary_distance(x.double(), want)
-    assert bw is not None, f"{codec.name}: {(got != want).sum().item()} bytes differ"
-    (cw, dist), (cg, _) = bw, codec.boundary_distance(x.double(), got)
-    code_bytes = sum(f.nbytes for f in codec.fields() if f.name.startswith("codes"))
-    flip = cg != cw
-    assert flip.float().mean() < 0.01, f"{codec.name}: {flip.sum().item()} of {flip.numel()} codes differ"
-    assert (dist[flip] < 1e-5).all(), f"{codec.name}: a code differs away from a tie: {dist[flip].max()}"
-    if not getattr(codec, "block", 1) > 1:  # scalar codes tie with a neighbouring level; vector codes with any
-        assert ((cg - cw).abs() <= 1).all()
-    meta = slice(code_bytes, codec.nbytes)
-    mg = got[:, meta].contiguous().view(torch.int16).int()
-    mw = want[:, meta].contiguous().view(torch.int16).int()
-    clean = ~flip.any(1)
-    assert ((mg - mw).abs()[clean] <= 1).all(), f"{codec.name}: fp16 metadata off by more than 1 ulp"
-    mf = got[:, meta].contiguous().view(torch.float16).float()
-    wf = want[:, meta].contiguous().view(torch.float16).float()
-    assert torch.allclose(mf[~clean], wf[~clean], rtol=2e-2, atol=1e-3)
-
-
-def _check_cache(fmt, x_k, x_v, slots, got, want):
-    """Compare every written slot field by field and every other byte exactly."""
-    t = got.shape[2]
-    written = torch.zeros(got.shape[0], got.shape[2], dtype=torch.bool, device=got.device)
-    keep = slots >= 0
-    blk, off = slots[keep] // t, slots[keep] % t
-    written[blk, off] = True
-    if fmt.sink_tokens:  # the blocks' sink areas: bf16 records, each value within 1 ulp (rotation sums)
-        area = slice(fmt.sink_offset, fmt.sink_offset + fmt.sink_bytes)
-        ga, wa = got[..., area].contiguous(), want[..., area].contiguous()
-        g16 = ga.reshape(ga.shape[0], ga.shape[1], -1)[..., : fmt.sink_tokens * fmt.sink_record_bytes]
-        w16 = wa.reshape(wa.shape[0], wa.shape[1], -1)[..., : fmt.sink_tokens * fmt.sink_record_bytes]
-        as_int = lambda b: (lambda i: torch.where(i == -32768, 0, i))(b.contiguous().view(torch.int16).int())  # noqa: E731  (-0 == +0)
-        diff = (as_int(g16) - as_int(w16)).abs()
-        assert diff.max() <= 1, f"sink records differ by {diff.max()} bf16 ulps"
-        assert diff.float().mean() < 0.05
-        assert torch.equal(ga.reshape(ga.shape[0], ga.shape[1], -1)[..., fmt.sink_tokens * fmt.sink_record_bytes:],
-                           wa.reshape(wa.shape[0], wa.shape[1], -1)[..., fmt.sink_tokens * fmt.sink_record_bytes:])
-        got, want = got[..., : fmt.sink_offset], want[..., : fmt.sink_offset]
-    g_rest, w_rest = got.permute(0, 2, 1, 3)[~written], want.permute(0, 2, 1, 3)[~written]
-    assert torch.equal(g_rest, w_rest), "bytes outside the written slots changed"
-    for h in range(fmt.num_kv_heads):
-        gk, wk = got[blk, h, off].cpu(), want[blk, h, off].cpu()
-        kn, vn = fmt.keys[h].nbytes, fmt.values[h].nbytes
-        kc, vc = fmt.keys[h], fmt.values[h]
-        _check_rows(kc, kc.store_transform(x_k[keep, h].cpu()), gk[:, :kn], wk[:, :kn])
-        _check_rows(vc, vc.store_transform(x_v[keep, h].cpu()), gk[:, kn:kn + vn], wk[:, kn:kn + vn])
-        assert torch.equal(gk[:, kn + vn:], wk[:, kn + vn:]), "padding bytes differ"
 
 
 def sink_fmt(cid: str, d: int, hk: int, t: int = 16, sinks: int = 2) -> KVFormat:
@@ -134,13 +70,13 @@ def _store_case(fmt, n, blocks, t, layout, gen, dtype=torch.bfloat16, scale=1.0)
     k[0, 0] = 0.0  # an all-zero vector: norm 0 and a zero uniform range
     slots = torch.randperm(blocks * t, generator=gen)[:n]
     slots[torch.randperm(n, generator=gen)[: max(1, n // 5)]] = -1
-    got, want = _cache(fmt, blocks, t, layout), _cache(fmt, blocks, t, layout)
+    got, want = _kc_cache(fmt, blocks, t, layout, device=DEV), _kc_cache(fmt, blocks, t, layout, device=DEV)
     got.fill_(7)
     want.fill_(7)
     k, v, slots = k.to(DEV), v.to(DEV), slots.to(DEV)
     reference.store(k, v, want, slots, fmt)
     kt.store(k, v, got, slots, fmt)
-    _check_cache(fmt, k.float(), v.float(), slots, got, want)
+    check_cache(fmt, k.float(), v.float(), slots, got, want)
 
 
 @pytest.mark.parametrize("cid", list(CODECS))
@@ -187,25 +123,6 @@ def test_ops_dispatch_reaches_triton(gen):
 # ------------------------------------------------------------------------------------------ attention
 
 
-def _lowp_attention(q, k_deq, v_deq, batch, scale, dtype=torch.bfloat16):
-    """The low-precision PyTorch run: dense causal attention with every operand and result in ``dtype``."""
-    out = torch.zeros(q.shape, dtype=dtype)
-    qsl = batch.query_start_loc.tolist()
-    g = q.shape[1] // k_deq.shape[1]
-    for i, s in enumerate(batch.seq_lens.tolist()):
-        q0, q1 = qsl[i], qsl[i + 1]
-        if q1 == q0:
-            continue
-        c0 = batch.ctx_start[i]
-        k = k_deq[c0:c0 + s].to(dtype).repeat_interleave(g, 1)
-        v = v_deq[c0:c0 + s].to(dtype).repeat_interleave(g, 1)
-        sc = torch.einsum("nhd,lhd->hnl", q[q0:q1].to(dtype), k) * scale
-        pos = torch.arange(s - (q1 - q0), s)
-        sc = sc.masked_fill(torch.arange(s)[None, None, :] > pos[None, :, None], float("-inf"))
-        out[q0:q1] = torch.einsum("hnl,lhd->nhd", torch.softmax(sc, -1), v)
-    return out
-
-
 def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, t=16, layout="contiguous", num_splits=None,
                dtype=torch.bfloat16):
     d, hk = fmt.head_size, fmt.num_kv_heads
@@ -214,7 +131,7 @@ def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, t=16, layout="contiguous", num
     k_ctx = torch.randn(total, hk, d, generator=gen)
     k_ctx[:, :, :2] *= 4  # outlier channels, as real keys have
     v_ctx = torch.randn(total, hk, d, generator=gen)
-    cache = _cache(fmt, batch.num_blocks, t, layout)
+    cache = _kc_cache(fmt, batch.num_blocks, t, layout, device=DEV)
     reference.store(k_ctx.to(DEV), v_ctx.to(DEV), cache, batch.ctx_slots.to(DEV), fmt)
     q = torch.randn(batch.num_tokens, hq, d, generator=gen) * 2
     scale = d ** -0.5
@@ -227,7 +144,7 @@ def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, t=16, layout="contiguous", num
         assert err <= 1e-4, f"float32 kernel differs from the reference by {err}"
         return
     k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx, batch.block_offsets())
-    lowp = _lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype)
+    lowp = lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype)
     err_lowp = (lowp.float() - ref).abs().max().item()
     assert err <= 2 * err_lowp + 1e-5, f"kernel error {err} > 2 x bf16 PyTorch error {err_lowp}"
 
@@ -410,7 +327,7 @@ def test_gpu_cuda_extension_matches_reference(cid, d, hq, hk, gen):
     got, want = fmt.allocate(blocks, t, device=DEV), fmt.allocate(blocks, t, device=DEV)
     kcuda.store(k, v, got, slots, fmt)
     reference.store(k, v, want, slots, fmt)
-    _check_cache(fmt, k.float(), v.float(), slots, got, want)
+    check_cache(fmt, k.float(), v.float(), slots, got, want)
     for splits in (1, 4):
         batch = random_paged_batch([3000, 17, 1024], [1, 1, 1], t, generator=gen)
         total = int(batch.seq_lens.sum())
@@ -422,7 +339,7 @@ def test_gpu_cuda_extension_matches_reference(cid, d, hq, hk, gen):
         ref = reference.paged_attention(q.float().to(DEV), *args, scale=d ** -0.5).cpu()
         out = kcuda.paged_attention(q.to(DEV), *args, scale=d ** -0.5, num_splits=splits).float().cpu()
         k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx)
-        lowp = _lowp_attention(q.float(), k_deq, v_deq, batch, d ** -0.5)
+        lowp = lowp_attention(q.float(), k_deq, v_deq, batch, d ** -0.5)
         err, err_lowp = (out - ref).abs().max().item(), (lowp.float() - ref).abs().max().item()
         assert err <= 2 * err_lowp + 1e-5, f"splits={splits}: CUDA error {err} > 2 x bf16 error {err_lowp}"
 
