@@ -29,7 +29,7 @@ def _kvq_impls():
     """Which implementations the plugin's ops dispatched to in this process, e.g. ["paged_attention:cpu"]."""
     from vllm_kvq import ops
 
-    return sorted({f"{a[0]}:{a[1]}" for a in ops._announced if len(a) == 2})
+    return ops.used()
 
 
 def run_job(job):

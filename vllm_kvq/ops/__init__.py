@@ -42,6 +42,12 @@ class Impl:
 ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _FORCED_IMPL = os.environ.get("VLLM_KVQ_IMPL") or None  # debug knob, read once
 _announced: set = set()
+_used: set[tuple[str, str]] = set()  # (op, impl) that ran in this process
+
+
+def used() -> list[str]:
+    """"op:impl" for every implementation an op dispatched to in this process (engine tests read it)."""
+    return sorted(f"{op}:{impl}" for op, impl in _used)
 
 
 @functools.cache
@@ -89,6 +95,7 @@ def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat, decode
     if impl is None:
         reasons = plan(fmt, device, op, decode, group)
         name = next(n for n, why in reasons.items() if why is None)
+        _used.add((op, name))
         key = (op, name, fmt.name)
         if key not in _announced:
             _announced.add(key)
@@ -104,6 +111,7 @@ def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat, decode
     why = table[impl].why_not(fmt, op, decode, group)
     if why is not None:
         raise ValueError(f"impl {impl!r} cannot run {op} for format {fmt.name!r}: {why}")
+    _used.add((op, impl))
     return getattr(table[impl], op)
 
 
@@ -146,4 +154,4 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     return fn(query, cache, block_table[:s], seq_lens, query_start_loc, fmt, scale=scale, max_seq_len=max_seq_len)
 
 
-__all__ = ["store", "paged_attention", "plan", "IMPLS", "ORDER", "reference"]
+__all__ = ["store", "paged_attention", "plan", "used", "IMPLS", "ORDER", "reference"]
