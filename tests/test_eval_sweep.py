@@ -187,7 +187,8 @@ def _text(tmp_path):
 def test_sweep_records_a_server_that_fails_to_start(tmp_path):
     model = models.make_tiny_llama(tmp_path / "tiny", seed=2)
     res = sweep.run_sweep(model, [("bogus", "no_such_dtype", None)], tmp_path / "out", context=64, ppl_windows=0,
-                          needle_lengths=[], lmeval_tasks=[], max_model_len=128, startup_timeout=240)
+                          needle_lengths=[], lmeval_tasks=[], max_model_len=128, startup_timeout=240,
+                          greedy_prompts=0)
     assert res[0]["error"].startswith("server failed to start") and "no_such_dtype" in res[0]["error"]
     assert res[0]["bytes_per_token"] is None and "bytes unknown" in res[0]["note"]
     assert "server failed to start" in (tmp_path / "out" / "sweep.md").read_text()
