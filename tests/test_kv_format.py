@@ -11,6 +11,7 @@ from vllm_kvq.kv_format import KVFormat, formats_from_config
 # Bytes of one (token, KV head), K + V, metadata inline, rounded up to even. By hand, not from the code:
 #   turboquant b: ceil(b * D / 8) code bytes + 2 (fp16 scale);  uniform b: b * D / 8 + 4 (fp16 scale, fp16 min);
 #   bf16: 2 * D.  E.g. turboquant2.5 at D = 128: 64 coords x 3 bits + 64 x 2 bits = 40 bytes + 2 = 42, x2 = 84.
+#   fibquant (block k, L-bit index): ceil(D / k * L / 8) + 2; e.g. fibquant2 (k 4, L 8) at D = 64: 16 + 2 = 18, x2.
 GOLDEN_SLOT_BYTES = {
     # name:          D=64  D=128
     "turboquant2":   (36,  68),
@@ -22,6 +23,12 @@ GOLDEN_SLOT_BYTES = {
     "uniform8":      (136, 264),
     "bf16":          (256, 512),
     "fp16":          (256, 512),
+    "fibquant0.75":  (16,  28),   # k 8, L 6
+    "fibquant1.5":   (28,  52),   # k 4, L 6
+    "fibquant1.75":  (32,  60),   # k 4, L 7
+    "fibquant2":     (36,  68),   # k 4, L 8
+    "fibquant2.5":   (44,  84),   # k 2, L 5
+    "fibquant3":     (52,  100),  # k 2, L 6
 }
 
 
@@ -38,7 +45,7 @@ def test_golden_slot_bytes(name, col, head_size):
 
 def test_every_preset_codec_is_in_the_golden_table():
     # a new preset codec must get a hand-computed row above
-    presets = [n for n in codecs.names() if n not in ("raw", "turboquant", "uniform")]
+    presets = [n for n in codecs.names() if n not in codecs.family_names()]
     assert sorted(presets) == sorted(GOLDEN_SLOT_BYTES)
 
 
