@@ -88,8 +88,12 @@ def test_served_with_our_cache(server):
 
 def test_completion_and_chat(server):
     base, _, _ = server
-    out = _post(base + "/v1/completions", {"model": "smollm2", "prompt": "The capital of France is",
-                                           "max_tokens": 8, "temperature": 0})
+    # The answer is in the prompt: the completion must read it back from the quantized cache. (The bare
+    # question "The capital of France is" is a near-tie for this 135M model at 3 bits: the bf16 cache says
+    # Paris, turboquant3 "the Palace ...", with the code of 2026-11-23 as well as today's.)
+    out = _post(base + "/v1/completions", {"model": "smollm2", "max_tokens": 8, "temperature": 0,
+                                           "prompt": "Paris is the capital of France. Q: What is the capital of "
+                                                     "France? A: The capital of France is"})
     assert "Paris" in out["choices"][0]["text"]
     chat = _post(base + "/v1/chat/completions", {"model": "smollm2", "max_tokens": 24, "temperature": 0,
                                                  "messages": [{"role": "user", "content": "What is the capital of France?"}]})
