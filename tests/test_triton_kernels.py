@@ -237,6 +237,42 @@ def test_split_k_for_short_query_batches(cid, gen):
     context too; the merge handles every query row (issue 12, item 10)."""
     _attn_case(uniform_fmt(cid, 64, 2), 6, [37, 50, 9, 16], [3, 4, 2, 1], gen, num_splits=3)
     _attn_case(uniform_fmt(cid, 64, 2), 6, *MIXED, gen, num_splits=2)
+    _attn_case(uniform_fmt(cid, 128, 1), 4, [40, 9], [3, 2], gen, t=8, num_splits=2)  # 64-row split tiles
+
+
+# Chunked prefills whose queries span several 128-row tiles (token x GQA head pairs), ending in a partial tile
+# or exactly on a tile boundary, beside a short chunk: GQA groups 1, 3 (padded to 4), 4 and 8 give 128, 32, 32
+# and 16 query tokens per tile.
+LONG = ([150, 75, 64, 20], [140, 70, 64, 3])
+
+
+@pytest.mark.parametrize("hq,hk", [(2, 2), (6, 2), (8, 2), (8, 1)], ids=["g1", "g3", "g4", "g8"])
+def test_attention_prefill_tiles_span_queries(hq, hk, gen):
+    from vllm_kvq.kernels.triton.attention import launch_config
+
+    gp = 1 << (hq // hk - 1).bit_length()
+    tile = launch_config(64, gp, decode=False)
+    assert tile.bm >= 64 and max(LONG[1]) > tile.bq  # several tiles per sequence, each serving >= 64 rows
+    _attn_case(uniform_fmt("turboquant3", 64, hk), hq, *LONG, gen)
+
+
+@pytest.mark.parametrize("cid", ["turboquant2.5+shift", "fibquant2"])
+def test_attention_prefill_tiles_stateful_and_vector_codecs(cid, gen):
+    _attn_case(uniform_fmt(cid, 64, 2), 8, *LONG, gen)
+    _attn_case(sink_fmt("turboquant3", 64, 2), 8, *LONG, gen, layout="token-major")
+
+
+def test_prefill_tiles_hold_64_rows_or_more():
+    """Issue 12, item 10: a prefill tile decodes each K/V tile once for >= 64 query rows at head sizes up to
+    128 (16 rows, i.e. 4 tokens of a GQA group of 4, before), and rows never exceed the tile."""
+    from vllm_kvq.kernels.triton.attention import launch_config
+
+    for dp in (32, 64, 128):
+        for gp in (1, 2, 4, 8, 16, 32):
+            for split in (False, True):
+                t = launch_config(dp, gp, decode=False, split=split)
+                assert t.bm >= 64 and t.bq * gp <= t.bm and t.bq >= 1, (dp, gp, split, t)
+        assert launch_config(dp, 4, decode=True).bq == 1
 
 
 def test_split_count_is_a_power_of_two_bounded_by_context():
@@ -344,28 +380,69 @@ def test_gpu_cuda_extension_matches_reference(cid, d, hq, hk, gen):
         assert err <= 2 * err_lowp + 1e-5, f"splits={splits}: CUDA error {err} > 2 x bf16 error {err_lowp}"
 
 
+def _compile_for_sm90(code: str) -> list[list[str]]:
+    """Runs ``code`` (which prints ``aot_check.Compiled.describe()`` lines) in a process without
+    TRITON_INTERPRET and returns the lines' fields. Needs no GPU, only Triton's NVIDIA backend."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    head = ("import warnings; warnings.filterwarnings('ignore')\n"
+            "from vllm_kvq import codecs\n"
+            "from vllm_kvq.kv_format import KVFormat\n"
+            "from vllm_kvq.kernels.triton import aot_check as ac\n")
+    res = subprocess.run([sys.executable, "-c", head + code], capture_output=True, text=True, env=env, timeout=1800)
+    if "0 active drivers" in res.stderr or "No module named 'triton.backends.nvidia'" in res.stderr:
+        pytest.skip("Triton has no NVIDIA backend here")
+    assert res.returncode == 0, res.stderr[-4000:]
+    return [ln.split() for ln in res.stdout.splitlines()]
+
+
+def _spills(row: list[str]) -> str:
+    return next(f.split("=")[1] for f in row if f.startswith("spills="))
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter accepts code the GPU compiler rejects (it caught non-constexpr globals here once):
     compile every kernel variant of a mixed format for sm_90 with Triton's NVIDIA backend, in a process
     without TRITON_INTERPRET. Needs no GPU."""
-    import subprocess
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (
-        "import warnings; warnings.filterwarnings('ignore')\n"
-        "from vllm_kvq import codecs\n"
-        "from vllm_kvq.kv_format import KVFormat\n"
-        "from vllm_kvq.kernels.triton import aot_check as ac\n"
+    rows = _compile_for_sm90(
         "g = lambda n, **p: codecs.get(n, head_dim=64, **p)\n"
         "fmt = KVFormat(64, [g('turboquant2.5'), g('bf16')], "
         "[g('uniform', bits=2, group_size=32, rotate=True), g('fp16')])\n"
         "for c in ac.compile_launches(ac.capture(fmt, 6)):\n"
-        "    print(c.name, c.shared, c.registers, c.spill_bytes)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1200)
-    if "0 active drivers" in res.stderr or "No module named 'triton.backends.nvidia'" in res.stderr:
-        pytest.skip("Triton has no NVIDIA backend here")
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = [ln.split() for ln in res.stdout.splitlines()]
-    assert {"_store_kernel", "_attn_kernel", "_merge_kernel"} <= {r[0] for r in rows}, res.stdout
+        "    print(c.describe())\n")
+    assert {"_store_kernel", "_attn_kernel", "_merge_kernel"} <= {r[0] for r in rows}, rows
     # Register spills are performance bugs; ptxas reports them when a recent enough one ships with Triton.
-    assert all(r[3] in ("None", "0") for r in rows), f"register spills:\n{res.stdout}"
+    assert all(_spills(r) in ("None", "0") for r in rows), f"register spills:\n{rows}"
+
+
+# The formats of docs/performance.md's prefill table: TurboQuant at 4/3/2.5 bits, a calibrated (stateful) one,
+# one with attention sinks, and FibQuant (a vector quantizer).
+PREFILL_FORMATS = ("turboquant4", "turboquant3", "turboquant2.5", "turboquant3+shift+scale", "turboquant3+sink",
+                   "fibquant2")
+
+
+@pytest.mark.slow
+def test_prefill_tiles_compile_for_sm90_without_spills():
+    """Issue 12, item 10: every format's prefill and short-query tiles hold >= 64 query rows and compile for
+    sm_90 with no register spills at head sizes 64 and 128 (ptxas, as the JIT would specialize them)."""
+    code = ["import torch", "from tests import codec_cases", "def fmt(cid, d, hk):",
+            "    sink = cid.endswith('+sink')",
+            "    case = codec_cases.case(cid[:-5] if sink else cid)",
+            "    cs = [case.build(d, h) for h in range(hk)]",
+            "    return KVFormat(d, cs, cs, name=cid, sink_tokens=4 if sink else 0, block_size=16)",
+            f"for cid in {PREFILL_FORMATS!r}:",
+            "    for d in (64, 128):",
+            "        launches = [l for l in ac.capture(fmt(cid, d, 8), 32) if l.kwargs.get('BQ', 1) > 1]",
+            "        for c in ac.compile_launches(launches):",
+            "            print(cid, d, c.describe())"]
+    rows = _compile_for_sm90("\n".join(code) + "\n")
+    seen = {(r[0], r[1]) for r in rows}
+    assert seen == {(cid, str(d)) for cid in PREFILL_FORMATS for d in (64, 128)}, rows
+    for r in rows:
+        tile = dict(f.split("=") for f in r[3:] if "=" in f and not f.startswith(("shared", "registers", "spills")))
+        assert int(tile["BM"]) >= 64, f"prefill tile of {tile['BM']} rows: {' '.join(r)}"
+    if any(_spills(r) == "None" for r in rows):
+        pytest.skip("no ptxas that reads Triton's PTX: spills not measured")
+    bad = [" ".join(r) for r in rows if _spills(r) != "0"]
+    assert not bad, "register spills:\n" + "\n".join(bad)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import os
 import re
 import shutil
@@ -26,12 +25,10 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
 
 from vllm_kvq.kv_format import KVFormat
 
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
-        torch.int32: "*i32", torch.int64: "*i64"}
-_OPTIONS = ("num_warps", "num_stages")
 
 
 @dataclass
@@ -47,6 +44,15 @@ class Compiled:
     shared: int
     registers: int | None
     spill_bytes: int | None
+    tile: dict  # the launch's tile sizes, split count and warps (those of TILE_KEYS it has)
+
+    def describe(self) -> str:
+        tile = " ".join(f"{k}={v}" for k, v in self.tile.items())
+        return (f"{self.name:<14} {tile:<58} shared={self.shared:>6} B  registers={self.registers}  "
+                f"spills={self.spill_bytes} B")
+
+
+TILE_KEYS = ("BQ", "BM", "BN", "NUM_SPLITS", "num_warps", "num_stages")
 
 
 class _Recorder:
@@ -74,7 +80,8 @@ def _recording(out: list):
 
 
 def capture(fmt: KVFormat, num_q_heads: int, dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
-    """The launches of one store, one split-K decode step, one unsplit decode step and one mixed prefill."""
+    """The launches of one store, one split-K decode step, one unsplit decode step, one batch of short queries
+    (speculative-decoding verification: decode tiles' split-K with prefill tiles) and one chunked prefill."""
     import vllm_kvq.kernels.triton as kt
 
     d, hk = fmt.head_size, fmt.num_kv_heads
@@ -85,7 +92,7 @@ def capture(fmt: KVFormat, num_q_heads: int, dtype: torch.dtype = torch.bfloat16
         kv = torch.zeros(4, hk, d, dtype=dtype)
         kt.store(kv, kv, cache, torch.arange(4), fmt)
         bt = torch.zeros(2, 4, dtype=torch.int32)
-        for q_lens, splits in (([1, 1], 2), ([1, 1], 1), ([5, 1], None)):
+        for q_lens, splits in (([1, 1], 2), ([1, 1], 1), ([5, 1], 2), ([37, 1], None)):
             qsl = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32)
             q = torch.zeros(sum(q_lens), num_q_heads, d, dtype=dtype)
             kt.paged_attention(q, cache, bt, torch.tensor([40, 9], dtype=torch.int32), qsl, fmt, scale=0.1,
@@ -93,27 +100,17 @@ def capture(fmt: KVFormat, num_q_heads: int, dtype: torch.dtype = torch.bfloat16
     return out
 
 
-def _signature(launch: Launch) -> tuple[dict, dict, dict]:
-    params = list(inspect.signature(launch.kernel.fn).parameters)
-    sig, consts = {}, {}
-    for name, val in zip(params, launch.args):
-        if isinstance(val, torch.Tensor):
-            sig[name] = _PTR[val.dtype]
-        elif isinstance(val, bool):
-            sig[name] = "i1"
-        elif isinstance(val, int):
-            sig[name] = "i32" if -2**31 <= val < 2**31 else "i64"
-        elif isinstance(val, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{launch.kernel.fn.__name__}: cannot type argument {name}={val!r}")
-    for name, val in launch.kwargs.items():
-        if name in _OPTIONS:
-            continue
-        sig[name] = "constexpr"
-        consts[(params.index(name),)] = val
-    options = {k: v for k, v in launch.kwargs.items() if k in _OPTIONS}
-    return sig, consts, options
+def _signature(launch: Launch, backend) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attributes, options) exactly as the JIT would compile this launch on a GPU:
+    Triton's own argument binder specializes integers equal to 1 into constants and marks 16-divisible
+    integers and 16-aligned pointers, which changes address arithmetic and so the register count."""
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, sig, consts, attrs = kernel._pack_args(backend, launch.kwargs, bound, specialization, options)
+    return sig, consts, attrs, options.__dict__
 
 
 def _ptxas() -> str | None:
@@ -143,18 +140,20 @@ def _registers(ptx: str, arch: str) -> tuple[int | None, int | None]:
 
 def compile_launches(launches: list[Launch], capability: int = 90) -> list[Compiled]:
     target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
     seen, out = set(), []
     for launch in launches:
-        sig, consts, options = _signature(launch)
-        key = (launch.kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())),
-               tuple(sorted(options.items())))
+        sig, consts, attrs, options = _signature(launch, backend)
+        key = (launch.kernel.fn.__name__, repr(sorted(sig.items())), repr(sorted(consts.items())),
+               repr(sorted(attrs.items())), repr(sorted(options.items())))
         if key in seen:
             continue
         seen.add(key)
-        k = triton.compile(ASTSource(launch.kernel, sig, constexprs=consts), target=target, options=options)
+        k = triton.compile(ASTSource(launch.kernel, sig, consts, attrs), target=target, options=options)
         regs, spill = _registers(k.asm["ptx"], arch)
-        out.append(Compiled(launch.kernel.fn.__name__, k.metadata.shared, regs, spill))
+        tile = {key: launch.kwargs[key] for key in TILE_KEYS if key in launch.kwargs}
+        out.append(Compiled(launch.kernel.fn.__name__, k.metadata.shared, regs, spill, tile))
     return out
 
 
@@ -169,14 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=0)
     ap.add_argument("--num-layers", type=int, default=None)
     ap.add_argument("--capability", type=int, default=90)
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                    help="query and K/V dtype of the captured launches")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         ap.error("unset TRITON_INTERPRET: this compiles the kernels")
     fmt = kv_format(a.spec, a.head_size, a.kv_heads, layer=a.layer, num_layers=a.num_layers)
     bad = 0
-    for c in compile_launches(capture(fmt, a.q_heads), a.capability):
+    for c in compile_launches(capture(fmt, a.q_heads, getattr(torch, a.dtype)), a.capability):
         bad += bool(c.spill_bytes)
-        print(f"{c.name:<14} shared={c.shared:>6} B  registers={c.registers}  spills={c.spill_bytes} B")
+        print(c.describe())
     return 1 if bad else 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -71,24 +72,36 @@ def _out(o, o_ptr, DOT: tl.constexpr):  # o_ptr: any pointer tensor of the outpu
 
 
 @triton.jit
+def _store_chunk(o, c, rows, rmask, vrt_ptr, shift_ptr, scale_ptr, D, DP: tl.constexpr, RC: tl.constexpr,
+                 SHIFT: tl.constexpr, SCALE: tl.constexpr, DOT: tl.constexpr):
+    # cm.dot3 precision: tf32x3 for float32 outputs, else bf16x3 (the output is rounded to 16 bits anyway).
+    XD: tl.constexpr = 0 if DOT == 0 else (3 if DOT == 3 else 2)
+    j = tl.arange(0, DP)
+    i = c + tl.arange(0, RC)
+    im = i[None, :] < D
+    # R[j, i] = R^T[i, j]: the inverse rotation is a transposed load of the same table.
+    r = tl.load(vrt_ptr + i[None, :] * D + j[:, None], mask=(j[:, None] < D) & im, other=0.0)
+    oc = cm.dot3(o, r, XD)
+    if SCALE:
+        oc = oc * tl.load(scale_ptr + i[None, :], mask=im, other=1.0)
+    if SHIFT:
+        oc += tl.load(shift_ptr + i[None, :], mask=im, other=0.0)
+    tl.store(rows + i[None, :], _out(oc, rows, DOT), mask=rmask[:, None] & im)
+
+
+@triton.jit
 def _store_out(o, rows, rmask, vrt_ptr, shift_ptr, scale_ptr, D, DP: tl.constexpr, RC: tl.constexpr,
                ROT: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr, DOT: tl.constexpr):
     """Stores o (BM, DP) rotated back (``o @ R``) and mapped through the value codec's output transform
     (``* scale + shift``, per-head rows of the stacked state at ``scale_ptr`` / ``shift_ptr``) to row pointers
     ``rows`` (BM, 1), RC columns at a time so only a (DP, RC) slice of R is staged."""
     if ROT:
-        j = tl.arange(0, DP)
-        for c in tl.static_range(0, DP, RC):
-            i = c + tl.arange(0, RC)
-            im = i[None, :] < D
-            # R[j, i] = R^T[i, j]: the inverse rotation is a transposed load of the same table.
-            r = tl.load(vrt_ptr + i[None, :] * D + j[:, None], mask=(j[:, None] < D) & im, other=0.0)
-            oc = tl.dot(o, r, input_precision="tf32x3")
-            if SCALE:
-                oc = oc * tl.load(scale_ptr + i[None, :], mask=im, other=1.0)
-            if SHIFT:
-                oc += tl.load(shift_ptr + i[None, :], mask=im, other=0.0)
-            tl.store(rows + i[None, :], _out(oc, rows, DOT), mask=rmask[:, None] & im)
+        if o.shape[0] < 64:
+            for c in tl.static_range(0, DP, RC):
+                _store_chunk(o, c, rows, rmask, vrt_ptr, shift_ptr, scale_ptr, D, DP, RC, SHIFT, SCALE, DOT)
+        else:  # unrolled, the slices' products overlap and spill at 64+ rows (ptxas, sm_90)
+            for c in range(0, DP, RC):
+                _store_chunk(o, c, rows, rmask, vrt_ptr, shift_ptr, scale_ptr, D, DP, RC, SHIFT, SCALE, DOT)
     else:
         j = tl.arange(0, DP)
         jm = j[None, :] < D
@@ -154,7 +167,9 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
     q_rows = q_ptr + qtok[:, None] * sqn + qh[:, None] * sqh
     # The key codec's query transform: times its bound channel scale (a key shift needs nothing).
     if K_ROT:
-        q = cm.rotate_rows(q_rows, rmask, k_rt, D, DP, BM, RC, k_sub, k_fac + gh * D, False, K_FAC, False)
+        # The rotated query is rounded to the dot's 16 bits: bf16x3 is precise enough and lighter than tf32x3.
+        XD: tl.constexpr = 0 if DOT == 0 else (3 if DOT == 3 else 2)
+        q = cm.rotate_rows(q_rows, rmask, k_rt, D, DP, BM, RC, k_sub, k_fac + gh * D, False, K_FAC, False, XD)
     else:
         q = tl.load(q_rows + d[None, :], mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
         q = cm.transform(q, d, dm, k_sub, k_fac + gh * D, False, K_FAC, False)
@@ -246,14 +261,35 @@ def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, v_sub, 
                V_ROT, V_SUB, V_FAC, DOT)
 
 
-def launch_config(dp: int, gp: int, decode: bool) -> tuple[int, int, int, int]:
-    """(query tokens per tile, rows per tile, context tokens per tile, warps). Chosen so that ptxas reports
-    no register spills for sm_90 at head sizes 64-256 (checked by compiling, not yet timed on a GPU)."""
-    bn = 32 if dp <= 128 else 16
+class Tile(NamedTuple):
+    bq: int  # query tokens per tile
+    bm: int  # rows per tile: bq query tokens x the GQA group padded to a power of two (token-major)
+    bn: int  # context tokens per tile
+    warps: int
+    stages: int
+
+
+def launch_config(dp: int, gp: int, decode: bool, fp32: bool = False, split: bool = False) -> Tile:
+    """Tile shape for padded head size ``dp``, padded GQA group ``gp``, float32 (else 16-bit) queries and
+    split-K (``split``: decode steps and short-query batches).
+
+    Prefill and chunked-prefill tiles hold 128 rows of (query token, GQA head) pairs, so one decoded K/V tile
+    serves 128 query rows (32 tokens of a group of 4), and two warpgroups each own Hopper's 64-row wgmma
+    shape (tiles under 64 rows fall back to the older mma with register operands and spill). The decoded
+    tile is rounded to bf16 and staged in shared memory as the B operand. Context tiles are 32 tokens up to
+    head size 64 and 16 at 128 (32 spills with sinks). Split short-query batches (speculative-decoding
+    verification) at head size 128 use 64 rows: storing 128-row float32 partials spills with sinks, and their
+    queries are short anyway. Two cases keep 16-row tiles: head size 256, where even 64 rows spill (the
+    float32 accumulator alone is 128 registers a thread), and float32 queries, whose float32 operands double
+    the registers. Decode steps use one token per tile. Every entry compiles for sm_90 without spills
+    (docs/performance.md, test_prefill_tiles_compile_for_sm90_without_spills); none is timed yet."""
+    bn = 32 if dp <= (64 if fp32 else 128) else 16
     if decode:
-        return 1, max(16, gp), bn, 8
-    bq = max(1, 16 // gp)  # 32-row prefill tiles spill at head size 128
-    return bq, max(16, bq * gp), bn, 8
+        return Tile(1, max(16, gp), bn, 8, 3)
+    rows = 16 if fp32 or dp > 128 else 64 if split and dp > 64 else 128
+    bn = 32 if dp <= 64 else 16
+    bq = max(1, rows // gp)
+    return Tile(bq, max(16, bq * gp), bn, 8, 3)
 
 
 def _interpreting() -> bool:
@@ -288,7 +324,8 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     t = cache.shape[2]
     # N == S means one token per sequence in any batch vLLM builds: a decode step, one token per tile.
     decode = n == s
-    bq, bm, bn, warps = launch_config(dp, gp, decode)
+    fp32 = query.dtype == torch.float32
+    bq, bm, bn, warps, stages = launch_config(dp, gp, decode, fp32)
     max_ctx = block_table.shape[1] * t
     if max_seq_len is not None:
         max_ctx = max(1, min(max_ctx, int(max_seq_len)))
@@ -300,6 +337,8 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         splits = num_splits
     elif decode or n <= SHORT_QUERY * s:
         splits = _num_splits(query.device, triton.cdiv(n, bq) * hk, max_ctx, bn)
+    if splits > 1 and not decode:
+        bq, bm, bn, warps, stages = launch_config(dp, gp, decode, fp32, split=True)
     if splits > 1:  # short splits use short tiles, so every split gets work
         bn = max(16, min(bn, triton.next_power_of_2(triton.cdiv(max_ctx, splits))))
     dot = _DOT_KIND.get(query.dtype, 0)
@@ -324,7 +363,7 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
             D=d, DP=dp, T=t, G=grp, GP=gp, BQ=bq, BM=bm, BN=bn, NUM_SPLITS=splits,
             VOFF=g.key.nbytes, DOT=dot, RC=min(32, dp), SINK=fmt.sink_tokens, SOFF=fmt.sink_offset,
             SB=max(1, fmt.sink_bytes), K_PREP=kh.prep, K_DEC=kh.decode, **kc,
-            V_PREP=vh.prep, V_DEC=vh.decode, **vc, num_warps=warps)
+            V_PREP=vh.prep, V_DEC=vh.decode, **vc, num_warps=warps, num_stages=stages)
         if splits > 1:
             _merge_kernel[(n, len(g.heads))](
                 out, out.stride(0), out.stride(1), part, ml, heads, vp[0], vp[3], vp[4], n, hq,

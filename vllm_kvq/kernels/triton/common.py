@@ -8,20 +8,63 @@ from vllm_kvq.codecs._triton import bf16_bits
 
 
 @triton.jit
+def to_bf16(x, XD: tl.constexpr):
+    """float32 -> bf16 (XD 2) or, XD 3, float32 holding bf16-rounded values: the interpreter's casts to bf16
+    truncate and its bf16 dot returns garbage, so tests emulate the rounding in integer arithmetic."""
+    if XD == 3:
+        return (bf16_bits(x) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def dot3(a, b, XD: tl.constexpr):
+    """a @ b (float32 operands, float32 result) to about fp32 accuracy. XD 0: tf32x3 on tensor cores.
+    XD 2/3: three bf16 products of the operands split as hi + lo (hi*hi + lo*hi + hi*lo, ~16 bits): two bf16
+    halves of an (M, K) A operand take half the registers of tf32x3's two float32 halves, which is what
+    keeps 64-128-row attention tiles free of spills."""
+    if XD == 0:
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        a_hi = to_bf16(a, XD)
+        a_lo = to_bf16(a - a_hi.to(tl.float32), XD)
+        b_hi = to_bf16(b, XD)
+        b_lo = to_bf16(b - b_hi.to(tl.float32), XD)
+        if XD == 3:
+            y = tl.dot(a_hi, b_hi, input_precision="ieee")
+            y = tl.dot(a_lo, b_hi, y, input_precision="ieee")
+            return tl.dot(a_hi, b_lo, y, input_precision="ieee")
+        else:
+            return tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi, tl.dot(a_hi, b_hi)))
+
+
+@triton.jit
+def _rotate_chunk(y, c, rows, rmask, rt_ptr, D, DP: tl.constexpr, RC: tl.constexpr, sub_ptr, fac_ptr,
+                  SUB: tl.constexpr, FAC: tl.constexpr, DIV: tl.constexpr, XD: tl.constexpr):
+    d = tl.arange(0, DP)
+    j = c + tl.arange(0, RC)
+    jm = j < D
+    xc = tl.load(rows + j[None, :], mask=rmask[:, None] & jm[None, :], other=0.0).to(tl.float32)
+    xc = transform(xc, j, jm, sub_ptr, fac_ptr, SUB, FAC, DIV)
+    rt = tl.load(rt_ptr + j[:, None] * D + d[None, :], mask=jm[:, None] & (d[None, :] < D), other=0.0)
+    return y + dot3(xc, rt, XD)
+
+
+@triton.jit
 def rotate_rows(rows, rmask, rt_ptr, D, DP: tl.constexpr, BM: tl.constexpr, RC: tl.constexpr,
-                sub_ptr, fac_ptr, SUB: tl.constexpr, FAC: tl.constexpr, DIV: tl.constexpr):
+                sub_ptr, fac_ptr, SUB: tl.constexpr, FAC: tl.constexpr, DIV: tl.constexpr, XD: tl.constexpr = 0):
     """(BM, DP) float32 ``t(x) @ R^T`` of the rows at pointers ``rows`` (BM, 1), with the per-coordinate
     transform ``t(x) = (x - sub) / fac`` (DIV) or ``(x - sub) * fac`` applied as each slice is read (SUB/FAC
-    say which parts exist). x is read RC coordinates at a time, so only an (RC, DP) slice of R^T is staged."""
-    d = tl.arange(0, DP)
+    say which parts exist). x is read RC coordinates at a time, so only an (RC, DP) slice of R^T is staged.
+    XD picks ``dot3``'s precision: 0 (tf32x3) where codes are chosen from the result (store), bf16x3 where
+    the result is rounded to bf16 anyway (attention queries)."""
     y = tl.zeros((BM, DP), tl.float32)
-    for c in tl.static_range(0, DP, RC):
-        j = c + tl.arange(0, RC)
-        jm = j < D
-        xc = tl.load(rows + j[None, :], mask=rmask[:, None] & jm[None, :], other=0.0).to(tl.float32)
-        xc = transform(xc, j, jm, sub_ptr, fac_ptr, SUB, FAC, DIV)
-        rt = tl.load(rt_ptr + j[:, None] * D + d[None, :], mask=jm[:, None] & (d[None, :] < D), other=0.0)
-        y += tl.dot(xc, rt, input_precision="tf32x3")
+    if BM < 64:
+        for c in tl.static_range(0, DP, RC):
+            y = _rotate_chunk(y, c, rows, rmask, rt_ptr, D, DP, RC, sub_ptr, fac_ptr, SUB, FAC, DIV, XD)
+    else:  # unrolled, the compiler overlaps the slices' loads and spills at 64+ rows (ptxas, sm_90)
+        for c in range(0, DP, RC):
+            y = _rotate_chunk(y, c, rows, rmask, rt_ptr, D, DP, RC, sub_ptr, fac_ptr, SUB, FAC, DIV, XD)
     return y
 
 

@@ -108,4 +108,4 @@ def store(key: torch.Tensor,  # (N, Hk, D)
             D=d, DP=dp, BN=bn, T=t, RC=min(32, dp), VOFF=g.key.nbytes, PAD0=pad0,
             PADP=max(1, triton.next_power_of_2(fmt.slot_bytes - pad0)), SLOT=fmt.slot_bytes,
             SINK=fmt.sink_tokens, SOFF=fmt.sink_offset, SB=max(1, fmt.sink_bytes),
-            K_ENC=kh.encode, V_ENC=vh.encode, **kc, **vc, num_warps=8 if dp >= 128 else 4)
+            K_ENC=kh.encode, V_ENC=vh.encode, **kc, **vc, num_warps=8)
