@@ -182,3 +182,27 @@ def test_cli_entry_point_in_a_subprocess():
                         "--kv-heads", "8", "--head-size", "128"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "compression vs bf16: 5.12x" in r.stdout  # 512 / 100
+
+
+def test_for_draft_drops_what_only_the_target_has():
+    """A standalone draft model gets the target's YAML: selector items it lacks are dropped (an override left
+    with none selects nothing but still sizes the slot), the target's calibration is not used, and each change
+    is noted for the log."""
+    from vllm_kvq.vllm.formats import slot_bytes
+
+    cfg = config.from_dict({"key": "turboquant3", "value": "turboquant3",
+                            "overrides": [{"layers": [0, 30], "key": "uniform8"},
+                                          {"layers": "20:", "heads": 1, "value": "bf16"},
+                                          {"heads": [1, 5], "key": "turboquant4"}]})
+    cfg = cfg.model_copy(update={"calibration": "/x/target.safetensors"})  # loading would check the file
+    draft, notes = config.for_draft(cfg, num_layers=4, num_kv_heads=2)
+    assert draft.calibration is None and len(notes) == 4  # layers 30, "20:", head 5, calibration
+    t = _names(draft, 4, 2)
+    tq3, tq4 = ("turboquant3", "turboquant3"), ("turboquant4", "turboquant3")
+    assert t == [[("uniform8", "turboquant3"), tq4]] + [[tq3, tq4]] * 3
+    assert slot_bytes(draft, 64) == slot_bytes(cfg, 64)  # the bf16 override still sizes the slot
+    unchanged, none = config.for_draft(config.from_dict({"key": "turboquant3", "value": "turboquant3",
+                                                          "overrides": [{"layers": -1, "key": "uniform8"}]}), 4, 2)
+    assert none == [] and _names(unchanged, 4, 2)[3][0] == ("uniform8", "turboquant3")
+    with pytest.raises(config.ConfigError, match="out of range"):
+        config.resolve(cfg, 4, 2)  # the target's own resolution still rejects them

@@ -208,6 +208,63 @@ def test_standalone_draft_and_target_each_resolve_their_own_model(tiny_model, ti
     assert backend.customize_spec(_spec(torch.uint8)).state_content_bytes == target[2].slot_bytes
 
 
+TARGET_LAYERS_YAML = """
+name: target-layers
+key: turboquant3
+value: turboquant3
+overrides:
+  - layers: [0, 2]
+    key: uniform8
+"""
+
+
+def _draft_vllm_config(draft: str, target: str, additional: dict):
+    """The config vLLM makes current while it builds a standalone draft model (``draft_model.py``): the
+    draft's model config, with the speculative config naming draft and target."""
+    from vllm.config import ModelConfig
+
+    vc = _vllm_config(draft, additional)
+    vc.speculative_config = SimpleNamespace(draft_model_config=vc.model_config,
+                                            target_model_config=ModelConfig(model=target, dtype="bfloat16"))
+    return vc
+
+
+def test_standalone_draft_drops_layers_only_the_target_has(tiny_model, tiny_model_3layers, tmp_path):
+    """The YAML is written for the target, and vLLM hands it to the draft too: a layer the draft lacks is
+    dropped from its override (the rest applies), at the target's slot, instead of failing start-up. A plain
+    2-layer model served with the same YAML still gets the error (a typo must not pass)."""
+    yaml = tmp_path / "target.yaml"
+    yaml.write_text(TARGET_LAYERS_YAML)
+    additional = {"kvq_config": str(yaml)}
+    target_vc = _vllm_config(tiny_model_3layers, additional)
+    backend = _backend("kvq", vc=target_vc)
+    target = [_impl(backend, target_vc)._format(_layer(i)) for i in range(3)]
+    draft_vc = _draft_vllm_config(tiny_model, tiny_model_3layers, additional)
+    draft = [_impl(backend, draft_vc)._format(_layer(i, "draft_model.model")) for i in range(2)]
+    assert [f.keys[0].name for f in target] == ["uniform8", "turboquant3", "uniform8"]
+    assert [f.keys[0].name for f in draft] == ["uniform8", "turboquant3"]
+    assert {f.slot_bytes for f in draft} == {target[0].slot_bytes}
+    with pytest.raises(_config.ConfigError, match="layer index 2 out of range"):
+        _impl(backend, _vllm_config(tiny_model, additional))
+
+
+def test_standalone_draft_detection_leaves_eagle_and_mtp_alone(tiny_model, tiny_model_3layers):
+    from vllm.config import ModelConfig
+
+    from vllm_kvq.vllm.backend import standalone_draft
+
+    target = _vllm_config(tiny_model_3layers)
+    assert not standalone_draft(target)
+    assert standalone_draft(_draft_vllm_config(tiny_model, tiny_model_3layers, {}))
+    # EAGLE: built under the target's model config; MTP: the draft is the target's own checkpoint.
+    target.speculative_config = SimpleNamespace(draft_model_config=ModelConfig(model=tiny_model, dtype="bfloat16"),
+                                                target_model_config=target.model_config)
+    assert not standalone_draft(target)
+    target.speculative_config = SimpleNamespace(draft_model_config=target.model_config,
+                                                target_model_config=target.model_config)
+    assert not standalone_draft(target)
+
+
 CUSTOMIZE_WITHOUT_MODEL = r"""
 import torch
 from vllm_kvq.vllm import registration

@@ -106,6 +106,42 @@ def resolve(cfg: KVQConfig, num_layers: int, num_kv_heads: int) -> list[list[tup
     return table
 
 
+def for_draft(cfg: KVQConfig, num_layers: int, num_kv_heads: int) -> tuple[KVQConfig, list[str]]:
+    """``cfg`` for a standalone speculative-decoding draft model, which vLLM serves with the target's cache
+    dtype and config: the YAML was written for the target, and the user has no way to give the draft its
+    own, so what only the target has must not stop the server. Selector items naming layers or KV heads the
+    draft does not have are dropped (an override left with none selects nothing, but still sizes the slot,
+    so draft and target pages agree), and the calibration (the target's statistics) is not used. Returns the
+    config and one note per change, for the log. The target itself keeps ``resolve``'s errors."""
+    notes: list[str] = []
+    overrides = []
+    for i, ov in enumerate(cfg.overrides):
+        update = {}
+        for field, n, what in (("layers", num_layers, "layer"), ("heads", num_kv_heads, "kv head")):
+            sel = getattr(ov, field)
+            if sel is None:
+                continue
+            items = sel if isinstance(sel, list) else [sel]
+            kept = [it for it in items if _selects(it, n, what)]
+            if len(kept) != len(items):
+                notes.append(f"overrides.{i}.{field}: {sel!r} -> {kept!r} (the draft has {n} {what}s)")
+                update[field] = kept  # [] selects nothing (``select``); built past validation on purpose
+        overrides.append(ov.model_copy(update=update) if update else ov)
+    update: dict[str, Any] = {"overrides": overrides}
+    if cfg.calibration is not None:
+        notes.append(f"calibration {cfg.calibration!r} holds the target's statistics: not used for the draft")
+        update["calibration"] = None
+    return cfg.model_copy(update=update), notes
+
+
+def _selects(item, n: int, what: str) -> bool:
+    try:
+        select(item, n, what)
+    except IndexError:
+        return False
+    return True
+
+
 def calibration(cfg: KVQConfig, num_layers: int, num_kv_heads: int, head_size: int) -> CalibrationStats | None:
     """The config's calibration statistics, checked against the model's shape; None when uncalibrated."""
     if cfg.calibration is None:
@@ -119,6 +155,6 @@ def calibration(cfg: KVQConfig, num_layers: int, num_kv_heads: int, head_size: i
     return stats
 
 
-__all__ = ["calibration", "load_calibration",
+__all__ = ["calibration", "load_calibration", "for_draft",
            "ConfigError", "CodecSpec", "KVQConfig", "Override", "load", "from_dict", "resolve", "preset_names",
            "preset_dir", "parse_codec"]

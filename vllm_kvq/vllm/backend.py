@@ -73,6 +73,18 @@ def model_shape(vllm_config, head_size: int) -> ModelShape:
                       head_size=head_size, tp_rank=rank, tp_size=tp)
 
 
+def standalone_draft(vllm_config) -> bool:
+    """Whether this config builds a standalone speculative-decoding draft model (``draft_model`` method):
+    vLLM then makes the draft's model config current. EAGLE/MTP heads are built under the target's model
+    config (their layers are numbered after the target's), so they are not standalone drafts."""
+    sc = getattr(vllm_config, "speculative_config", None)
+    draft, target = getattr(sc, "draft_model_config", None), getattr(sc, "target_model_config", None)
+    mc = vllm_config.model_config
+    if draft is None or (target is not None and mc.model == target.model):  # MTP heads live in the target
+        return False
+    return mc is draft or mc.model == draft.model
+
+
 @dataclass
 class KVQMetadata(AttentionMetadata):
     seq_lens: torch.Tensor  # (S,) context length including this step's tokens
@@ -171,7 +183,8 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         # Resolve now, while the vLLM config is current, so a bad YAML fails at start-up. Sink areas depend on
         # the block size: the cache's own (kv_cache.shape[2]) decides at first use (``_format``).
         self._shape = model_shape(vc, head_size)
-        self._formats = self.served(self._shape, getattr(vc.cache_config, "block_size", None) or 16)
+        self._draft = standalone_draft(vc)
+        self._formats = self.served(self._shape, getattr(vc.cache_config, "block_size", None) or 16, self._draft)
         self._refuse_reference_on_gpu(vc)
         got = self._formats.layers[0].num_kv_heads
         if got != self.num_kv_heads:
@@ -181,10 +194,15 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         self._fmt: KVFormat | None = None
 
     @classmethod
-    def served(cls, shape: ModelShape, block_size: int | None = None) -> ServedFormats:
-        key = (shape, block_size if cls.kvq_config.sink_tokens else None)
+    def served(cls, shape: ModelShape, block_size: int | None = None, draft: bool = False) -> ServedFormats:
+        key = (shape, block_size if cls.kvq_config.sink_tokens else None, draft)
         if key not in cls._served:
-            f = cls._served[key] = ServedFormats(cls.kvq_config, shape, key[1])
+            cfg = cls.kvq_config
+            if draft:
+                cfg, notes = _config.for_draft(cfg, shape.num_layers, shape.num_kv_heads)
+                for note in notes:
+                    logger.warning("vllm_kvq: standalone draft model: %s", note)
+            f = cls._served[key] = ServedFormats(cfg, shape, key[1])
             logger.info("vllm_kvq: %s -> %d layers, slot %d B per token per KV head (K+V), %.2fx vs bf16",
                         cls.kvq_config.name, len(f.layers), f.slot_bytes, f.default.compression())
         return cls._served[key]
@@ -209,7 +227,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         if block_size is None:
             block_size = self._formats.block_size
         if self._fmt is None or (self._fmt.sink_tokens and self._fmt.block_size != block_size):
-            formats = self.served(self._shape, block_size) if self.kvq_config.sink_tokens else self._formats
+            formats = self.served(self._shape, block_size, self._draft) if self.kvq_config.sink_tokens else self._formats
             self._fmt = formats.for_layer(_layer_index(layer.layer_name))
         return self._fmt
 
