@@ -17,7 +17,6 @@ from vllm_kvq import codecs
 from vllm_kvq.kv_format import KVFormat
 
 ALL_IMPLS = ("reference", "triton", "cpu")
-NO_CPU = ("reference", "triton")  # FibQuant, and value codecs bound to a scale: not in the CPU kernels
 
 
 @dataclass(frozen=True)
@@ -89,13 +88,11 @@ CASES: list[CodecCase] = [
               impls=("reference", "cpu")),
     CodecCase("fib2-norm", "fibquant", dict(bits=2, scale_mode="norm"), nbytes=_sizes(lambda d: _fib(4, 8, d))),
     # bound per-head state (calibrated centring and key channel scales): no cache bytes
-    CodecCase("turboquant3+shift+scale", "turboquant3", state=("shift", "scale"), nbytes=_sizes(lambda d: _tq(3, d)),
-              impls=NO_CPU),
+    CodecCase("turboquant3+shift+scale", "turboquant3", state=("shift", "scale"), nbytes=_sizes(lambda d: _tq(3, d))),
     CodecCase("turboquant2.5+shift", "turboquant2.5", state=("shift",), nbytes=_sizes(lambda d: _tq(2.5, d))),
     CodecCase("uniform4+shift+scale", "uniform4", state=("shift", "scale"), nbytes=_sizes(lambda d: d // 2 + 4),
-              exact=True, impls=NO_CPU),
-    CodecCase("fibquant2+shift+scale", "fibquant2", state=("shift", "scale"), nbytes=_sizes(lambda d: _fib(4, 8, d)),
-              impls=NO_CPU),
+              exact=True),
+    CodecCase("fibquant2+shift+scale", "fibquant2", state=("shift", "scale"), nbytes=_sizes(lambda d: _fib(4, 8, d))),
     CodecCase("bf16+shift", "bf16", state=("shift",), nbytes=_sizes(lambda d: 2 * d), exact=True),
 ]
 
