@@ -30,9 +30,8 @@ static inline void fib_encode(const CodecDesc& c, const float* x, uint8_t* out, 
   out[static_cast<int64_t>(c.meta + 1) * stride] = static_cast<uint8_t>(h >> 8);
 }
 
-static inline float fib_row_scale(const CodecDesc& c, const uint8_t* row) {
-  return f16_to_f32(static_cast<uint16_t>(row[c.meta] | (row[c.meta + 1] << 8)));
-}
+// The fp16 scale after the codes: the same field as TurboQuant's.
+static inline float fib_row_scale(const CodecDesc& c, const uint8_t* row) { return tq_scale(c, row); }
 
 static inline void fib_decode_rotated(const CodecDesc& c, const uint8_t* row, float* y) {
   fib_codewords(row, c.dim, c.n0, c.b0, c.cent0, y);

@@ -145,11 +145,19 @@ KVQ_HD static inline void fib_query_table(const float* q, int D, int K, const fl
   }
 }
 
-// sum_j T[j * W + idx[j]] (the unscaled score of one row, from its unpacked indices).
+// sum_j T[j * W + idx[j]] (the unscaled score of one row, from its unpacked indices). Four partial sums:
+// one chain of dependent adds would wait on the add latency at every lookup.
 KVQ_HD static inline float fib_table_score(const float* table, const uint16_t* idx, int M, int W) {
-  float s = 0.f;
-  for (int j = 0; j < M; ++j) s += table[static_cast<int64_t>(j) * W + idx[j]];
-  return s;
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  int j = 0;
+  for (; j + 3 < M; j += 4) {
+    s0 += table[static_cast<int64_t>(j) * W + idx[j]];
+    s1 += table[static_cast<int64_t>(j + 1) * W + idx[j + 1]];
+    s2 += table[static_cast<int64_t>(j + 2) * W + idx[j + 2]];
+    s3 += table[static_cast<int64_t>(j + 3) * W + idx[j + 3]];
+  }
+  for (; j < M; ++j) s0 += table[static_cast<int64_t>(j) * W + idx[j]];
+  return (s0 + s1) + (s2 + s3);
 }
 
 // H[j * W + idx[j]] += p for every block j of one row.
