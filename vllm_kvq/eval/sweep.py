@@ -58,7 +58,8 @@ def bytes_per_token(dtype: str, model_dir: str | Path, config: str | None = None
 
     cfg = _config.load(config) if config else config_for_dtype(dtype)
     fmts = formats_from_config(cfg, num_layers=s["layers"], num_kv_heads=s["kv_heads"], head_size=s["head_dim"],
-                               uniform_slot=True, block_size=block_size or default_block_size())
+                               uniform_slot=True, block_size=block_size or default_block_size(),
+                               model=str(model_dir))
     return sum(f.bytes_per_token() for f in fmts)
 
 
