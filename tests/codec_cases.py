@@ -65,7 +65,7 @@ CASES: list[CodecCase] = [
     *[CodecCase(f"turboquant{b:g}", f"turboquant{b:g}", nbytes=_sizes(lambda d, b=b: _tq(b, d)))
       for b in (2, 2.5, 3, 3.5, 4)],
     # FibQuant presets: (block, index bits) per rate, see codecs/fibquant.py
-    *[CodecCase(f"fibquant{b:g}", f"fibquant{b:g}", nbytes=_sizes(lambda d, k=k, L=L: _fib(k, L, d)), impls=NO_CPU)
+    *[CodecCase(f"fibquant{b:g}", f"fibquant{b:g}", nbytes=_sizes(lambda d, k=k, L=L: _fib(k, L, d)))
       for b, k, L in ((0.75, 8, 6), (1.5, 4, 6), (1.75, 4, 7), (2, 4, 8), (2.5, 2, 5), (3, 2, 6))],
     CodecCase("uniform4", "uniform4", nbytes=_sizes(lambda d: d // 2 + 4), exact=True),
     CodecCase("uniform8", "uniform8", nbytes=_sizes(lambda d: d + 4), exact=True),
@@ -82,14 +82,12 @@ CASES: list[CodecCase] = [
     # 6/5-bit segments: a codebook too wide for registers
     CodecCase("tq5.5", "turboquant", dict(bits=5.5), nbytes=_sizes(lambda d: _tq(5.5, d))),
     # 9-bit block indices: the wide packing path (indices > 8 bits) in every implementation
-    CodecCase("fib2.25-k4", "fibquant", dict(bits=2.25, block=4), nbytes=_sizes(lambda d: _fib(4, 9, d)),
-              impls=NO_CPU),
+    CodecCase("fib2.25-k4", "fibquant", dict(bits=2.25, block=4), nbytes=_sizes(lambda d: _fib(4, 9, d))),
     # 10-bit indices (3-byte read window): the Triton store loops over 1024 codewords, minutes under the
     # interpreter, so Triton runs it in test_fibquant.py's slow test only
     CodecCase("fib2.5-k4", "fibquant", dict(bits=2.5, block=4), nbytes=_sizes(lambda d: _fib(4, 10, d)),
-              impls=("reference",)),
-    CodecCase("fib2-norm", "fibquant", dict(bits=2, scale_mode="norm"), nbytes=_sizes(lambda d: _fib(4, 8, d)),
-              impls=NO_CPU),
+              impls=("reference", "cpu")),
+    CodecCase("fib2-norm", "fibquant", dict(bits=2, scale_mode="norm"), nbytes=_sizes(lambda d: _fib(4, 8, d))),
     # bound per-head state (calibrated centring and key channel scales): no cache bytes
     CodecCase("turboquant3+shift+scale", "turboquant3", state=("shift", "scale"), nbytes=_sizes(lambda d: _tq(3, d)),
               impls=NO_CPU),

@@ -136,7 +136,7 @@ RowDecoder make_decoder(const CodecDesc& c) {
       r.nseg = 1;
       r.seg[0] = make_segment(0, c.dim, c.b0, 0, nullptr);
     }
-  } else {
+  } else if (c.kind == kBF16 || c.kind == kFP16) {
     r.mode = c.kind == kBF16 ? 3 : 4;
   }
   return r;

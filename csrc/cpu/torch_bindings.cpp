@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../common/fibquant.h"
 #include "kernels.h"
 
 namespace {
@@ -74,7 +75,7 @@ CodecDesc codec_of(at::IntArrayRef spec, at::TensorList tabs) {
   c.meta = static_cast<int>(spec[7]);
   c.gs = static_cast<int>(spec[8]);
   c.smode = static_cast<int>(spec[9]);
-  TORCH_CHECK(c.kind >= kvq::kTurboQuant && c.kind <= kvq::kFP16, "vllm_kvq_cpu: unknown codec kind ", c.kind);
+  TORCH_CHECK(c.kind >= kvq::kTurboQuant && c.kind <= kvq::kFibQuant, "vllm_kvq_cpu: unknown codec kind ", c.kind);
   TORCH_CHECK(c.dim > 0 && c.dim <= 1024, "vllm_kvq_cpu: head size ", c.dim, " out of range");
   const bool tq = c.kind == kvq::kTurboQuant;
   if (tq || c.kind == kvq::kUniform) {
@@ -82,9 +83,15 @@ CodecDesc codec_of(at::IntArrayRef spec, at::TensorList tabs) {
                 "vllm_kvq_cpu: bad code segments");
   }
   if (c.kind == kvq::kUniform) TORCH_CHECK(c.gs > 0 && c.dim % c.gs == 0, "vllm_kvq_cpu: bad uniform group size");
-  c.cent0 = table_ptr(tabs[0], tq ? (1 << c.b0) : 0, "cent0");
+  const bool fib = c.kind == kvq::kFibQuant;
+  if (fib) {  // b0 = index bits L, n0 = block size K (codec_desc.h)
+    TORCH_CHECK(c.b0 >= 1 && c.b0 <= kvq::kFibMaxIndexBits && c.n0 >= 1 && c.dim % c.n0 == 0 &&
+                    c.meta == (c.dim / c.n0 * c.b0 + 7) / 8 && c.nbytes == c.meta + 2,
+                "vllm_kvq_cpu: bad FibQuant layout (index bits ", c.b0, ", block ", c.n0, ", head size ", c.dim, ")");
+  }
+  c.cent0 = table_ptr(tabs[0], tq ? (1 << c.b0) : (fib ? (int64_t{1} << c.b0) * c.n0 : 0), "cent0");
   c.cent1 = table_ptr(tabs[1], tq ? (1 << c.b1) : 0, "cent1");
-  c.thr0 = table_ptr(tabs[2], tq ? (1 << c.b0) - 1 : 0, "thr0");
+  c.thr0 = table_ptr(tabs[2], tq ? (1 << c.b0) - 1 : (fib ? (1 << c.b0) : 0), "thr0");
   c.thr1 = table_ptr(tabs[3], tq ? (1 << c.b1) - 1 : 0, "thr1");
   c.rot.kind = static_cast<int>(spec[10]);
   c.rot.dim = c.dim;

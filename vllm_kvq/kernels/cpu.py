@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from vllm_kvq.codecs.base import VectorCodec
+from vllm_kvq.codecs.fibquant import FibQuantCodec
 from vllm_kvq.codecs.raw import RawCodec
 from vllm_kvq.codecs.turboquant import SCALE_MODES, TurboQuantCodec
 from vllm_kvq.codecs.uniform import UniformCodec
@@ -76,7 +77,7 @@ def best_isa() -> str:
 
 def _codec_why_not(c: VectorCodec) -> str | None:
     # Exact types: a subclass may change the bytes or the math the kernels hard-code.
-    if type(c) not in (TurboQuantCodec, UniformCodec, RawCodec):
+    if type(c) not in (TurboQuantCodec, UniformCodec, RawCodec, FibQuantCodec):
         return f"no CPU kernel for codec type {type(c).__name__} ({c.name})"
     if c.rotation.kind not in _ROTATIONS:
         return f"{c.name}: rotation {c.rotation.kind!r} has no CPU kernel"
@@ -128,6 +129,11 @@ def _codec_args(codec: VectorCodec) -> tuple[list[int], list[torch.Tensor]]:
                 books[-1].thresholds_tensor()]
         spec = [0, d, codec.nbytes, b0, n0, b1, codec.segment_nbytes[0], codec.code_nbytes, d,
                 SCALE_MODES.index(codec.scale_mode), _ROTATIONS[rot.kind]]
+    elif isinstance(codec, FibQuantCodec):
+        words, half_sq = codec.codec_tables()  # the codebook (W * K,) and the reference's 0.5 ||w||^2 (W,)
+        tabs = [words, _EMPTY, half_sq, _EMPTY]
+        spec = [4, d, codec.nbytes, codec.index_bits, codec.block, codec.index_bits, codec.code_nbytes,
+                codec.code_nbytes, d, SCALE_MODES.index(codec.scale_mode), _ROTATIONS[rot.kind]]
     elif isinstance(codec, UniformCodec):
         tabs = [_EMPTY] * 4
         spec = [1, d, codec.nbytes, codec.bits, d, codec.bits, codec.code_nbytes, codec.code_nbytes,
