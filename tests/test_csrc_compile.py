@@ -402,8 +402,9 @@ def test_cuda_kernels_emulated_on_cpu(emulator, case):
     k = torch.randn(n, hk, d, generator=gen).to(torch.bfloat16)
     v = torch.randn(n, hk, d, generator=gen).to(torch.bfloat16)
     k[1, 0] = 0.0  # a zero vector: norm 0
-    slots = torch.randperm(blocks * t, generator=gen)[:n]
-    slots[:2] = torch.tensor([0, 1])  # block offsets 0 and 1: sink positions when the format has them
+    perm = torch.randperm(blocks * t, generator=gen)
+    # distinct slots, the first two at block offsets 0 and 1 (sink positions when the format has them)
+    slots = torch.cat((torch.tensor([0, 1]), perm[perm > 1][: n - 2]))
     slots[3] = -1
     got = torch.zeros(blocks, t, hk, fmt.slot_bytes, dtype=torch.uint8).permute(0, 2, 1, 3)  # strided view
     want = fmt.allocate(blocks, t)

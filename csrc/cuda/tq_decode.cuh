@@ -14,6 +14,7 @@
 // Framework-agnostic (CUDA only).
 #pragma once
 
+#include "../common/fibquant.h"
 #include "tq_common.cuh"
 
 namespace kvq {
@@ -112,14 +113,11 @@ __device__ __forceinline__ void decode_body(const DecodeParams& p) {
       qs[idx] = r * qscale;
     }
     __syncthreads();
-    if (KFIB) {  // tab[(g * M + j) * W + w] = <q_rot[g] block j, codeword w>
+    if (KFIB) {  // tab[(g * M + j) * W + w] = <q_rot[g] block j, codeword w>, one entry per thread and step
       for (int idx = threadIdx.x; idx < G * M * W; idx += blockDim.x) {
         const int w = idx % W, j = (idx / W) % M, g = idx / (W * M);
-        const float* qb = qs + g * D + j * KB;
-        const float* word = p.k.tab0 + static_cast<int64_t>(w) * KB;
-        float acc = 0.f;
-        for (int k = 0; k < KB; ++k) acc = fmaf(qb[k], word[k], acc);
-        tab[idx] = acc;
+        // fibquant.h's table for one block (D = K) and one codeword (W = 1): the entry itself
+        fib_query_table(qs + g * D + j * KB, KB, KB, p.k.tab0 + static_cast<int64_t>(w) * KB, 1, tab + idx);
       }
       __syncthreads();
     }
