@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_kvq import cli, codecs, config
+from vllm_kvq.calibration import CalibrationStats
 from vllm_kvq.kv_format import formats_from_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -22,7 +24,7 @@ def test_every_config_file_is_a_preset():
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
-def test_config_file_loads_and_resolves(path):
+def test_config_file_loads_and_resolves(path, tmp_path):
     cfg = config.load(path)
     assert cfg.name == path.stem, "a preset's name is its file name"
     assert cfg.description, "presets are documented"
@@ -30,8 +32,16 @@ def test_config_file_loads_and_resolves(path):
     for layers, heads, d in ((30, 3, 64), (4, 8, 128), (3, 1, 80)):
         table = config.resolve(cfg, layers, heads)
         assert len(table) == layers and all(len(row) == heads for row in table)
-        fmts = formats_from_config(cfg, num_layers=layers, num_kv_heads=heads, head_size=d)
+        model = None
+        if cfg.calibration == config.MODEL_CALIBRATION:  # a model `vllm-kvq calibrate` has seen
+            model = tmp_path / f"m{layers}-{heads}-{d}"
+            config.model_calibration_path(model).parent.mkdir(parents=True)
+            CalibrationStats(torch.zeros(layers, heads, d), torch.zeros(layers, heads, d),
+                             torch.ones(layers, heads, d)).save(config.model_calibration_path(model))
+        fmts = formats_from_config(cfg, num_layers=layers, num_kv_heads=heads, head_size=d, block_size=16,
+                                   model=model)
         assert all(f.num_kv_heads == heads and f.head_size == d for f in fmts)
+        assert all(f.calibrated for f in fmts) == (cfg.calibration is not None)
 
 
 def _cfg(overrides, **top):
@@ -206,3 +216,16 @@ def test_for_draft_drops_what_only_the_target_has():
     assert none == [] and _names(unchanged, 4, 2)[3][0] == ("uniform8", "turboquant3")
     with pytest.raises(config.ConfigError, match="out of range"):
         config.resolve(cfg, 4, 2)  # the target's own resolution still rejects them
+
+
+def test_for_draft_keeps_the_drafts_own_model_calibration(tmp_path):
+    """``calibration: model`` names each served model's own statistics: kept for a draft that has them,
+    dropped (uncalibrated, with a note) for one that has not."""
+    cfg = config.from_dict({"key": "turboquant3", "value": "turboquant3", "calibration": "model"})
+    none_here, notes = config.for_draft(cfg, 4, 2, model=tmp_path)
+    assert none_here.calibration is None and "no statistics of the draft" in notes[0]
+    path = config.model_calibration_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")  # presence decides here; loading checks the contents later
+    kept, notes = config.for_draft(cfg, 4, 2, model=tmp_path)
+    assert kept.calibration == "model" and notes == []

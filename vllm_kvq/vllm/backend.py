@@ -70,7 +70,7 @@ def model_shape(vllm_config, head_size: int) -> ModelShape:
                                "which KV heads this rank holds")
         rank = parallel_state.get_tensor_model_parallel_rank()
     return ModelShape(num_layers=mc.get_total_num_hidden_layers(), num_kv_heads=mc.get_total_num_kv_heads(),
-                      head_size=head_size, tp_rank=rank, tp_size=tp)
+                      head_size=head_size, tp_rank=rank, tp_size=tp, model=mc.model)
 
 
 def standalone_draft(vllm_config) -> bool:
@@ -199,7 +199,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         if key not in cls._served:
             cfg = cls.kvq_config
             if draft:
-                cfg, notes = _config.for_draft(cfg, shape.num_layers, shape.num_kv_heads)
+                cfg, notes = _config.for_draft(cfg, shape.num_layers, shape.num_kv_heads, shape.model)
                 for note in notes:
                     logger.warning("vllm_kvq: standalone draft model: %s", note)
             f = cls._served[key] = ServedFormats(cfg, shape, key[1])
