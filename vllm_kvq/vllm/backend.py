@@ -227,7 +227,9 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         if block_size is None:
             block_size = self._formats.block_size
         if self._fmt is None or (self._fmt.sink_tokens and self._fmt.block_size != block_size):
-            formats = self.served(self._shape, block_size, self._draft) if self.kvq_config.sink_tokens else self._formats
+            formats = self._formats
+            if self.kvq_config.sink_tokens:
+                formats = self.served(self._shape, block_size, self._draft)
             self._fmt = formats.for_layer(_layer_index(layer.layer_name))
         return self._fmt
 
