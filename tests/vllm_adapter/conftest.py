@@ -66,6 +66,12 @@ def tiny_model_128(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_6layers(tmp_path_factory) -> str:
+    """Six layers: room for a per-layer mix (most layers at one codec, a few wider)."""
+    return _tiny(tmp_path_factory, "tiny6", head_dim=64, num_layers=6)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_48(tmp_path_factory) -> str:
     """Head size 48: not one vLLM-CPU or we support."""
     return _tiny(tmp_path_factory, "tiny48", head_dim=48)
