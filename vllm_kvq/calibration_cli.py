@@ -42,7 +42,7 @@ def add_parser(sub, name, help_):
     b.add_argument("--candidates", default=",".join(budget_candidates()),
                    help="codecs each layer's keys and values may use (default: %(default)s)")
     b.add_argument("--slot", choices=("uniform", "mixed"), default="uniform",
-                   help="uniform: every layer fits the budget (what vLLM allocates today); mixed: the average does")
+                   help="uniform: every layer fits the budget; mixed: the average over layers does (vLLM allocates each layer's own slot, so the average is what it costs)")
     b.add_argument("--prompts", type=_positive, default=1, help="prompts for the sensitivity runs (default 1)")
     b.add_argument("--prompt-tokens", type=_positive, default=512, help="tokens per prompt (default 512)")
     b.add_argument("--head-sensitivity", action="store_true",
