@@ -99,6 +99,17 @@ def test_sink_slots_follow_the_block_size(tmp_path):
         assert [served.layer_slot(i) for i in range(6)] == [s + sink for s in MIXED_SLOTS]
 
 
+def test_layers_of_other_backends_keep_their_spec():
+    from types import SimpleNamespace
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_kvq.vllm import registration
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.uint8)
+    assert registration._layer_spec(SimpleNamespace(impl=object(), layer_name="model.layers.0.attn"), spec) is spec
+
+
 # vLLM's planner on the specs our layers give it.
 
 @pytest.fixture(scope="module")
