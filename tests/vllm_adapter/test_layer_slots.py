@@ -21,7 +21,8 @@ import torch
 
 pytest.importorskip("vllm")
 
-from tests.vllm_adapter.conftest import run_probe  # noqa: E402
+from tests.vllm_adapter.conftest import ok as _ok  # noqa: E402
+from tests.vllm_adapter.conftest import run_probe_per_env  # noqa: E402
 from tests.vllm_adapter.plan_pages import plan  # noqa: E402
 from vllm_kvq import config as _config  # noqa: E402
 from vllm_kvq.vllm.formats import ModelShape, ServedFormats, slot_bytes  # noqa: E402
@@ -194,19 +195,7 @@ def engines(tiny_model_6layers, tmp_path_factory):
             "turboquant3": _job(tiny_model_6layers, "turboquant3"),
             "prefix": _job(tiny_model_6layers, "kvq", mixed, repeat=2, prompt_logprobs=False,
                            llm={"enable_prefix_caching": True})}
-    keys = list(jobs)
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for path in ("per-layer", "padded"):
-            if path == "padded":
-                mp.setenv("VLLM_KVQ_PADDED_SLOTS", "1")
-            out[path] = dict(zip(keys, run_probe([jobs[k] for k in keys], tmp)))
-    return out
-
-
-def _ok(r):
-    assert "error" not in r, r["error"]
-    return r
+    return run_probe_per_env(jobs, tmp, {"per-layer": {}, "padded": {"VLLM_KVQ_PADDED_SLOTS": "1"}})
 
 
 @pytest.mark.slow
