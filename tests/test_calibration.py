@@ -281,3 +281,62 @@ def test_shipped_calibrated_configs(path):
     assert path.stem not in config.preset_names()
     if cfg.sink_tokens:  # the description quotes the bytes at vLLM-CPU's 128-token blocks
         assert f"{fmts[0].slot_bytes} bytes per token per KV head" in " ".join(cfg.description.split())
+
+
+CALIBRATED_PRESETS = [n for n in config.preset_names() if config.load(n).calibration == config.MODEL_CALIBRATION]
+
+
+def test_calibrated_presets_read_the_models_own_file(tmp_path):
+    """`calibration: model` presets serve any model `vllm-kvq calibrate MODEL_DIR` has written statistics
+    into; without them the error names the model, the file and the command."""
+    assert {"k4v4-cal-sink", "k3.5v3-cal-sink", "k3v3-cal-sink", "fib2-cal-sink"} <= set(CALIBRATED_PRESETS)
+    model = tmp_path / "m"
+    model.mkdir()
+    for name in CALIBRATED_PRESETS:
+        cfg = config.load(name)
+        with pytest.raises(config.ConfigError, match=rf"needs calibration statistics of the model '{model}'.*"
+                                                     rf"kvq/calibration\.safetensors.*vllm-kvq calibrate {model}"):
+            formats_from_config(cfg, num_layers=3, num_kv_heads=2, head_size=64, block_size=128, model=str(model))
+        with pytest.raises(config.ConfigError, match="no model directory is known"):
+            formats_from_config(cfg, num_layers=3, num_kv_heads=2, head_size=64, block_size=128)
+    config.model_calibration_path(model).parent.mkdir()
+    st = CalibrationStats.load(_write_stats(config.model_calibration_path(model), (3, 2, 64)))
+    for name in CALIBRATED_PRESETS:
+        fmts = formats_from_config(config.load(name), num_layers=3, num_kv_heads=2, head_size=64, block_size=128,
+                                   model=str(model))
+        assert all(f.calibrated for f in fmts) and torch.equal(fmts[1].k_shift, st.mu_k[1])
+        assert fmts[0].sink_tokens == 1
+    with pytest.raises(config.ConfigError, match=r"expected \(layers, kv_heads, head_size\) = \(4, 2, 64\)"):
+        formats_from_config(config.load(CALIBRATED_PRESETS[0]), num_layers=4, num_kv_heads=2, head_size=64,
+                            block_size=128, model=str(model))
+
+
+def test_cli_default_output_is_the_models_calibration(tiny, tmp_path):
+    import shutil
+
+    path, _ = tiny
+    model = tmp_path / "copy"
+    shutil.copytree(path, model)
+    text = tmp_path / "t.txt"
+    text.write_text("Out, out, brief candle! Life's but a walking shadow. " * 20)
+    assert cli.main(["calibrate", str(model), "--text", str(text), "--tokens", "48"]) == 0
+    st = CalibrationStats.load(config.model_calibration_path(model))
+    assert st.shape == (2, 2, 64)
+    fmts = formats_from_config(config.load("k4v4-cal-sink"), num_layers=2, num_kv_heads=2, head_size=64,
+                               block_size=16, model=str(model))
+    assert torch.equal(fmts[0].v_shift, st.mu_v[0])
+
+
+def test_demo_model_gets_the_shipped_calibration(tmp_path):
+    """`vllm-kvq model smollm2` installs configs/calibration/smollm2-135m.safetensors as the model's own, so
+    `make serve` can serve the calibrated presets; a model's own statistics are never overwritten."""
+    from vllm_kvq.eval import models
+
+    model = tmp_path / "smollm2"
+    model.mkdir()
+    models._install_calibration(model)
+    dst = config.model_calibration_path(model)
+    assert dst.read_bytes() == (CALIB_DIR / models.SMOLLM2_CALIBRATION).read_bytes()
+    dst.write_bytes(b"mine")
+    models._install_calibration(model)
+    assert dst.read_bytes() == b"mine"

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_kvq import cli, codecs, config
+from vllm_kvq.calibration import CalibrationStats
 from vllm_kvq.kv_format import formats_from_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -22,7 +24,7 @@ def test_every_config_file_is_a_preset():
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
-def test_config_file_loads_and_resolves(path):
+def test_config_file_loads_and_resolves(path, tmp_path):
     cfg = config.load(path)
     assert cfg.name == path.stem, "a preset's name is its file name"
     assert cfg.description, "presets are documented"
@@ -30,8 +32,16 @@ def test_config_file_loads_and_resolves(path):
     for layers, heads, d in ((30, 3, 64), (4, 8, 128), (3, 1, 80)):
         table = config.resolve(cfg, layers, heads)
         assert len(table) == layers and all(len(row) == heads for row in table)
-        fmts = formats_from_config(cfg, num_layers=layers, num_kv_heads=heads, head_size=d)
+        model = None
+        if cfg.calibration == config.MODEL_CALIBRATION:  # a model `vllm-kvq calibrate` has seen
+            model = tmp_path / f"m{layers}-{heads}-{d}"
+            config.model_calibration_path(model).parent.mkdir(parents=True)
+            CalibrationStats(torch.zeros(layers, heads, d), torch.zeros(layers, heads, d),
+                             torch.ones(layers, heads, d)).save(config.model_calibration_path(model))
+        fmts = formats_from_config(cfg, num_layers=layers, num_kv_heads=heads, head_size=d, block_size=16,
+                                   model=model)
         assert all(f.num_kv_heads == heads and f.head_size == d for f in fmts)
+        assert all(f.calibrated for f in fmts) == (cfg.calibration is not None)
 
 
 def _cfg(overrides, **top):

@@ -1,8 +1,10 @@
-"""``vllm-kvq calibrate MODEL_DIR --text shakespeare:macbeth --tokens 1024 --out FILE.safetensors``
+"""``vllm-kvq calibrate MODEL_DIR [--text shakespeare:macbeth] [--tokens 1024] [--out FILE.safetensors]``
 
 One eager forward of the model in HF transformers (float32, CPU is fine for small models) over the first
 ``--tokens`` tokens of a text; writes the per-(layer, KV head) key/value means and key channel scales that a
-config's ``calibration:`` key points to. Calibrate on a text other than the one you evaluate on.
+config's ``calibration:`` key points to. By default they go into the model directory
+(``MODEL_DIR/kvq/calibration.safetensors``), where the calibrated presets (``calibration: model``, e.g.
+``--kv-cache-dtype k4v4-cal-sink``) find them. Calibrate on a text other than the one you evaluate on.
 
 ``--budget BITS`` (bits per cached element, metadata included; bf16 = 16) also chooses every layer's key and
 value codec: it measures each layer's sensitivity on ``--prompts`` prompts of the same text (after the
@@ -35,7 +37,9 @@ def add_parser(sub, name, help_):
     p.add_argument("--smooth-alpha", type=float, default=0.5,
                    help="key channel scale = rms(centred key) ** alpha (0 disables smoothing; default 0.5)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", default=None,
+                   help="output .safetensors file (default MODEL_DIR/kvq/calibration.safetensors, which the "
+                        "calibrated presets read)")
     b = p.add_argument_group("bit allocation (--budget)")
     b.add_argument("--budget", type=float, default=None,
                    help="bits per cached element incl. metadata (e.g. 3.25 = 52 B per token per head at head_dim 64)")
@@ -65,7 +69,7 @@ def budget_candidates() -> tuple[str, ...]:
 def run(args) -> int:
     import torch
 
-    from vllm_kvq import calibration, fake_quant
+    from vllm_kvq import calibration, config, fake_quant
     from vllm_kvq.eval.data import load_text
 
     def say(msg):
@@ -93,7 +97,7 @@ def run(args) -> int:
                                 smooth_alpha=args.smooth_alpha, progress=say)
     meta = dict(stats.metadata, model=str(Path(args.model).name), text=args.text)
     stats = calibration.CalibrationStats(stats.mu_k, stats.mu_v, stats.k_smooth, tuple(sorted(meta.items())))
-    out = Path(args.out)
+    out = Path(args.out) if args.out else config.model_calibration_path(args.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats.save(out)
     L, H, D = stats.shape

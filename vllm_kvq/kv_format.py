@@ -210,11 +210,13 @@ class KVFormat:
 
 
 def formats_from_config(cfg: "_config.KVQConfig", *, num_layers: int, num_kv_heads: int, head_size: int,
-                        uniform_slot: bool = False, block_size: int | None = None) -> list[KVFormat]:
+                        uniform_slot: bool = False, block_size: int | None = None,
+                        model: str | None = None) -> list[KVFormat]:
     """One format per layer. ``uniform_slot`` pads every layer to the largest slot (one vLLM page size);
-    ``block_size`` sizes the sink area of configs with ``sink_tokens``."""
+    ``block_size`` sizes the sink area of configs with ``sink_tokens``; ``model`` (the served model's
+    directory) resolves ``calibration: model``."""
     table = _config.resolve(cfg, num_layers, num_kv_heads)
-    stats = _config.calibration(cfg, num_layers, num_kv_heads, head_size)
+    stats = _config.calibration(cfg, num_layers, num_kv_heads, head_size, model)
     fmts = []
     for layer, row in enumerate(table):
         keys = [k.build(head_size, cfg.seed) for k, _ in row]

@@ -76,7 +76,14 @@ def _tiny(tmp_path_factory, name: str, **kw) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    return _tiny(tmp_path_factory, "tiny64", head_dim=64)
+    """Calibrated as a user would (`vllm-kvq calibrate MODEL_DIR`), so the calibrated presets serve it."""
+    from vllm_kvq import cli
+
+    path = _tiny(tmp_path_factory, "tiny64", head_dim=64)
+    text = Path(path) / "calibration-text.txt"
+    text.write_text("Is this a dagger which I see before me, the handle toward my hand? " * 12)
+    assert cli.main(["calibrate", path, "--text", str(text), "--tokens", "96"]) == 0
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -82,6 +82,12 @@ def results(tiny_model, tiny_model_128, tiny_model_48, tiny_sliding_window_model
     jobs[("error", "bad-yaml")] = _job(tiny_model, "kvq", llm={"additional_config": {"kvq_config": str(bad_yaml)}})
     jobs[("error", "head-size")] = _job(tiny_model_48, "turboquant3")
     jobs[("error", "sliding-window")] = _job(tiny_sliding_window_model, "turboquant3")
+    # a calibrated preset (calibration: model) on a model nobody calibrated; and the same preset spelled out
+    jobs[("error", "no-calibration")] = _job(tiny_model_128, "k3v3-cal-sink")
+    explicit = tmp / "explicit.yaml"
+    explicit.write_text(f"name: explicit\nkey: turboquant3\nvalue: turboquant3\nsmooth_keys: true\nsink_tokens: 1\n"
+                        f"calibration: {tiny_model}/kvq/calibration.safetensors\n")
+    jobs[("explicit", "k3v3-cal-sink")] = _job(tiny_model, "kvq", mixed=str(explicit))
     keys = list(jobs)
     out = run_probe([jobs[k] for k in keys], tmp)
     return dict(zip(keys, out))
@@ -144,12 +150,23 @@ def test_chunked_prefill_equals_one_chunk(results):
     ("bad-yaml", ["value", "bits", "9"]),
     ("head-size", ["head size 48", "supported head sizes"]),
     ("sliding-window", ["sliding-window", "--kv-cache-dtype-skip-layers"]),
+    ("no-calibration", ["k3v3-cal-sink", "kvq/calibration.safetensors", "vllm-kvq calibrate"]),
 ])
 def test_errors_say_what_to_do(results, case, needles):
     err = results[("error", case)].get("error")
     assert err, f"{case}: expected an error, the engine started"
     for n in needles:
         assert n in err, (n, err)
+
+
+def test_calibrated_preset_reads_the_models_own_calibration(results):
+    """`--kv-cache-dtype k3v3-cal-sink` on a model `vllm-kvq calibrate` has seen serves exactly what the same
+    recipe with the calibration file's path spelled out in a YAML serves."""
+    preset, spelled = _ok(results[("all", "k3v3-cal-sink")]), _ok(results[("explicit", "k3v3-cal-sink")])
+    assert preset["runs"][0][0]["token_ids"] == spelled["runs"][0][0]["token_ids"]
+    assert preset["runs"][0][0]["prompt_logprobs"] == spelled["runs"][0][0]["prompt_logprobs"]
+    plain = _ok(results[("all", "turboquant3")])  # the calibration is really applied
+    assert preset["runs"][0][0]["prompt_logprobs"] != plain["runs"][0][0]["prompt_logprobs"]
 
 
 @pytest.mark.parametrize("dtype", TOO_BIG)

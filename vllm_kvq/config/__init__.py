@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ import yaml
 from pydantic import ValidationError
 
 from vllm_kvq.calibration import CalibrationStats
-from vllm_kvq.config.schema import CodecSpec, KVQConfig, Override, load_calibration, parse_codec, select
+from vllm_kvq.config.schema import (MODEL_CALIBRATION, MODEL_CALIBRATION_FILE, CodecSpec, KVQConfig, Override,
+                                   load_calibration, parse_codec, select)
 
 
 class ConfigError(ValueError):
@@ -81,7 +83,7 @@ def load(name_or_path: str | Path) -> KVQConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid YAML in {p}: {e}") from None
-    if isinstance(data, dict) and isinstance(data.get("calibration"), str):
+    if isinstance(data, dict) and isinstance(data.get("calibration"), str) and data["calibration"] != MODEL_CALIBRATION:
         # relative to the YAML file, so a config and its calibration file move together
         data = dict(data, calibration=str(p.absolute().parent / Path(data["calibration"]).expanduser()))
     return from_dict(data, str(p))
@@ -106,19 +108,36 @@ def resolve(cfg: KVQConfig, num_layers: int, num_kv_heads: int) -> list[list[tup
     return table
 
 
-def calibration(cfg: KVQConfig, num_layers: int, num_kv_heads: int, head_size: int) -> CalibrationStats | None:
-    """The config's calibration statistics, checked against the model's shape; None when uncalibrated."""
+def model_calibration_path(model: str | os.PathLike) -> Path:
+    """Where ``calibration: model`` looks for a model's statistics (``vllm-kvq calibrate`` writes them there)."""
+    return Path(model) / MODEL_CALIBRATION_FILE
+
+
+def calibration(cfg: KVQConfig, num_layers: int, num_kv_heads: int, head_size: int,
+                model: str | os.PathLike | None = None) -> CalibrationStats | None:
+    """The config's calibration statistics, checked against the model's shape; None when uncalibrated.
+    ``model`` (the served model's directory) resolves ``calibration: model``."""
     if cfg.calibration is None:
         return None
+    path = cfg.calibration
+    if path == MODEL_CALIBRATION:
+        if model is None:
+            raise ConfigError(f"config {cfg.name!r} uses the served model's calibration (calibration: model), but no "
+                              f"model directory is known here")
+        path = str(model_calibration_path(model))
+        if not os.path.isfile(path):
+            raise ConfigError(f"config {cfg.name!r} needs calibration statistics of the model {str(model)!r}: there is "
+                              f"no {path}; make them with `vllm-kvq calibrate {model}` (a local model directory; "
+                              f"one forward pass over 1024 tokens), or pick an uncalibrated dtype such as turboquant4")
     try:
-        stats = load_calibration(cfg.calibration)
+        stats = load_calibration(path)
         stats.check(num_layers, num_kv_heads, head_size)
     except ValueError as e:
-        raise ConfigError(f"config {cfg.name!r}: calibration: {e} (got {cfg.calibration!r}); calibrate this "
+        raise ConfigError(f"config {cfg.name!r}: calibration: {e} (got {path!r}); calibrate this "
                           f"model with `vllm-kvq calibrate`") from None
     return stats
 
 
-__all__ = ["calibration", "load_calibration",
+__all__ = ["calibration", "load_calibration", "model_calibration_path", "MODEL_CALIBRATION",
            "ConfigError", "CodecSpec", "KVQConfig", "Override", "load", "from_dict", "resolve", "preset_names",
            "preset_dir", "parse_codec"]

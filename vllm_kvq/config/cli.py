@@ -1,4 +1,5 @@
-"""``vllm-kvq config show FILE|PRESET [--layers N --kv-heads H --head-size D]`` and ``config list``."""
+"""``vllm-kvq config show FILE|PRESET [--layers N --kv-heads H --head-size D | --model DIR] [--block-size T]`` and
+``config list``."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def add_parser(sub, name, help_):
     show.add_argument("--kv-heads", type=_positive, default=8, help="KV heads per layer (default 8)")
     show.add_argument("--head-size", type=_positive, default=128, help="head size (default 128)")
     show.add_argument("--layout", action="store_true", help="also print each distinct slot layout")
+    show.add_argument("--model", default=None,
+                      help="a local model directory: its shape (instead of --layers/--kv-heads/--head-size) and, "
+                           "for `calibration: model` configs, its calibration")
+    show.add_argument("--block-size", type=_positive, default=None,
+                      help="tokens per cache block, which sizes the sink area (default: vLLM's on this machine)")
     show.set_defaults(run=run_show)
     lst = csub.add_parser("list", help="list the presets")
     lst.set_defaults(run=run_list)
@@ -38,8 +44,14 @@ def run_list(args) -> int:
     return 0
 
 
-def show(cfg: _config.KVQConfig, layers: int, kv_heads: int, head_size: int, layout: bool = False) -> str:
-    fmts = formats_from_config(cfg, num_layers=layers, num_kv_heads=kv_heads, head_size=head_size)
+def show(cfg: _config.KVQConfig, layers: int, kv_heads: int, head_size: int, layout: bool = False,
+         model: str | None = None, block_size: int | None = None) -> str:
+    if block_size is None and cfg.sink_tokens:
+        from vllm_kvq.eval.sweep import default_block_size
+
+        block_size = default_block_size()
+    fmts = formats_from_config(cfg, num_layers=layers, num_kv_heads=kv_heads, head_size=head_size,
+                               block_size=block_size, model=model)
     out = [f"config {cfg.name!r}: {cfg.description}".rstrip(": "),
            f"model shape: {layers} layers x {kv_heads} KV heads x head_size {head_size}, seed {cfg.seed}", ""]
     # The resolved specs, not codec.name: a preset with a changed parameter keeps its codec name
@@ -74,7 +86,13 @@ def show(cfg: _config.KVQConfig, layers: int, kv_heads: int, head_size: int, lay
 def run_show(args) -> int:
     try:
         cfg = _config.load(args.config)
-        print(show(cfg, args.layers, args.kv_heads, args.head_size, args.layout))
+        layers, kv_heads, head_size = args.layers, args.kv_heads, args.head_size
+        if args.model:
+            from vllm_kvq.eval.sweep import model_shape
+
+            s = model_shape(args.model)
+            layers, kv_heads, head_size = s["layers"], s["kv_heads"], s["head_dim"]
+        print(show(cfg, layers, kv_heads, head_size, args.layout, model=args.model, block_size=args.block_size))
     except (_config.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@
       - layers: [0, -1]           # ints (negative counts from the end), "a:b" ranges, or a list of both
         heads: "0:1"              # optional, same syntax over KV heads
         key: bf16                 # optional; value likewise
-    calibration: smollm2.safetensors   # optional, from `vllm-kvq calibrate`; relative to this file
+    calibration: smollm2.safetensors   # optional, from `vllm-kvq calibrate`; relative to this file, or
+                                  # `model`: the served model's own (MODEL_DIR/kvq/calibration.safetensors)
     smooth_keys: true             # with calibration: also apply its per-channel key scales
     sink_tokens: 1                # optional: every block keeps its first tokens at bf16 (attention sinks)
 
@@ -147,9 +148,16 @@ class KVQConfig(BaseModel):
     @classmethod
     def _calibration_file(cls, v: str | None) -> str | None:
         # Readable and well-formed now; whether its shapes fit the model is known only when formats are built.
-        if v is not None:
+        if v is not None and v != MODEL_CALIBRATION:
             load_calibration(v)
         return v
+
+
+# ``calibration: model``: the statistics ``vllm-kvq calibrate MODEL_DIR`` writes into the model directory, so one
+# preset serves any model that has been calibrated. In a subdirectory: vLLM and transformers load every
+# top-level *.safetensors of a model directory as weights.
+MODEL_CALIBRATION = "model"
+MODEL_CALIBRATION_FILE = "kvq/calibration.safetensors"
 
 
 _CALIBRATIONS: dict[tuple[str, int, int], CalibrationStats] = {}

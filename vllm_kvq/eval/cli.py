@@ -1,4 +1,4 @@
-"""``vllm-kvq eval ppl|needle|greedy|lmeval|sweep|codecs``: quality through a running server, and at codec level."""
+"""``vllm-kvq eval ppl|needle|greedy|lmeval|sweep|report|codecs``: quality through a running server, and at codec level."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ ACTIONS = {
     "lmeval": ("vllm_kvq.eval.lmeval", "the packaged lm-eval tasks (offline Shakespeare) against a server"),
     "sweep": ("vllm_kvq.eval.sweep", "serve each --kv-cache-dtype in turn, run ppl + needle + lm-eval, "
                                      "write a Markdown table and a frontier plot"),
+    "report": ("vllm_kvq.eval.report", "one table, goal check and frontier plot from several sweep dirs"),
     "codecs": ("vllm_kvq.eval.codec_report", "attention error of every codec on SmolLM2's real K/V vs theory"),
 }
 

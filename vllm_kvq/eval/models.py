@@ -46,14 +46,19 @@ def _is_checkpoint(d: Path) -> bool:
     return (d / "config.json").is_file() and any(d.glob("*.safetensors")) and (d / "tokenizer_config.json").is_file()
 
 
+SMOLLM2_CALIBRATION = "smollm2-135m.safetensors"
+
+
 def prepare_smollm2(cache: Path | None = None, *, force: bool = False) -> Path:
     """The bf16 HF checkpoint of SmolLM2-135M-Instruct, built once under ``<cache>/models/`` (~270 MB,
-    ~30 s after a ~93 MB download). Returns its directory."""
+    ~30 s after a ~93 MB download), with the package's calibration of it installed as the model's own (so
+    the calibrated presets serve it). Returns its directory."""
     from tqdm import tqdm
 
     cache = cache or cache_dir()
     out = cache / "models" / SMOLLM2_NAME
     if _is_checkpoint(out) and not force:
+        _install_calibration(out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     steps = tqdm(total=4, desc="smollm2", unit="step", file=sys.stderr)
@@ -82,7 +87,19 @@ def prepare_smollm2(cache: Path | None = None, *, force: bool = False) -> Path:
         staged.rename(out)
         steps.update()
     steps.close()
+    _install_calibration(out)
     return out
+
+
+def _install_calibration(model_dir: Path) -> None:
+    """Copies configs/calibration/smollm2-135m.safetensors (``vllm-kvq calibrate`` on Macbeth, 1024 tokens) to
+    where ``calibration: model`` looks, unless the model already has its own."""
+    from vllm_kvq import config
+
+    dst = config.model_calibration_path(model_dir)
+    if not dst.exists():
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copyfile(config.preset_dir() / "calibration" / SMOLLM2_CALIBRATION, dst)
 
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:

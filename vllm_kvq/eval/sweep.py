@@ -36,8 +36,16 @@ def model_shape(model_dir: str | Path) -> dict:
             "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]}
 
 
-def bytes_per_token(dtype: str, model_dir: str | Path, config: str | None = None) -> int:
-    """KV cache bytes per token, all layers, K and V, as vLLM allocates them."""
+def default_block_size() -> int:
+    """The block size vLLM picks when none is given: 128 tokens on its CPU platform, 16 on GPUs."""
+    import torch
+
+    return 16 if torch.cuda.is_available() else 128
+
+
+def bytes_per_token(dtype: str, model_dir: str | Path, config: str | None = None, block_size: int | None = None) -> int:
+    """KV cache bytes per token, all layers, K and V, as vLLM allocates them (``block_size`` sizes the sink area
+    of configs with ``sink_tokens``; default: vLLM's for this machine)."""
     s = model_shape(model_dir)
     full = 2 * s["head_dim"] * s["kv_heads"] * s["layers"]  # elements per token, K and V
     if dtype in ("auto", "bfloat16", "float16", "half"):
@@ -49,7 +57,8 @@ def bytes_per_token(dtype: str, model_dir: str | Path, config: str | None = None
     from vllm_kvq.vllm.dtypes import config_for_dtype
 
     cfg = _config.load(config) if config else config_for_dtype(dtype)
-    fmts = formats_from_config(cfg, num_layers=s["layers"], num_kv_heads=s["kv_heads"], head_size=s["head_dim"])
+    fmts = formats_from_config(cfg, num_layers=s["layers"], num_kv_heads=s["kv_heads"], head_size=s["head_dim"],
+                               block_size=block_size or default_block_size(), model=str(model_dir))
     return sum(f.bytes_per_token() for f in fmts)
 
 

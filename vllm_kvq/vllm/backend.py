@@ -76,7 +76,7 @@ def model_shape(vllm_config, head_size: int) -> ModelShape:
                                "which KV heads this rank holds")
         rank = parallel_state.get_tensor_model_parallel_rank()
     return ModelShape(num_layers=mc.get_total_num_hidden_layers(), num_kv_heads=mc.get_total_num_kv_heads(),
-                      head_size=head_size, tp_rank=rank, tp_size=tp)
+                      head_size=head_size, tp_rank=rank, tp_size=tp, model=mc.model)
 
 
 @dataclass

@@ -34,6 +34,7 @@ class ModelShape:
     head_size: int
     tp_rank: int = 0
     tp_size: int = 1
+    model: str | None = None  # the served model's directory: resolves ``calibration: model``
 
     def __post_init__(self):
         if self.num_layers < 1 or self.num_kv_heads < 1 or self.tp_size < 1:
@@ -81,7 +82,7 @@ class ServedFormats:
         self.slot_bytes = slot_bytes(cfg, shape.head_size, block_size)
         heads = list(shape.rank_heads())
         full = formats_from_config(cfg, num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
-                                   head_size=shape.head_size, block_size=block_size)
+                                   head_size=shape.head_size, block_size=block_size, model=shape.model)
         # A layer's slot is its widest head over the whole model: the same on every TP rank.
         self.layers = [_take_heads(f, heads, f.slot_bytes) for f in full]
         k, v = cfg.key.build(shape.head_size, cfg.seed), cfg.value.build(shape.head_size, cfg.seed)
