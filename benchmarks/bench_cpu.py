@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu.py kernel                  # decode attention, SmolLM2 and Llama-3.1-8B shapes
     python benchmarks/bench_cpu.py kernel --shapes 1x4096 --codecs turboquant3
+    python benchmarks/bench_cpu.py fib                     # FibQuant decode (table / tile paths) vs turboquant2
     python benchmarks/bench_cpu.py e2e MODEL_DIR           # vLLM-CPU decode step and prefill per dtype
     python benchmarks/bench_cpu.py serve MODEL_DIR         # `vllm bench serve` per dtype
 
@@ -10,6 +11,10 @@ paged attention (``torch.ops._C.cpu_attention_with_kv_cache``, what its CPU_ATTN
 cache of the same shape, and a plain read of as many bytes as our kernel must read (the machine's memory
 bandwidth for that working set). Columns: milliseconds (median), our time / bf16 time, the bytes our kernel
 reads per second and that rate as a share of the plain read's.
+
+fib: per (model, batch x context): decode attention over turboquant2 and over FibQuant codecs read two ways,
+through per-query codeword tables and value histograms (the default for long decode contexts) and through
+decoded float tiles (``FIB_LUT_FROM = None``), as milliseconds and as ratios to turboquant2 in the same run.
 
 e2e: one vLLM engine per dtype (one process each, one after another): per batch x context, the prefill time
 (the whole batch in one step) and the mean decode step time over 32 steps, from vLLM's per-request timestamps.
@@ -94,20 +99,11 @@ def kernel(a) -> None:
             peer = _vllm_bf16_attention(hq, hk, d, batch, ctx, gen)
             bf16_s = _median_s(peer, a.reps) if peer else float("nan")
             del peer
-            nb = batch * (ctx // BLOCK)
-            bt = torch.arange(nb, dtype=torch.int32).reshape(batch, ctx // BLOCK)
-            lens = torch.full((batch,), ctx, dtype=torch.int32)
-            qsl = torch.arange(batch + 1, dtype=torch.int32)
-            q = torch.randn(batch, hq, d, generator=gen).to(torch.bfloat16)
+            nb, bt, lens, qsl, q = _decode_batch(batch, ctx, hq, d, gen)
             for name in a.codecs:
                 c = codecs.get(name, head_dim=d)
                 fmt = KVFormat(d, [c] * hk, [c] * hk, name=name)
-                cache = fmt.allocate(nb, BLOCK)
-                n = nb * BLOCK
-                for i in range(0, n, 65536):  # fill through the store kernel, in pieces
-                    m = min(65536, n - i)
-                    kc.store(torch.randn(m, hk, d, generator=gen).to(torch.bfloat16),
-                             torch.randn(m, hk, d, generator=gen).to(torch.bfloat16), cache, torch.arange(i, i + m), fmt)
+                cache = _filled_cache(fmt, hk, d, nb, gen)
                 ours_s = _median_s(lambda: kc.paged_attention(q, cache, bt, lens, qsl, fmt, scale=d ** -0.5), a.reps)
                 nbytes = batch * ctx * hk * (c.nbytes * 2)
                 buf = torch.ones(nbytes // 4, dtype=torch.float32)
@@ -116,6 +112,63 @@ def kernel(a) -> None:
                 print(f"{model:8} {batch:>3}x{ctx:<5} {name:12} {ours_s * 1e3:8.3f} {bf16_s * 1e3:8.3f} "
                       f"{ours_s / bf16_s:9.2f} {read_s * 1e3:8.3f} {nbytes / ours_s / 1e9:9.1f} "
                       f"{100 * read_s / ours_s:8.0f}%")
+
+
+def _decode_batch(batch: int, ctx: int, hq: int, d: int, gen):
+    """(blocks, block table, seq lens, query start locations, bf16 queries) of a decode step over contiguous
+    blocks."""
+    nb = batch * (ctx // BLOCK)
+    bt = torch.arange(nb, dtype=torch.int32).reshape(batch, ctx // BLOCK)
+    lens = torch.full((batch,), ctx, dtype=torch.int32)
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    return nb, bt, lens, qsl, torch.randn(batch, hq, d, generator=gen).to(torch.bfloat16)
+
+
+def _filled_cache(fmt, hk, d, nb, gen):
+    from vllm_kvq.kernels import cpu as kc
+
+    cache = fmt.allocate(nb, BLOCK)
+    n = nb * BLOCK
+    for i in range(0, n, 65536):  # fill through the store kernel, in pieces
+        m = min(65536, n - i)
+        kc.store(torch.randn(m, hk, d, generator=gen).to(torch.bfloat16),
+                 torch.randn(m, hk, d, generator=gen).to(torch.bfloat16), cache, torch.arange(i, i + m), fmt)
+    return cache
+
+
+def fib(a) -> None:
+    from vllm_kvq import codecs
+    from vllm_kvq.kernels import cpu as kc
+    from vllm_kvq.kv_format import KVFormat
+
+    if not kc.available():
+        sys.exit("vllm_kvq._C_cpu is not built (pip install -e . or scripts/setup_env.sh builds it)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    gen = torch.Generator().manual_seed(0)
+    print(f"threads {torch.get_num_threads()}, our ISA {kc.best_isa()}, block size {BLOCK}")
+    print(f"{'model':8} {'shape':>9} {'codec':14} {'path':6} {'ms':>8} {'x tq2':>6}")
+    lut_default = kc.FIB_LUT_FROM
+    for model in ([a.model] if a.model != "all" else list(MODELS)):
+        hq, hk, d = MODELS[model]
+        for batch, ctx in a.shapes:
+            nb, bt, lens, qsl, q = _decode_batch(batch, ctx, hq, d, gen)
+            base = None
+            for name in ["turboquant2", *a.codecs]:
+                c = codecs.get(name, head_dim=d)
+                fmt = KVFormat(d, [c] * hk, [c] * hk, name=name)
+                cache = _filled_cache(fmt, hk, d, nb, gen)
+                paths = [("tiles", None)] if name == "turboquant2" else [("tables", lut_default), ("tiles", None)]
+                for path, lut in paths:
+                    kc.FIB_LUT_FROM = lut
+                    try:
+                        t = _median_s(lambda: kc.paged_attention(q, cache, bt, lens, qsl, fmt, scale=d ** -0.5),
+                                      a.reps)
+                    finally:
+                        kc.FIB_LUT_FROM = lut_default
+                    base = t if base is None else base
+                    print(f"{model:8} {batch:>3}x{ctx:<5} {name:14} {path:6} {t * 1e3:8.3f} {t / base:6.2f}")
+                del cache
 
 
 # --------------------------------------------------------------------------------------------- e2e
@@ -221,6 +274,12 @@ def main(argv=None) -> None:
     k.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")], default=SHAPES)
     k.add_argument("--reps", type=int, default=10)
     k.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    f = sub.add_parser("fib")
+    f.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    f.add_argument("--codecs", type=lambda s: s.split(","), default=["fibquant2", "fibquant2.5"])
+    f.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")], default=[(1, 4096), (8, 4096)])
+    f.add_argument("--reps", type=int, default=10)
+    f.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     for name in ("e2e", "serve"):
         p = sub.add_parser(name)
         p.add_argument("model_dir")
@@ -232,7 +291,7 @@ def main(argv=None) -> None:
             p.add_argument("--port", type=int, default=8102)
             p.add_argument("--prompts", type=int, default=48)
     a = ap.parse_args(argv)
-    {"kernel": kernel, "e2e": e2e, "serve": serve}[a.what](a)
+    {"kernel": kernel, "fib": fib, "e2e": e2e, "serve": serve}[a.what](a)
 
 
 if __name__ == "__main__":

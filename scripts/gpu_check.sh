@@ -3,8 +3,9 @@
 #   1. build the CUDA extension (csrc/cuda) in place
 #   2. pytest -m gpu
 #   3. CUDA-graph capture and replay of a decode step and a store of the Triton path (outside vLLM)
-#   4. compute-sanitizer memcheck on one small store and decode
-#   5. decode and store benchmarks at Llama-3.1-8B and SmolLM2 shapes (1x4K, 8x16K, 32x32K, 64x32K; block
+#   4. compute-sanitizer memcheck on one small store and decode per format (plain, calibrated, sinks, FibQuant)
+#   5. store + decode of a calibrated, a sink and a FibQuant format per implementation against the reference
+#   6. decode and store benchmarks at Llama-3.1-8B and SmolLM2 shapes (1x4K, 8x16K, 32x32K, 64x32K; block
 #      tables as wide as a 128K max_model_len)
 # and writes one Markdown report. Every step has its own time limit inside an 8-minute budget; a failed step
 # is reported and the next one runs.
@@ -28,7 +29,7 @@ while [[ $# -gt 0 ]]; do
     --smoke) SMOKE=1 ;;
     --out) OUT=$2; shift ;;
     --wheels) WHEELS=$2; shift ;;
-    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (allowed: --smoke, --out FILE, --wheels DIR)" >&2; exit 2 ;;
   esac
   shift
@@ -90,7 +91,8 @@ fi
 
 if [[ $SMOKE == 1 ]]; then
   # On CPU every gpu test skips; collecting them still checks they import where vLLM is absent.
-  step "pytest -m gpu" 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_triton_kernels.py
+  step "pytest -m gpu" 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_triton_kernels.py \
+    tests/test_cuda_kernels.py
 else
   step "pytest -m gpu" 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
 fi
@@ -105,6 +107,8 @@ elif [[ $SMOKE == 1 ]]; then
 else
   skip "compute-sanitizer memcheck" "compute-sanitizer not found"
 fi
+
+step "store + decode: calibrated, sinks, fibquant2" 120 "$PY" scripts/gpu_check_steps.py formats $SMOKE_FLAG
 
 SHAPES=1x4096,8x16384,32x32768,64x32768
 step "decode benchmark" 200 "$PY" benchmarks/bench_decode.py $SMOKE_FLAG --shapes $SHAPES --max-model-len 131072 --reps 10

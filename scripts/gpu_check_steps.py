@@ -3,7 +3,9 @@ store) through ``vllm_kvq.ops``, outside vLLM, and one small store + decode for 
 
     python scripts/gpu_check_steps.py env        # versions, device, tools; fails when a needed package is missing
     python scripts/gpu_check_steps.py graph      # capture, replay with new queries/lengths, compare to eager
-    python scripts/gpu_check_steps.py sanitize   # one small store and decode per implementation
+    python scripts/gpu_check_steps.py sanitize   # one small store and decode per implementation and format
+    python scripts/gpu_check_steps.py formats    # store + decode of a calibrated, a sink and a FibQuant format
+                                                 # per implementation against the reference
     ... --smoke                                  # CPU: Triton interpreter, tiny shapes, no graph (checks the script)
 
 Exits non-zero with a message when a check fails.
@@ -119,23 +121,103 @@ def graph(smoke: bool) -> None:
           f"(attention and store); relative error vs reference {err:.2e} [{device.type}]")
 
 
+def _formats(d: int = 64, hk: int = 2, block: int = 16) -> dict:
+    """The formats beyond plain TurboQuant the kernels serve: calibrated state (key shift and channel scale,
+    value shift), sink records, FibQuant at 2 bits."""
+    import torch
+
+    from vllm_kvq import codecs
+    from vllm_kvq.kv_format import KVFormat
+
+    g = torch.Generator().manual_seed(3)
+    tq3, fib2 = codecs.get("turboquant3", head_dim=d), codecs.get("fibquant2", head_dim=d)
+    return {
+        "turboquant3+calibration": KVFormat(d, [tq3] * hk, [tq3] * hk, name="turboquant3+calibration",
+                                            k_shift=torch.randn(hk, d, generator=g) * 2,
+                                            v_shift=torch.randn(hk, d, generator=g),
+                                            k_scale=torch.rand(hk, d, generator=g) + 0.5),
+        "turboquant3+sinks4": KVFormat(d, [tq3] * hk, [tq3] * hk, name="turboquant3+sinks4", sink_tokens=4,
+                                       block_size=block),
+        "fibquant2": KVFormat(d, [fib2] * hk, [fib2] * hk, name="fibquant2"),
+    }
+
+
+def _impls(device, fmt, group: int) -> list[str]:
+    """The fast implementations to check on this device: Triton, and on a GPU the CUDA extension, which
+    must take the format (a decline fails the check: these are the formats it claims)."""
+    from vllm_kvq import ops
+
+    if device.type != "cuda":
+        return ["triton"]
+    plan = ops.plan(fmt, device, "paged_attention", True, group)
+    if plan.get("cuda") is not None:
+        sys.exit(f"the CUDA extension declines {fmt.name}: {plan['cuda']}")
+    return ["cuda", "triton"]
+
+
 def sanitize(smoke: bool) -> None:
     import torch
 
     from vllm_kvq import ops
 
     device = _device(smoke)
-    fmt, cache, table, q, seq_lens, qsl, impl = _case(device, batch=2, max_ctx=48)
-    impls = ["triton"] + (["cuda"] if device.type == "cuda" and "cuda" in ops.available("store", device) else [])
-    for name in impls:
-        k = torch.randn(3, fmt.num_kv_heads, fmt.head_size, device=device, dtype=torch.bfloat16)
-        ops.store(k, k, cache, torch.tensor([5, -1, 40], device=device), fmt, impl=name)
-        out = ops.paged_attention(q, cache, table, seq_lens, qsl, fmt, scale=0.125, impl=name)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if not torch.isfinite(out.float()).all():
-            sys.exit(f"sanitize: {name} decode gave non-finite output")
-        print(f"sanitize: {name} store (with a -1 padding slot) and decode ran [{device.type}]")
+    fmt0, cache0, table, q, seq_lens, qsl, impl = _case(device, batch=2, max_ctx=48)
+    group = q.shape[1] // fmt0.num_kv_heads
+    for fmt in (fmt0, *_formats().values()):
+        cache = fmt.allocate(cache0.shape[0], cache0.shape[2], device=device)
+        n = cache.shape[0] * cache.shape[2]
+        kv = torch.randn(n, fmt.num_kv_heads, fmt.head_size).to(device=device, dtype=torch.bfloat16)
+        ops.store(kv, kv, cache, torch.arange(n, device=device), fmt, impl="reference")
+        for name in _impls(device, fmt, group):
+            k = torch.randn(3, fmt.num_kv_heads, fmt.head_size, device=device, dtype=torch.bfloat16)
+            ops.store(k, k, cache, torch.tensor([5, -1, 40], device=device), fmt, impl=name)
+            out = ops.paged_attention(q, cache, table, seq_lens, qsl, fmt, scale=0.125, impl=name)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if not torch.isfinite(out.float()).all():
+                sys.exit(f"sanitize: {name} decode of {fmt.name} gave non-finite output")
+            print(f"sanitize: {name} store (with a -1 padding slot) and decode of {fmt.name} ran [{device.type}]")
+
+
+def formats(smoke: bool) -> None:
+    """Each fast implementation against the reference for the calibrated, sink and FibQuant formats: store
+    bytes (at most 1 % differ: rounding ties flip codes, sink records round to bf16) and decode (relative
+    error of the output below 2e-2 with split-K, the bf16 rule of thumb)."""
+    import torch
+
+    from vllm_kvq import ops
+
+    device = _device(smoke)
+    batch, max_ctx, block = (2, 40, 16) if smoke else (8, 2048, 16)
+    g = torch.Generator().manual_seed(5)
+    for fmt in _formats(block=block).values():
+        hk, d = fmt.num_kv_heads, fmt.head_size
+        group = 4
+        width = math.ceil(max_ctx / block)
+        table = torch.randperm(batch * width, generator=g).to(torch.int32).reshape(batch, width).to(device)
+        n = batch * width * block
+        k = torch.randn(n, hk, d, generator=g).to(device=device, dtype=torch.bfloat16)
+        v = torch.randn(n, hk, d, generator=g).to(device=device, dtype=torch.bfloat16)
+        slots = torch.arange(n, device=device)
+        want = fmt.allocate(batch * width, block, device=device)
+        ops.store(k, v, want, slots, fmt, impl="reference")
+        q = torch.randn(batch, hk * group, d, generator=g).to(device=device, dtype=torch.bfloat16)
+        seq_lens = torch.randint(1, max_ctx + 1, (batch,), generator=g).to(device=device, dtype=torch.int32)
+        qsl = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        ref = ops.paged_attention(q, want, table, seq_lens, qsl, fmt, scale=d ** -0.5, impl="reference").float()
+        for name in _impls(device, fmt, group):
+            got = fmt.allocate(batch * width, block, device=device)
+            ops.store(k, v, got, slots, fmt, impl=name)
+            differ = (got != want).float().mean().item()
+            if differ > 0.01:
+                sys.exit(f"formats: {name} store of {fmt.name}: {differ:.2%} of the bytes differ from the reference")
+            out = ops.paged_attention(q, want, table, seq_lens, qsl, fmt, scale=d ** -0.5, impl=name,
+                                      max_seq_len=int(seq_lens.max())).float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            if not err < 2e-2:
+                sys.exit(f"formats: {name} decode of {fmt.name}: relative error {err:.3g} against the reference")
+            print(f"formats: {name} {fmt.name}: store bytes differing {differ:.3%}, decode relative error "
+                  f"{err:.2e} [{device.type}]")
 
 
 def env(smoke: bool) -> None:
@@ -166,12 +248,12 @@ def env(smoke: bool) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["env", "graph", "sanitize"])
+    ap.add_argument("step", choices=["env", "graph", "sanitize", "formats"])
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     if a.smoke:  # before anything imports the kernels: Triton reads it when a kernel is decorated
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    {"env": env, "graph": graph, "sanitize": sanitize}[a.step](a.smoke)
+    {"env": env, "graph": graph, "sanitize": sanitize, "formats": formats}[a.step](a.smoke)
     return 0
 
 

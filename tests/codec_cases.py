@@ -17,7 +17,9 @@ from vllm_kvq import codecs
 from vllm_kvq.kv_format import KVFormat
 
 ALL_IMPLS = ("reference", "triton", "cpu")
-NO_CPU = ("reference", "triton")  # FibQuant, and value codecs bound to a scale: not in the CPU kernels
+# The CUDA extension (vllm_kvq._C) runs TurboQuant and FibQuant codecs, bound state and sinks included, at head
+# sizes 64 and 128 (kernels.cuda.HEAD_SIZES); tests/test_cuda_kernels.py checks its why_not against this.
+CUDA = ("cuda",)
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,11 @@ def _sizes(fn) -> dict:
 
 
 CASES: list[CodecCase] = [
-    *[CodecCase(f"turboquant{b:g}", f"turboquant{b:g}", nbytes=_sizes(lambda d, b=b: _tq(b, d)))
-      for b in (2, 2.5, 3, 3.5, 4)],
+    *[CodecCase(f"turboquant{b:g}", f"turboquant{b:g}", nbytes=_sizes(lambda d, b=b: _tq(b, d)),
+                impls=ALL_IMPLS + CUDA) for b in (2, 2.5, 3, 3.5, 4)],
     # FibQuant presets: (block, index bits) per rate, see codecs/fibquant.py
-    *[CodecCase(f"fibquant{b:g}", f"fibquant{b:g}", nbytes=_sizes(lambda d, k=k, L=L: _fib(k, L, d)), impls=NO_CPU)
+    *[CodecCase(f"fibquant{b:g}", f"fibquant{b:g}", nbytes=_sizes(lambda d, k=k, L=L: _fib(k, L, d)),
+                impls=ALL_IMPLS + CUDA)
       for b, k, L in ((0.75, 8, 6), (1.5, 4, 6), (1.75, 4, 7), (2, 4, 8), (2.5, 2, 5), (3, 2, 6))],
     CodecCase("uniform4", "uniform4", nbytes=_sizes(lambda d: d // 2 + 4), exact=True),
     CodecCase("uniform8", "uniform8", nbytes=_sizes(lambda d: d + 4), exact=True),
@@ -75,29 +78,34 @@ CASES: list[CodecCase] = [
     CodecCase("uniform-g32-rot-2b", "uniform", dict(bits=2, group_size=32, rotate=True),
               nbytes=_sizes(lambda d: d // 4 + 4 * (d // 32)), head_dims=(64, 128)),
     CodecCase("uniform3", "uniform", dict(bits=3), nbytes=_sizes(lambda d: 3 * d // 8 + 4), exact=True),
-    CodecCase("tq3-norm", "turboquant", dict(bits=3, scale_mode="norm"), nbytes=_sizes(lambda d: _tq(3, d))),
-    CodecCase("tq4-corrected", "turboquant", dict(bits=4, scale_mode="corrected"), nbytes=_sizes(lambda d: _tq(4, d))),
-    CodecCase("tq3-haar", "turboquant", dict(bits=3, rotation="haar"), nbytes=_sizes(lambda d: _tq(3, d))),
-    CodecCase("tq2-identity", "turboquant", dict(bits=2, rotation="identity"), nbytes=_sizes(lambda d: _tq(2, d))),
+    CodecCase("tq3-norm", "turboquant", dict(bits=3, scale_mode="norm"), nbytes=_sizes(lambda d: _tq(3, d)),
+              impls=ALL_IMPLS + CUDA),
+    CodecCase("tq4-corrected", "turboquant", dict(bits=4, scale_mode="corrected"), nbytes=_sizes(lambda d: _tq(4, d)),
+              impls=ALL_IMPLS + CUDA),
+    CodecCase("tq3-haar", "turboquant", dict(bits=3, rotation="haar"), nbytes=_sizes(lambda d: _tq(3, d)),
+              impls=ALL_IMPLS + CUDA),
+    CodecCase("tq2-identity", "turboquant", dict(bits=2, rotation="identity"), nbytes=_sizes(lambda d: _tq(2, d)),
+              impls=ALL_IMPLS + CUDA),
     # 6/5-bit segments: a codebook too wide for registers
-    CodecCase("tq5.5", "turboquant", dict(bits=5.5), nbytes=_sizes(lambda d: _tq(5.5, d))),
+    CodecCase("tq5.5", "turboquant", dict(bits=5.5), nbytes=_sizes(lambda d: _tq(5.5, d)), impls=ALL_IMPLS + CUDA),
     # 9-bit block indices: the wide packing path (indices > 8 bits) in every implementation
     CodecCase("fib2.25-k4", "fibquant", dict(bits=2.25, block=4), nbytes=_sizes(lambda d: _fib(4, 9, d)),
-              impls=NO_CPU),
+              impls=ALL_IMPLS + CUDA),
     # 10-bit indices (3-byte read window): the Triton store loops over 1024 codewords, minutes under the
     # interpreter, so Triton runs it in test_fibquant.py's slow test only
     CodecCase("fib2.5-k4", "fibquant", dict(bits=2.5, block=4), nbytes=_sizes(lambda d: _fib(4, 10, d)),
-              impls=("reference",)),
+              impls=("reference", "cpu") + CUDA),
     CodecCase("fib2-norm", "fibquant", dict(bits=2, scale_mode="norm"), nbytes=_sizes(lambda d: _fib(4, 8, d)),
-              impls=NO_CPU),
+              impls=ALL_IMPLS + CUDA),
     # bound per-head state (calibrated centring and key channel scales): no cache bytes
     CodecCase("turboquant3+shift+scale", "turboquant3", state=("shift", "scale"), nbytes=_sizes(lambda d: _tq(3, d)),
-              impls=NO_CPU),
-    CodecCase("turboquant2.5+shift", "turboquant2.5", state=("shift",), nbytes=_sizes(lambda d: _tq(2.5, d))),
+              impls=ALL_IMPLS + CUDA),
+    CodecCase("turboquant2.5+shift", "turboquant2.5", state=("shift",), nbytes=_sizes(lambda d: _tq(2.5, d)),
+              impls=ALL_IMPLS + CUDA),
     CodecCase("uniform4+shift+scale", "uniform4", state=("shift", "scale"), nbytes=_sizes(lambda d: d // 2 + 4),
-              exact=True, impls=NO_CPU),
+              exact=True),
     CodecCase("fibquant2+shift+scale", "fibquant2", state=("shift", "scale"), nbytes=_sizes(lambda d: _fib(4, 8, d)),
-              impls=NO_CPU),
+              impls=ALL_IMPLS + CUDA),
     CodecCase("bf16+shift", "bf16", state=("shift",), nbytes=_sizes(lambda d: 2 * d), exact=True),
 ]
 

@@ -127,7 +127,7 @@ def test_store_empty_and_all_padding():
 
 
 def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="contiguous", num_splits=None,
-               dtype=torch.bfloat16):
+               dtype=torch.bfloat16) -> torch.Tensor:
     d, hk = fmt.head_size, fmt.num_kv_heads
     batch = random_paged_batch(seq_lens, q_lens, t, generator=gen)
     total = int(batch.seq_lens.sum())
@@ -145,20 +145,15 @@ def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="cont
     err = (out.float() - ref).abs().max().item()
     if dtype == torch.float32:
         assert err <= 1e-4, f"float32 kernel differs from the reference by {err}"
-        return
-    if fmt.calibrated:  # the dense bf16 run needs the stored (shifted, scaled) K/V and the adjusted query
-        k_in = (k_ctx - (fmt.k_shift if fmt.k_shift is not None else 0)) / (fmt.k_scale if fmt.k_scale is not None else 1)
-        k_deq, v_deq = roundtrip(fmt, k_in, v_ctx - (fmt.v_shift if fmt.v_shift is not None else 0))
-        g = hq // hk
-        qa = q.to(dtype).float() * (fmt.k_scale.repeat_interleave(g, 0) if fmt.k_scale is not None else 1)
-        lowp = lowp_attention(qa, k_deq, v_deq, batch, scale, dtype).float()
-        if fmt.v_shift is not None:
-            lowp = (lowp + fmt.v_shift.repeat_interleave(g, 0)).to(dtype).float()
-    else:
-        k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx)
-        lowp = lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype).float()
+        return out
+    # What the cache gives back in the input's domain (bound state undone, sink records where a format keeps
+    # them): dense attention over it is the reference's math (a key shift only moves a query's scores by a
+    # constant), so the bf16 run measures bf16 rounding alone.
+    k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx, batch.block_offsets() if fmt.sink_tokens else None)
+    lowp = lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype).float()
     err_lowp = (lowp - ref).abs().max().item()
     assert err <= 2 * err_lowp + 1e-5, f"kernel error {err} > 2 x bf16 PyTorch error {err_lowp}"
+    return out
 
 
 DECODE = ([37, 50, 1, 16], [1, 1, 1, 1])
@@ -226,6 +221,123 @@ def test_attention_calibrated(cid, gen):
     _attn_case(calibrated_fmt(cid, 64, 2, gen), 6, *DECODE, gen, dtype=torch.float32, num_splits=2)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", codec_cases.ids("cpu", stateful=True))
+def test_attention_state_bound_codecs_float32(cid, isa, gen):
+    """Every state the matrix binds (key shift and scale, value shift and scale) to 1e-4 of the reference."""
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *MIXED, gen, dtype=torch.float32, isa=isa)
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *DECODE, gen, dtype=torch.float32, num_splits=2, isa=isa)
+
+
+# -------------------------------------------------------------------------------- FibQuant lookup tables
+
+FIB = [c for c in CODECS if codec_cases.case(c).name.startswith("fib")]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", FIB)
+def test_attention_fibquant_lookup_tables(cid, isa, gen, monkeypatch):
+    """Decode through the per-query codeword tables and value histograms (forced on for short contexts),
+    split contexts included; codebooks over 1024 words take the tile path either way."""
+    monkeypatch.setattr(kc, "FIB_LUT_FROM", 0)
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *DECODE, gen, isa=isa)
+    _attn_case(uniform_fmt(cid, 64, 2), 6, *DECODE, gen, isa=isa, dtype=torch.float32, num_splits=3)
+    _attn_case(uniform_fmt(cid, 128, 1), 8, *MIXED, gen, isa=isa, dtype=torch.float32)
+
+
+def test_fibquant_lookup_tables_run(gen, monkeypatch):
+    """The table path is taken: its summation order differs from the tile path's in the last bits (and the
+    default threshold takes it for long decode contexts)."""
+    fmt = uniform_fmt("fibquant2+shift+scale", 64, 2)
+    outs = []
+    for lut in (None, 0, 256):
+        monkeypatch.setattr(kc, "FIB_LUT_FROM", lut)
+        outs.append(_attn_case(fmt, 6, [700, 300], [1, 1], torch.Generator().manual_seed(5), dtype=torch.float32))
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+# ---------------------------------------------------------------------------------------------- sinks
+
+
+def sink_fmt(cid: str, d: int, hk: int, sinks: int, t: int) -> KVFormat:
+    case = codec_cases.case(cid)
+    cs = [case.build(d, h) for h in range(hk)]
+    return KVFormat(d, cs, cs, name=f"{cid}+sink{sinks}", sink_tokens=sinks, block_size=t)
+
+
+SINK_CODECS = ["turboquant3", "fibquant2", "uniform4+shift+scale", "turboquant3+shift+scale", "bf16", "tq3-haar"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("cid", SINK_CODECS)
+def test_store_sink_records(cid, d, isa, gen):
+    """Slots and the blocks' sink areas as the reference writes them (padding slots -1 skipped), in any
+    cache layout; the area's other records survive a token's store."""
+    _store_case(sink_fmt(cid, d, 2, 3, 16), 41, 4, 16, "contiguous", gen, isa, scale=8.0)
+    _store_case(sink_fmt(cid, d, 2, 1, 8), 19, 5, 8, "byte-stride-2", gen, isa)
+
+
+def test_store_sinks_in_chunks_gives_one_store(gen):
+    """Chunked prefill then decode steps write a block's bytes exactly as one store does (a prefix-cache hit
+    reads what a cold run wrote)."""
+    fmt = sink_fmt("turboquant3+shift+scale", 64, 2, 2, 16)
+    slots = torch.arange(40) + 16 * 3
+    k, v = torch.randn(40, 2, 64, generator=gen), torch.randn(40, 2, 64, generator=gen)
+    one, parts = fmt.allocate(8, 16), fmt.allocate(8, 16)
+    kc.store(k, v, one, slots, fmt)
+    for a, b in ((0, 7), (7, 30), (30, 31), (31, 40)):
+        kc.store(k[a:b], v[a:b], parts, slots[a:b], fmt)
+    assert torch.equal(one, parts)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("cid", SINK_CODECS)
+def test_attention_sink_records(cid, d, isa, gen, monkeypatch):
+    """Positions p with p % T < S read the bf16 records: GQA, partial blocks, chunked prefill, split decode;
+    FibQuant's lookup-table path too."""
+    monkeypatch.setattr(kc, "FIB_LUT_FROM", 0)
+    _attn_case(sink_fmt(cid, d, 2, 2, 16), 6, *MIXED, gen, isa=isa)
+    _attn_case(sink_fmt(cid, d, 2, 3, 16), 6, *DECODE, gen, isa=isa, dtype=torch.float32, num_splits=2)
+    _attn_case(sink_fmt(cid, d, 1, 1, 8), 8, *MIXED, gen, isa=isa, dtype=torch.float32, t=8, layout="token-major")
+
+
+@pytest.mark.parametrize("cid", ["turboquant3", "fibquant2+shift+scale"])
+def test_attention_sinks_dense_prefill_path(cid, gen, monkeypatch):
+    monkeypatch.setattr(kc, "DENSE_PREFILL_FROM", 32)
+    _attn_case(sink_fmt(cid, 64, 2, 2, 16), 6, *MIXED, gen)
+    _attn_case(sink_fmt(cid, 64, 2, 2, 16), 6, [45, 80], [45, 33], gen, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cid", ["turboquant3", "fibquant2"])
+def test_sinks_chunked_prefill_and_prefix_hit_equal_cold_run(cid, gen):
+    """One cold prefill of 50 tokens against: the same prompt in chunks of 20 / 17 / 13 tokens (each chunk
+    stores its tokens, then attends), and a prefix-cache hit (blocks 0-1 from the cold run, the last 18
+    tokens recomputed). Every query row gives the cold run's output exactly."""
+    fmt = sink_fmt(cid, 64, 2, 2, 16)
+    n, hq = 50, 6
+    k, v = torch.randn(n, 2, 64, generator=gen), torch.randn(n, 2, 64, generator=gen)
+    q = torch.randn(n, hq, 64, generator=gen)
+    bt = torch.tensor([[3, 0, 5, 1]], dtype=torch.int32)
+    slots = bt[0, torch.arange(n) // 16].long() * 16 + torch.arange(n) % 16
+
+    def run(cache, a, b):
+        kc.store(k[a:b], v[a:b], cache, slots[a:b], fmt)
+        return kc.paged_attention(q[a:b], cache, bt, torch.tensor([b], dtype=torch.int32),
+                                  torch.tensor([0, b - a], dtype=torch.int32), fmt, scale=0.125)
+
+    cold_cache = fmt.allocate(6, 16)
+    cold = run(cold_cache, 0, n)
+    chunked_cache = fmt.allocate(6, 16)
+    chunked = torch.cat([run(chunked_cache, a, b) for a, b in ((0, 20), (20, 37), (37, n))])
+    assert torch.equal(chunked_cache, cold_cache) and torch.equal(chunked, cold)
+    hit_cache = fmt.allocate(6, 16)
+    hit_cache[:, :, :, :] = 0
+    hit_cache[bt[0, :2].long()] = cold_cache[bt[0, :2].long()]
+    assert torch.equal(run(hit_cache, 32, n), cold[32:])
+
+
 def test_attention_empty_batch():
     fmt = uniform_fmt("turboquant3", 64, 2)
     out = kc.paged_attention(torch.zeros(0, 4, 64), fmt.allocate(1, 16), torch.zeros(0, 1, dtype=torch.int32),
@@ -237,14 +349,12 @@ def test_attention_empty_batch():
 
 
 def test_ops_pick_cpu_on_cpu_tensors(gen):
-    """impl=None on CPU tensors runs these kernels, calibrated formats included; formats they decline (sink
-    records, FibQuant) go to the reference, with the reason in the plan."""
+    """impl=None on CPU tensors runs these kernels: calibrated formats, sink records and FibQuant included."""
     fmt = calibrated_fmt("turboquant3", 64, 2, gen)
     assert ops.plan(fmt, "cpu", "store") == {"cpu": None, "reference": None}
     sink = KVFormat(64, fmt.keys, fmt.values, sink_tokens=1, block_size=16)
-    assert "sink" in ops.plan(sink, "cpu")["cpu"]
-    fib = uniform_fmt("fibquant2", 64, 2) if "fibquant2" in codecs.names() else None
-    assert fib is None or "FibQuant" in ops.plan(fib, "cpu")["cpu"]
+    assert ops.plan(sink, "cpu")["cpu"] is None
+    assert ops.plan(uniform_fmt("fibquant2", 64, 2), "cpu")["cpu"] is None
     k, v = torch.randn(4, 2, 64, generator=gen), torch.randn(4, 2, 64, generator=gen)
     a, b = fmt.allocate(1, 16), fmt.allocate(1, 16)
     ops.store(k, v, a, torch.arange(4), fmt)
@@ -274,9 +384,11 @@ def test_opcheck(gen):
     cache = fmt.allocate(2, 16)
     k, v = torch.randn(5, 2, 64, generator=gen), torch.randn(5, 2, 64, generator=gen)
     torch.library.opcheck(torch.ops.vllm_kvq_cpu.store.default,
-                          (k, v, cache, torch.arange(5), heads, vo, pad, ks, kt, vs, vt, None, None, None, 0))
+                          (k, v, cache, torch.arange(5), heads, vo, pad, ks, kt, vs, vt, None, None, None, None,
+                           [0, 0, 0], 0))
     q = torch.randn(2, 4, 64, generator=gen)
     out = torch.zeros_like(q)
     args = (q, out, cache, torch.tensor([[0, 1], [1, 0]], dtype=torch.int32), torch.tensor([5, 3], dtype=torch.int32),
-            torch.tensor([0, 1, 2], dtype=torch.int32), heads, vo, 0.125, ks, kt, vs, vt, None, None, 0, 0, 0)
+            torch.tensor([0, 1, 2], dtype=torch.int32), heads, vo, 0.125, ks, kt, vs, vt, None, None, None, [0, 0, 0],
+            256, 0, 0, 0)
     torch.library.opcheck(torch.ops.vllm_kvq_cpu.paged_attention.default, args)

@@ -22,10 +22,12 @@ def test_gpu_check_smoke_writes_a_report(tmp_path):
     text = report.read_text()
     assert "SMOKE mode" in text
     for name in ("environment", "build CUDA extension", "pytest -m gpu", "CUDA graph", "store + decode",
-                 "decode benchmark", "store benchmark"):
+                 "store + decode: calibrated, sinks, fibquant2", "decode benchmark", "store benchmark"):
         assert f"| {name}" in text, name
     assert "| FAILED" not in text and "timed out" not in text
     assert "3 replays equal to eager" in text  # the graph step's own check ran and passed
+    for fmt in ("turboquant3+calibration", "turboquant3+sinks4", "fibquant2"):  # the formats step compared each
+        assert f"formats: triton {fmt}: store bytes differing" in text, fmt
 
 
 def test_gpu_check_rejects_unknown_arguments():

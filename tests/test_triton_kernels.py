@@ -308,42 +308,6 @@ def test_gpu_cuda_graph_capture_replay(cid, gen):
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
 
 
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("cid", ["turboquant3", "turboquant4", "turboquant2.5", "tq3-norm", "tq3-haar"])
-@pytest.mark.parametrize("d,hq,hk", [(128, 32, 8), (64, 9, 3)])
-def test_gpu_cuda_extension_matches_reference(cid, d, hq, hk, gen):
-    """The csrc kernels (vllm_kvq._C), where built: the same bytes rule for store, the same error rule for
-    decode, with and without split-K."""
-    from vllm_kvq.kernels import cuda as kcuda
-    if not kcuda.available():
-        pytest.skip("vllm_kvq._C is not built")
-    fmt = uniform_fmt(cid, d, hk)
-    blocks, t, n = 256, 16, 2000
-    k = torch.randn(n, hk, d, generator=gen).to(torch.bfloat16).to(DEV)
-    v = torch.randn(n, hk, d, generator=gen).to(torch.bfloat16).to(DEV)
-    slots = torch.randperm(blocks * t, generator=gen)[:n].to(DEV)
-    slots[::7] = -1
-    got, want = fmt.allocate(blocks, t, device=DEV), fmt.allocate(blocks, t, device=DEV)
-    kcuda.store(k, v, got, slots, fmt)
-    reference.store(k, v, want, slots, fmt)
-    check_cache(fmt, k.float(), v.float(), slots, got, want)
-    for splits in (1, 4):
-        batch = random_paged_batch([3000, 17, 1024], [1, 1, 1], t, generator=gen)
-        total = int(batch.seq_lens.sum())
-        k_ctx, v_ctx = torch.randn(total, hk, d, generator=gen), torch.randn(total, hk, d, generator=gen)
-        cache = fmt.allocate(batch.num_blocks, t, device=DEV)
-        reference.store(k_ctx.to(DEV), v_ctx.to(DEV), cache, batch.ctx_slots.to(DEV), fmt)
-        q = torch.randn(batch.num_tokens, hq, d, generator=gen).to(torch.bfloat16)
-        args = (cache, batch.block_table.to(DEV), batch.seq_lens.to(DEV), batch.query_start_loc.to(DEV), fmt)
-        ref = reference.paged_attention(q.float().to(DEV), *args, scale=d ** -0.5).cpu()
-        out = kcuda.paged_attention(q.to(DEV), *args, scale=d ** -0.5, num_splits=splits).float().cpu()
-        k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx)
-        lowp = lowp_attention(q.float(), k_deq, v_deq, batch, d ** -0.5)
-        err, err_lowp = (out - ref).abs().max().item(), (lowp.float() - ref).abs().max().item()
-        assert err <= 2 * err_lowp + 1e-5, f"splits={splits}: CUDA error {err} > 2 x bf16 error {err_lowp}"
-
-
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter accepts code the GPU compiler rejects (it caught non-constexpr globals here once):

@@ -9,14 +9,16 @@
 
 namespace kvq {
 
-enum CodecKind : int { kTurboQuant = 0, kUniform = 1, kBF16 = 2, kFP16 = 3 };
+enum CodecKind : int { kTurboQuant = 0, kUniform = 1, kBF16 = 2, kFP16 = 3, kFibQuant = 4 };
 
 struct CodecDesc {
   int kind;
   int dim;     // D
   int nbytes;  // packed bytes per vector
   // TurboQuant: segment 0 holds coordinates [0, n0) at b0 bits, segment 1 [n0, D) at b1 bits (== b0 and
-  // n0 == D for integer rates). Uniform: b0 bits for all D coordinates.
+  // n0 == D for integer rates). Uniform: b0 bits for all D coordinates. FibQuant (fibquant.h): b0 = L index
+  // bits per block, n0 = K coordinates per block, cent0 = the (2^L, K) codebook, thr0 = its (2^L,) half
+  // squared norms, meta = the byte offset of the fp16 scale.
   int b0, n0, b1;
   int seg1;   // byte offset of segment 1
   int meta;   // byte offset of the metadata (fp16 scale; uniform: fp16 (scale, min) per group)

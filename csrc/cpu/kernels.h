@@ -12,6 +12,13 @@ namespace cpu {
 
 enum InDType : int { kF32 = 0, kF16 = 1, kBF16In = 2 };
 
+// The per-block sink area (vllm_kvq/kv_format.py): the record of the token at block offset j < tokens is
+// bf16(R_K k') ++ bf16(R_V v') (4 D bytes); its byte b sits at area offset o = j * 4D + b, i.e. in slot
+// o / bytes of the block at slot byte offset + o % bytes. tokens == 0: no sinks.
+struct Sinks {
+  int tokens, offset, bytes;
+};
+
 struct StoreArgs {
   const void* key;  // (N, Hk, D), last dim contiguous
   const void* value;
@@ -25,10 +32,12 @@ struct StoreArgs {
   int block_size;
   int slot_bytes;
   int value_offset;  // K nbytes
-  int pad_begin;     // K nbytes + V nbytes: bytes [pad_begin, slot_bytes) are zeroed
+  int pad_begin;     // K nbytes + V nbytes: bytes [pad_begin, slot_bytes) are zeroed, the sink area aside
   const float* k_shift;  // (Hk, D) or null: stored keys are (k - k_shift) / k_scale
   const float* k_scale;
-  const float* v_shift;  // stored values are v - v_shift
+  const float* v_shift;  // stored values are (v - v_shift) / v_scale
+  const float* v_scale;
+  Sinks sinks;
   CodecDesc k, v;
 };
 
@@ -59,7 +68,11 @@ struct AttnArgs {
   int value_offset;
   float scale;
   const float* k_scale;  // (Hk, D) or null: queries are multiplied by it
-  const float* v_shift;  // (Hk, D) or null: added to each output row
+  const float* v_shift;  // (Hk, D) or null: output rows are o * v_scale + v_shift
+  const float* v_scale;  // (Hk, D) or null
+  Sinks sinks;
+  int lut_from;  // decode items over >= this many context tokens score FibQuant keys by table lookups
+                 // and sum FibQuant values as codeword histograms (< 0: never)
   int num_tokens;
   int num_q_heads;
   float* partial;  // (splits, N, Hq, D) when splitting

@@ -136,7 +136,7 @@ RowDecoder make_decoder(const CodecDesc& c) {
       r.nseg = 1;
       r.seg[0] = make_segment(0, c.dim, c.b0, 0, nullptr);
     }
-  } else {
+  } else if (c.kind == kBF16 || c.kind == kFP16) {
     r.mode = c.kind == kBF16 ? 3 : 4;
   }
   return r;
@@ -434,14 +434,86 @@ inline void tile_accumulate(float* acc, float alpha, const float* p, const float
 
 // ---------------------------------------------------------------------------------------------- output
 
-// o_rot (D) -> unrotate with the value codec, + v_shift, written to out row (token t, query head qh).
+// o_rot (D) -> unrotate with the value codec, * v_scale + v_shift (the value codec's output transform),
+// written to out row (token t, query head qh).
 inline void write_output(const AttnArgs& a, int64_t t, int qh, int kvh, const float* o_rot, float* tmp) {
   const int d = a.head_dim;
   rotate_inverse(a.v.rot, o_rot, tmp);
   const int64_t base = t * a.son + qh * a.soh;
   for (int i = 0; i < d; ++i) {
-    const float v = a.v_shift ? tmp[i] + a.v_shift[kvh * d + i] : tmp[i];
+    float v = tmp[i];
+    if (a.v_scale) v = v * a.v_scale[kvh * d + i];
+    if (a.v_shift) v = v + a.v_shift[kvh * d + i];
     store_elem(a.out, base + i, a.dtype, v);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- sinks
+
+// Where byte o of a block's sink area lives: slot o / bytes, slot byte offset + o % bytes.
+inline int64_t sink_at(const Sinks& s, int64_t sT, int64_t sC, int64_t o) {
+  return (o / s.bytes) * sT + (s.offset + o % s.bytes) * sC;
+}
+
+// Record j's K (side 0) or V (side 1) half of the block at ``block`` -> D floats (rotated domain).
+inline void load_sink(const Sinks& s, int d, const uint8_t* block, int64_t sT, int64_t sC, int j, int side,
+                      float* out) {
+  const int64_t o0 = static_cast<int64_t>(j) * 4 * d + static_cast<int64_t>(side) * 2 * d;
+  for (int i = 0; i < d; ++i) {
+    const uint8_t lo = block[sink_at(s, sT, sC, o0 + 2 * i)], hi = block[sink_at(s, sT, sC, o0 + 2 * i + 1)];
+    out[i] = bf16_to_f32(static_cast<uint16_t>(lo | (hi << 8)));
+  }
+}
+
+inline void store_sink(const Sinks& s, int d, uint8_t* block, int64_t sT, int64_t sC, int j, int side,
+                       const float* y) {
+  const int64_t o0 = static_cast<int64_t>(j) * 4 * d + static_cast<int64_t>(side) * 2 * d;
+  for (int i = 0; i < d; ++i) {
+    const uint16_t h = f32_to_bf16(y[i]);
+    block[sink_at(s, sT, sC, o0 + 2 * i)] = static_cast<uint8_t>(h & 0xffu);
+    block[sink_at(s, sT, sC, o0 + 2 * i + 1)] = static_cast<uint8_t>(h >> 8);
+  }
+}
+
+// The context tokens [j0, j0 + n) of one head's sequence: each slot's bytes (contiguous: the slot itself,
+// or a gathered copy when the cache's slot bytes are strided) and, for tokens a sink record replaces, the
+// block base and block offset (sblk null otherwise). Returns whether any token of the tile is a sink.
+struct TileRows {
+  const uint8_t* ptrs[kTile];
+  const uint8_t* sblk[kTile];
+  int soff[kTile];
+};
+
+template <typename Args>
+inline bool gather_tile(const Args& a, const uint8_t* head_base, const int32_t* bt, int j0, int n, int64_t span,
+                        uint8_t* copies, TileRows& t) {
+  bool any_sink = false;
+  for (int jj = 0; jj < n; ++jj) {
+    const int j = j0 + jj;
+    const int off = j % a.block_size;
+    const uint8_t* blk = head_base + static_cast<int64_t>(bt[j / a.block_size]) * a.sB;
+    const uint8_t* p = blk + static_cast<int64_t>(off) * a.sT;
+    if (a.sC != 1) {  // strided slot bytes: gather the slot into a contiguous copy first
+      uint8_t* c = copies + jj * (align16(span) + 64);
+      for (int64_t b = 0; b < span; ++b) c[b] = p[b * a.sC];
+      p = c;
+    }
+    t.ptrs[jj] = p;
+    const bool sink = off < a.sinks.tokens;
+    t.sblk[jj] = sink ? blk : nullptr;
+    t.soff[jj] = off;
+    any_sink |= sink;
+  }
+  return any_sink;
+}
+
+// Overwrites the decoded rows of sink tokens with their records (and their per-row factor with 1).
+template <typename Args>
+inline void patch_sinks(const Args& a, const TileRows& t, int n, int side, float* out, int64_t dp, float* scales) {
+  for (int jj = 0; jj < n; ++jj) {
+    if (!t.sblk[jj]) continue;
+    load_sink(a.sinks, a.head_dim, t.sblk[jj], a.sT, a.sC, t.soff[jj], side, out + jj * dp);
+    scales[jj] = 1.f;
   }
 }
 
@@ -451,16 +523,21 @@ inline void write_output(const AttnArgs& a, int64_t t, int qh, int kvh, const fl
 
 void store_range(const StoreArgs& a, int64_t begin, int64_t end) {
   const int d = a.k.dim;
-  auto* fs = static_cast<float*>(tls_scratch.get(sizeof(float) * 4 * d + d));
+  auto* fs = static_cast<float*>(tls_scratch.get(sizeof(float) * 5 * d + d));
   float* x = fs;
   float* work = fs + d;  // 2 * D floats for the codec
-  uint8_t* codes = reinterpret_cast<uint8_t*>(fs + 3 * d);
+  float* y = fs + 3 * d;
+  uint8_t* codes = reinterpret_cast<uint8_t*>(fs + 4 * d);
+  const int sink_end = a.sinks.offset + a.sinks.bytes;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t n = i / a.gh;
     const int64_t slot = a.slots[n];
     if (slot < 0) continue;
     const int h = a.heads[i % a.gh];
-    uint8_t* row = a.cache + (slot / a.block_size) * a.sB + h * a.sH + (slot % a.block_size) * a.sT;
+    const int off = static_cast<int>(slot % a.block_size);
+    uint8_t* block = a.cache + (slot / a.block_size) * a.sB + h * a.sH;
+    uint8_t* row = block + off * a.sT;
+    const bool sink = off < a.sinks.tokens;
     const int64_t kb = n * a.skn + h * a.skh;
     for (int j = 0; j < d; ++j) {
       float v = load_elem(a.key, kb + j, a.dtype);
@@ -469,13 +546,25 @@ void store_range(const StoreArgs& a, int64_t begin, int64_t end) {
       x[j] = v;
     }
     encode_vector(a.k, x, row, a.sC, work, codes);
+    if (sink) {
+      rotate_apply(a.k.rot, x, y);
+      store_sink(a.sinks, d, block, a.sT, a.sC, off, 0, y);
+    }
     const int64_t vb = n * a.svn + h * a.svh;
     for (int j = 0; j < d; ++j) {
-      const float v = load_elem(a.value, vb + j, a.dtype);
-      x[j] = a.v_shift ? v - a.v_shift[h * d + j] : v;
+      float v = load_elem(a.value, vb + j, a.dtype);
+      if (a.v_shift) v = v - a.v_shift[h * d + j];
+      if (a.v_scale) v = v / a.v_scale[h * d + j];
+      x[j] = v;
     }
     encode_vector(a.v, x, row + static_cast<int64_t>(a.value_offset) * a.sC, a.sC, work, codes);
-    for (int b = a.pad_begin; b < a.slot_bytes; ++b) row[static_cast<int64_t>(b) * a.sC] = 0;
+    if (sink) {
+      rotate_apply(a.v.rot, x, y);
+      store_sink(a.sinks, d, block, a.sT, a.sC, off, 1, y);
+    }
+    // The sink area belongs to the block (other tokens' records): only the slot's own padding is zeroed.
+    for (int b = a.pad_begin; b < a.slot_bytes; ++b)
+      if (!a.sinks.tokens || b < a.sinks.offset || b >= sink_end) row[static_cast<int64_t>(b) * a.sC] = 0;
   }
 }
 
@@ -488,6 +577,18 @@ bool supports(const CodecDesc& k, const CodecDesc& v, int head_dim) {
   return k.dim == head_dim && v.dim == head_dim;
 #endif
 }
+
+namespace {
+
+constexpr int kLutMaxWords = 1024;  // wider codebooks (11, 12 index bits) decode to tiles: tables too big
+
+// Lookup tables for FibQuant keys / codeword histograms for FibQuant values pay for their D * W set-up
+// (per query row) only over a long enough context, and hold one query row each: decode items only.
+inline bool use_lut(const AttnArgs& a, const CodecDesc& c, int nq, int ctx) {
+  return c.kind == kFibQuant && nq == 1 && a.lut_from >= 0 && ctx >= a.lut_from && (1 << c.b0) <= kLutMaxWords;
+}
+
+}  // namespace
 
 void attend_item(const AttnArgs& a, const WorkItem& w) {
   const int d = a.head_dim, g = a.group;
@@ -502,11 +603,18 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   const int c_end = w.c1 < first_pos + nq ? w.c1 : first_pos + nq;
   const int64_t dp = align16(d);
   const int64_t span = a.value_offset + a.v.nbytes;  // slot bytes attention reads
-  const bool packed = a.sC == 1;
+  const bool k_lut = use_lut(a, a.k, nq, c_end - w.c0);
+  const bool v_hist = use_lut(a, a.v, nq, c_end - w.c0);
+  const int km = d / (k_lut ? a.k.n0 : 1), kw = k_lut ? 1 << a.k.b0 : 0;
+  const int vm = d / (v_hist ? a.v.n0 : 1), vw = v_hist ? 1 << a.v.b0 : 0;
 
-  // Scratch layout (floats): Q rows, acc rows, K tile, V tile, scores, m, l, tmp (2 D), then slot copies.
+  // Scratch layout (floats): Q rows, acc rows, K tile, V tile, scores, m, l, tmp (2 D), per-token factors,
+  // key tables, value histograms, unpacked indices (uint16), then slot copies.
+  const size_t ntab = k_lut ? static_cast<size_t>(rows) * km * kw : 0;
+  const size_t nhist = v_hist ? static_cast<size_t>(rows) * vm * vw : 0;
+  const size_t nidx = align16((static_cast<size_t>(kTile) * (km + vm) + 1) / 2);
   const size_t nf = static_cast<size_t>(rows) * dp * 2 + 2 * kTile * dp + static_cast<size_t>(rows) * kTile +
-                    2 * align16(rows) + 2 * dp + 2 * kTile;
+                    2 * align16(rows) + 2 * dp + 2 * kTile + align16(ntab) + align16(nhist) + nidx;
   auto* base = static_cast<float*>(tls_scratch.get(sizeof(float) * nf + kTile * (align16(span) + 64)));
   float* qr = base;
   float* acc = qr + rows * dp;
@@ -518,8 +626,12 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   float* tmp = lrow + align16(rows);
   float* kscale = tmp + 2 * dp;  // per-token factors decode_tile leaves to the tile (TurboQuant scales)
   float* vscale = kscale + kTile;
+  float* tabs = vscale + kTile;
+  float* hist = tabs + align16(ntab);
+  uint16_t* kidx = reinterpret_cast<uint16_t*>(hist + align16(nhist));
+  uint16_t* vidx = kidx + kTile * km;
   uint8_t* copies = reinterpret_cast<uint8_t*>(base + nf);
-  const uint8_t* ptrs[kTile];
+  TileRows t;
 
   for (int qi = 0; qi < nq; ++qi) {
     for (int gi = 0; gi < g; ++gi) {
@@ -535,59 +647,100 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
       mrow[r] = -INFINITY;
       lrow[r] = 0.f;
       std::memset(acc + r * dp, 0, sizeof(float) * dp);
+      if (k_lut) fib_query_table(q, d, a.k.n0, a.k.cent0, kw, tabs + static_cast<size_t>(r) * km * kw);
     }
   }
+  if (v_hist) std::memset(hist, 0, sizeof(float) * nhist);
 
   const RowDecoder kd = make_decoder(a.k), vd = make_decoder(a.v);
   const uint8_t* head_base = a.cache + static_cast<int64_t>(h) * a.sH;
   const int32_t* bt = a.block_table + static_cast<int64_t>(s) * a.sbt;
   for (int j0 = w.c0; j0 < c_end; j0 += kTile) {
     const int n = c_end - j0 < kTile ? c_end - j0 : kTile;
-    int bi = j0 / a.block_size, off = j0 % a.block_size;
-    const uint8_t* blk = head_base + static_cast<int64_t>(bt[bi]) * a.sB;
-    for (int jj = 0; jj < n; ++jj) {
-      const uint8_t* p = blk + static_cast<int64_t>(off) * a.sT;
-      if (++off == a.block_size && jj + 1 < n) {
-        off = 0;
-        blk = head_base + static_cast<int64_t>(bt[++bi]) * a.sB;
+    const bool any_sink = gather_tile(a, head_base, bt, j0, n, span, copies, t);
+    if (k_lut) {
+      for (int jj = 0; jj < n; ++jj) {
+        fib_indices(t.ptrs[jj], km, a.k.b0, kidx + jj * km);
+        kscale[jj] = fib_row_scale(a.k, t.ptrs[jj]);
       }
-      if (!packed) {  // strided slot bytes: gather the slot into a contiguous copy first
-        uint8_t* c = copies + jj * (align16(span) + 64);
-        for (int64_t b = 0; b < span; ++b) c[b] = p[b * a.sC];
-        p = c;
+      if (any_sink) patch_sinks(a, t, n, 0, kt, dp, kscale);  // sink rows: their records, dotted directly
+      for (int r = 0; r < rows; ++r) {
+        const float* tab = tabs + static_cast<size_t>(r) * km * kw;
+        const float* q = qr + r * dp;
+        float* sr = sc + r * kTile;
+        for (int jj = 0; jj < n; ++jj) {
+          if (t.sblk[jj]) {
+            float dot = 0.f;
+            for (int i = 0; i < d; ++i) dot += q[i] * kt[jj * dp + i];
+            sr[jj] = dot;
+          } else {
+            sr[jj] = fib_table_score(tab, kidx + jj * km, km, kw) * kscale[jj];
+          }
+        }
       }
-      ptrs[jj] = p;
+    } else {
+      decode_tile(kd, t.ptrs, n, 0, kt, dp, kscale);
+      if (any_sink) patch_sinks(a, t, n, 0, kt, dp, kscale);
+      for (int qi = 0; qi < nq; ++qi) {
+        const int nv = first_pos + qi - j0 + 1 < n ? first_pos + qi - j0 + 1 : n;  // causal: keys j <= position
+        if (nv <= 0) continue;
+        for (int gi = 0; gi < g; ++gi) {
+          float* sr = sc + (qi * g + gi) * kTile;
+          tile_scores(qr + (qi * g + gi) * dp, kt, d, dp, nv, sr);
+          scale_tile(sr, kscale);
+        }
+      }
     }
-    decode_tile(kd, ptrs, n, 0, kt, dp, kscale);
-    for (int qi = 0; qi < nq; ++qi) {
-      const int nv = first_pos + qi - j0 + 1 < n ? first_pos + qi - j0 + 1 : n;  // causal: keys j <= position
-      if (nv <= 0) continue;
-      for (int gi = 0; gi < g; ++gi) {
-        float* sr = sc + (qi * g + gi) * kTile;
-        tile_scores(qr + (qi * g + gi) * dp, kt, d, dp, nv, sr);
-        scale_tile(sr, kscale);
+    if (v_hist) {
+      for (int jj = 0; jj < n; ++jj) {
+        fib_indices(t.ptrs[jj] + a.value_offset, vm, a.v.b0, vidx + jj * vm);
+        vscale[jj] = fib_row_scale(a.v, t.ptrs[jj] + a.value_offset);
       }
-    }
-    decode_tile(vd, ptrs, n, a.value_offset, vt, dp, vscale);
-    for (int qi = 0; qi < nq; ++qi) {
-      const int nv = first_pos + qi - j0 + 1 < n ? first_pos + qi - j0 + 1 : n;
-      if (nv <= 0) continue;
-      for (int gi = 0; gi < g; ++gi) {
-        const int r = qi * g + gi;
-        const float alpha = softmax_tile(sc + r * kTile, nv, mrow + r, lrow + r);
-        scale_tile(sc + r * kTile, vscale);  // after the normalizer took the weights: V's per-token scales
-        tile_accumulate(acc + r * dp, alpha, sc + r * kTile, vt, d, dp, nv);
+      if (any_sink) patch_sinks(a, t, n, 1, vt, dp, vscale);
+      for (int r = 0; r < rows; ++r) {  // decode: one query token, every context token of the tile visible
+        const float l_before = lrow[r];
+        const float alpha = softmax_tile(sc + r * kTile, n, mrow + r, lrow + r);
+        float* hr = hist + static_cast<size_t>(r) * vm * vw;
+        float* ar = acc + r * dp;
+        if (l_before > 0.f && alpha != 1.f) {  // the running max moved (rare after the first tiles)
+          for (size_t e = 0; e < static_cast<size_t>(vm) * vw; ++e) hr[e] *= alpha;
+          for (int i = 0; i < d; ++i) ar[i] *= alpha;
+        }
+        const float* p = sc + r * kTile;
+        for (int jj = 0; jj < n; ++jj) {
+          if (t.sblk[jj]) {
+            for (int i = 0; i < d; ++i) ar[i] += p[jj] * vt[jj * dp + i];
+          } else {
+            fib_histogram_add(hr, vidx + jj * vm, vm, vw, p[jj] * vscale[jj]);
+          }
+        }
+      }
+    } else {
+      decode_tile(vd, t.ptrs, n, a.value_offset, vt, dp, vscale);
+      if (any_sink) patch_sinks(a, t, n, 1, vt, dp, vscale);
+      for (int qi = 0; qi < nq; ++qi) {
+        const int nv = first_pos + qi - j0 + 1 < n ? first_pos + qi - j0 + 1 : n;
+        if (nv <= 0) continue;
+        for (int gi = 0; gi < g; ++gi) {
+          const int r = qi * g + gi;
+          const float alpha = softmax_tile(sc + r * kTile, nv, mrow + r, lrow + r);
+          scale_tile(sc + r * kTile, vscale);  // after the normalizer took the weights: V's per-token scales
+          tile_accumulate(acc + r * dp, alpha, sc + r * kTile, vt, d, dp, nv);
+        }
       }
     }
   }
+  if (v_hist)
+    for (int r = 0; r < rows; ++r)
+      fib_fold(hist + static_cast<size_t>(r) * vm * vw, d, a.v.n0, a.v.cent0, vw, acc + r * dp);
 
   for (int qi = 0; qi < nq; ++qi) {
-    const int64_t t = w.q0 + qi;
+    const int64_t t_row = w.q0 + qi;
     for (int gi = 0; gi < g; ++gi) {
       const int r = qi * g + gi;
       const int qh = h * g + gi;
       if (w.split >= 0) {
-        const int64_t at = (static_cast<int64_t>(w.split) * a.num_tokens + t) * a.num_q_heads + qh;
+        const int64_t at = (static_cast<int64_t>(w.split) * a.num_tokens + t_row) * a.num_q_heads + qh;
         std::memcpy(a.partial + at * d, acc + r * dp, sizeof(float) * d);
         a.ml[2 * at] = mrow[r];
         a.ml[2 * at + 1] = lrow[r];
@@ -596,7 +749,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
       const float inv = 1.f / (lrow[r] > 1e-30f ? lrow[r] : 1e-30f);
       float* o = acc + r * dp;
       for (int i = 0; i < d; ++i) o[i] = o[i] * inv;
-      write_output(a, t, qh, h, o, tmp);
+      write_output(a, t_row, qh, h, o, tmp);
     }
   }
 }
@@ -609,27 +762,21 @@ void decode_context(const AttnArgs& a, int s, int hslot, int c0, int c1, float* 
   float* ks = reinterpret_cast<float*>(base);
   float* vs = ks + kTile;
   uint8_t* copies = base + 2 * kTile * sizeof(float);
-  const uint8_t* ptrs[kTile];
+  TileRows t;
   const RowDecoder kd = make_decoder(a.k), vd = make_decoder(a.v);
   const uint8_t* head_base = a.cache + static_cast<int64_t>(h) * a.sH;
   const int32_t* bt = a.block_table + static_cast<int64_t>(s) * a.sbt;
   for (int j0 = c0; j0 < c1; j0 += kTile) {
     const int n = c1 - j0 < kTile ? c1 - j0 : kTile;
-    for (int jj = 0; jj < n; ++jj) {
-      const int j = j0 + jj;
-      const uint8_t* p = head_base + static_cast<int64_t>(bt[j / a.block_size]) * a.sB +
-                         static_cast<int64_t>(j % a.block_size) * a.sT;
-      if (a.sC != 1) {
-        uint8_t* c = copies + jj * (align16(span) + 64);
-        for (int64_t b = 0; b < span; ++b) c[b] = p[b * a.sC];
-        p = c;
-      }
-      ptrs[jj] = p;
-    }
+    const bool any_sink = gather_tile(a, head_base, bt, j0, n, span, copies, t);
     float* ko = kout + static_cast<int64_t>(j0 - c0) * d;
     float* vo = vout + static_cast<int64_t>(j0 - c0) * d;
-    decode_tile(kd, ptrs, n, 0, ko, d, ks);
-    decode_tile(vd, ptrs, n, a.value_offset, vo, d, vs);
+    decode_tile(kd, t.ptrs, n, 0, ko, d, ks);
+    decode_tile(vd, t.ptrs, n, a.value_offset, vo, d, vs);
+    if (any_sink) {
+      patch_sinks(a, t, n, 0, ko, d, ks);
+      patch_sinks(a, t, n, 1, vo, d, vs);
+    }
     for (int jj = 0; jj < n; ++jj)
       for (int i = 0; i < d; ++i) {
         ko[jj * d + i] *= ks[jj];

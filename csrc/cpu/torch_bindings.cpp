@@ -8,9 +8,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cmath>
 #include <vector>
 
+#include "../common/fibquant.h"
 #include "kernels.h"
 
 namespace {
@@ -74,7 +76,7 @@ CodecDesc codec_of(at::IntArrayRef spec, at::TensorList tabs) {
   c.meta = static_cast<int>(spec[7]);
   c.gs = static_cast<int>(spec[8]);
   c.smode = static_cast<int>(spec[9]);
-  TORCH_CHECK(c.kind >= kvq::kTurboQuant && c.kind <= kvq::kFP16, "vllm_kvq_cpu: unknown codec kind ", c.kind);
+  TORCH_CHECK(c.kind >= kvq::kTurboQuant && c.kind <= kvq::kFibQuant, "vllm_kvq_cpu: unknown codec kind ", c.kind);
   TORCH_CHECK(c.dim > 0 && c.dim <= 1024, "vllm_kvq_cpu: head size ", c.dim, " out of range");
   const bool tq = c.kind == kvq::kTurboQuant;
   if (tq || c.kind == kvq::kUniform) {
@@ -82,9 +84,15 @@ CodecDesc codec_of(at::IntArrayRef spec, at::TensorList tabs) {
                 "vllm_kvq_cpu: bad code segments");
   }
   if (c.kind == kvq::kUniform) TORCH_CHECK(c.gs > 0 && c.dim % c.gs == 0, "vllm_kvq_cpu: bad uniform group size");
-  c.cent0 = table_ptr(tabs[0], tq ? (1 << c.b0) : 0, "cent0");
+  const bool fib = c.kind == kvq::kFibQuant;
+  if (fib) {  // b0 = index bits L, n0 = block size K (codec_desc.h)
+    TORCH_CHECK(c.b0 >= 1 && c.b0 <= kvq::kFibMaxIndexBits && c.n0 >= 1 && c.dim % c.n0 == 0 &&
+                    c.meta == (c.dim / c.n0 * c.b0 + 7) / 8 && c.nbytes == c.meta + 2,
+                "vllm_kvq_cpu: bad FibQuant layout (index bits ", c.b0, ", block ", c.n0, ", head size ", c.dim, ")");
+  }
+  c.cent0 = table_ptr(tabs[0], tq ? (1 << c.b0) : (fib ? (int64_t{1} << c.b0) * c.n0 : 0), "cent0");
   c.cent1 = table_ptr(tabs[1], tq ? (1 << c.b1) : 0, "cent1");
-  c.thr0 = table_ptr(tabs[2], tq ? (1 << c.b0) - 1 : 0, "thr0");
+  c.thr0 = table_ptr(tabs[2], tq ? (1 << c.b0) - 1 : (fib ? (1 << c.b0) : 0), "thr0");
   c.thr1 = table_ptr(tabs[3], tq ? (1 << c.b1) - 1 : 0, "thr1");
   c.rot.kind = static_cast<int>(spec[10]);
   c.rot.dim = c.dim;
@@ -103,6 +111,18 @@ const float* optional_ptr(const c10::optional<at::Tensor>& t, int64_t hk, int64_
                   t->size(1) == d,
               "vllm_kvq_cpu: ", what, " must be contiguous float32 (", hk, ", ", d, "), got ", t->sizes());
   return t->data_ptr<float>();
+}
+
+// sinks = [tokens, area offset, area bytes] (vllm_kvq/kv_format.py); the area must hold every record.
+kvq::cpu::Sinks sinks_of(at::IntArrayRef sinks, const at::Tensor& cache, int64_t d) {
+  TORCH_CHECK(sinks.size() == 3, "vllm_kvq_cpu: sinks needs [tokens, offset, bytes], got ", sinks.size(), " ints");
+  kvq::cpu::Sinks s{static_cast<int>(sinks[0]), static_cast<int>(sinks[1]), static_cast<int>(sinks[2])};
+  if (s.tokens == 0) return s;
+  TORCH_CHECK(s.tokens > 0 && s.tokens <= cache.size(2) && s.bytes > 0 && s.offset >= 0 &&
+                  s.offset + s.bytes <= cache.size(3) && s.bytes * cache.size(2) >= s.tokens * 4 * d,
+              "vllm_kvq_cpu: sink area [", s.offset, ", +", s.bytes, ") for ", s.tokens, " records of ", 4 * d,
+              " bytes does not fit blocks of ", cache.size(2), " slots of ", cache.size(3), " bytes");
+  return s;
 }
 
 void check_cache(const at::Tensor& cache) {
@@ -137,7 +157,8 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, co
            const at::Tensor& heads, int64_t value_offset, int64_t pad_begin, at::IntArrayRef k_spec,
            at::TensorList k_tabs, at::IntArrayRef v_spec, at::TensorList v_tabs,
            const c10::optional<at::Tensor>& k_shift, const c10::optional<at::Tensor>& k_scale,
-           const c10::optional<at::Tensor>& v_shift, int64_t isa) {
+           const c10::optional<at::Tensor>& v_shift, const c10::optional<at::Tensor>& v_scale,
+           at::IntArrayRef sinks, int64_t isa) {
   TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && key.stride(2) == 1 && value.stride(2) == 1 &&
                   key.scalar_type() == value.scalar_type() && key.device().is_cpu(),
               "vllm_kvq_cpu::store: key/value must be CPU (N, Hk, D) of one dtype with a contiguous last dim");
@@ -170,6 +191,8 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, co
   a.k_shift = optional_ptr(k_shift, hk, d, "k_shift");
   a.k_scale = optional_ptr(k_scale, hk, d, "k_scale");
   a.v_shift = optional_ptr(v_shift, hk, d, "v_shift");
+  a.v_scale = optional_ptr(v_scale, hk, d, "v_scale");
+  a.sinks = sinks_of(sinks, cache, d);
   a.k = codec_of(k_spec, k_tabs);
   a.v = codec_of(v_spec, v_tabs);
   TORCH_CHECK(a.k.dim == d && a.v.dim == d && a.value_offset == a.k.nbytes && a.pad_begin == a.k.nbytes + a.v.nbytes &&
@@ -192,7 +215,8 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
                      const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& heads,
                      int64_t value_offset, double scale, at::IntArrayRef k_spec, at::TensorList k_tabs,
                      at::IntArrayRef v_spec, at::TensorList v_tabs, const c10::optional<at::Tensor>& k_scale,
-                     const c10::optional<at::Tensor>& v_shift, int64_t num_splits, int64_t skip_from, int64_t isa) {
+                     const c10::optional<at::Tensor>& v_shift, const c10::optional<at::Tensor>& v_scale,
+                     at::IntArrayRef sinks, int64_t lut_from, int64_t num_splits, int64_t skip_from, int64_t isa) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && out.sizes() == query.sizes() && out.stride(2) == 1 &&
                   out.scalar_type() == query.scalar_type() && query.device().is_cpu(),
               "vllm_kvq_cpu::paged_attention: query/out must be CPU (N, Hq, D) of one dtype, last dim contiguous");
@@ -232,6 +256,9 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
   a.scale = static_cast<float>(scale);
   a.k_scale = optional_ptr(k_scale, hk, d, "k_scale");
   a.v_shift = optional_ptr(v_shift, hk, d, "v_shift");
+  a.v_scale = optional_ptr(v_scale, hk, d, "v_scale");
+  a.sinks = sinks_of(sinks, cache, d);
+  a.lut_from = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(lut_from, INT32_MAX)));
   a.num_tokens = static_cast<int>(query.size(0));
   a.num_q_heads = static_cast<int>(hq);
   a.k = codec_of(k_spec, k_tabs);
@@ -321,7 +348,8 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
 // in the codecs' rotated domains (scales applied): the operands of a dense attention for long prefills.
 void decode_context(const at::Tensor& cache, const at::Tensor& block_table, int64_t seq, int64_t length,
                     const at::Tensor& heads, int64_t value_offset, at::IntArrayRef k_spec, at::TensorList k_tabs,
-                    at::IntArrayRef v_spec, at::TensorList v_tabs, at::Tensor& k_out, at::Tensor& v_out, int64_t isa) {
+                    at::IntArrayRef v_spec, at::TensorList v_tabs, at::IntArrayRef sinks, at::Tensor& k_out,
+                    at::Tensor& v_out, int64_t isa) {
   check_cache(cache);
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.stride(1) == 1 &&
                   seq >= 0 && seq < block_table.size(0) && length >= 0 &&
@@ -351,6 +379,7 @@ void decode_context(const at::Tensor& cache, const at::Tensor& block_table, int6
   a.block_size = static_cast<int>(cache.size(2));
   a.head_dim = static_cast<int>(d);
   a.value_offset = static_cast<int>(value_offset);
+  a.sinks = sinks_of(sinks, cache, d);
   const bool simd = use_avx512(isa) && kvq::cpu::avx512::supports(a.k, a.v, a.head_dim);
   constexpr int64_t kPiece = 256;
   const int64_t pieces = (length + kPiece - 1) / kPiece;
@@ -398,14 +427,15 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
   m.def(
       "store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor heads, int value_offset, "
       "int pad_begin, int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, Tensor? k_shift, "
-      "Tensor? k_scale, Tensor? v_shift, int isa) -> ()");
+      "Tensor? k_scale, Tensor? v_shift, Tensor? v_scale, int[] sinks, int isa) -> ()");
   m.def(
       "paged_attention(Tensor query, Tensor(a!) out, Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor query_start_loc, Tensor heads, int value_offset, float scale, int[] k_spec, Tensor[] k_tabs, "
-      "int[] v_spec, Tensor[] v_tabs, Tensor? k_scale, Tensor? v_shift, int num_splits, int skip_from, int isa) -> ()");
+      "int[] v_spec, Tensor[] v_tabs, Tensor? k_scale, Tensor? v_shift, Tensor? v_scale, int[] sinks, int lut_from, "
+      "int num_splits, int skip_from, int isa) -> ()");
   m.def(
       "decode_context(Tensor cache, Tensor block_table, int seq, int length, Tensor heads, int value_offset, "
-      "int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, Tensor(a!) k_out, Tensor(b!) v_out, "
+      "int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, int[] sinks, Tensor(a!) k_out, Tensor(b!) v_out, "
       "int isa) -> ()");
   m.def("rotate(Tensor x, Tensor(a!) y, int[] spec, Tensor[] tabs, bool inverse) -> ()");
   m.def("best_isa() -> str", &best_isa);

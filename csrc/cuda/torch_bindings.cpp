@@ -1,4 +1,4 @@
-// torch.library registration of the TurboQuant CUDA kernels as vllm_kvq::tq_store and vllm_kvq::tq_decode.
+// torch.library registration of the CUDA kernels (TurboQuant and FibQuant codecs, per-head state, sink records) as vllm_kvq::tq_store and vllm_kvq::tq_decode.
 // Both mutate tensors they are given (the cache; the output and split workspaces) and return nothing, so
 // they allocate nothing and can be captured in CUDA graphs. Shapes are validated in Python
 // (vllm_kvq/kernels/cuda.py); here only what the kernels would silently misread is checked.
@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include "tq_params.h"
 
@@ -20,10 +22,11 @@ kvq::DType dtype_of(const at::Tensor& t) {
   }
 }
 
-// spec = [b0, n0, b1, seg1, meta, w, rotate, scale_mode] (vllm_kvq.kernels.triton.codec_spec.CodecSpec).
-kvq::TqCodec codec_of(at::IntArrayRef spec, const at::Tensor& rt, const at::Tensor& cent, const at::Tensor& thr) {
-  TORCH_CHECK(spec.size() == 8, "vllm_kvq: codec spec needs 8 ints, got ", spec.size());
-  for (const at::Tensor* t : {&rt, &cent, &thr})
+// spec = [b0, n0, b1, seg1, meta, w, rotate, scale_mode, kind, block] (vllm_kvq/kernels/cuda.py, codec_spec).
+kvq::TqCodec codec_of(at::IntArrayRef spec, const at::Tensor& rt, const at::Tensor& tab0, const at::Tensor& tab1,
+                      int64_t d) {
+  TORCH_CHECK(spec.size() == 10, "vllm_kvq: codec spec needs 10 ints, got ", spec.size());
+  for (const at::Tensor* t : {&rt, &tab0, &tab1})
     TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "vllm_kvq: codec tables must be contiguous float32 CUDA tensors");
   kvq::TqCodec c;
@@ -35,10 +38,31 @@ kvq::TqCodec codec_of(at::IntArrayRef spec, const at::Tensor& rt, const at::Tens
   c.w = static_cast<int>(spec[5]);
   c.rotate = static_cast<int>(spec[6]);
   c.scale_mode = static_cast<int>(spec[7]);
+  c.kind = static_cast<int>(spec[8]);
+  c.block = static_cast<int>(spec[9]);
   c.rt = rt.data_ptr<float>();
-  c.cent = cent.data_ptr<float>();
-  c.thr = thr.data_ptr<float>();
+  c.tab0 = tab0.data_ptr<float>();
+  c.tab1 = tab1.data_ptr<float>();
+  // The kernels index the tables without bounds: check their sizes here.
+  const int64_t want0 = c.kind == kvq::kKindFibQuant ? int64_t{c.w} * c.block : int64_t{c.w} * d;
+  TORCH_CHECK(tab0.numel() >= want0 && tab1.numel() >= (c.kind == kvq::kKindFibQuant ? c.w : want0) &&
+                  (!c.rotate || rt.numel() >= d * d),
+              "vllm_kvq: codec tables are smaller than the spec says");
   return c;
+}
+
+// Optional (gh, D) float32 state rows of a head group.
+const float* state_of(const std::optional<at::Tensor>& t, int64_t gh, int64_t d, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == gh * d,
+              "vllm_kvq: state ", what, " must be a contiguous float32 CUDA tensor of (heads in group, D)");
+  return t->data_ptr<float>();
+}
+
+// sink = [tokens, offset, bytes] (kv_format.KVFormat: sink_tokens, sink_offset, sink_bytes).
+kvq::Sinks sinks_of(at::IntArrayRef sink) {
+  TORCH_CHECK(sink.size() == 3, "vllm_kvq: sink spec needs 3 ints, got ", sink.size());
+  return kvq::Sinks{static_cast<int>(sink[0]), static_cast<int>(sink[1]), static_cast<int>(sink[2])};
 }
 
 void check_call(cudaError_t err, const char* what) {
@@ -47,8 +71,10 @@ void check_call(cudaError_t err, const char* what) {
 
 void tq_store(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, const at::Tensor& slot_mapping,
               const at::Tensor& heads, int64_t value_offset, int64_t pad_begin, at::IntArrayRef k_spec,
-              const at::Tensor& k_rt, const at::Tensor& k_cent, const at::Tensor& k_thr, at::IntArrayRef v_spec,
-              const at::Tensor& v_rt, const at::Tensor& v_cent, const at::Tensor& v_thr) {
+              const at::Tensor& k_rt, const at::Tensor& k_tab0, const at::Tensor& k_tab1, at::IntArrayRef v_spec,
+              const at::Tensor& v_rt, const at::Tensor& v_tab0, const at::Tensor& v_tab1,
+              const std::optional<at::Tensor>& k_sub, const std::optional<at::Tensor>& k_fac,
+              const std::optional<at::Tensor>& v_sub, const std::optional<at::Tensor>& v_fac, at::IntArrayRef sink) {
   TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && key.stride(2) == 1 && value.stride(2) == 1 &&
                   key.scalar_type() == value.scalar_type(),
               "vllm_kvq::tq_store: key/value must be (N, Hk, D) of one dtype with a contiguous last dim");
@@ -79,17 +105,22 @@ void tq_store(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache,
   p.value_offset = static_cast<int>(value_offset);
   p.pad_begin = static_cast<int>(pad_begin);
   p.slot_bytes = static_cast<int>(cache.size(3));
-  p.k = codec_of(k_spec, k_rt, k_cent, k_thr);
-  p.v = codec_of(v_spec, v_rt, v_cent, v_thr);
+  p.k = codec_of(k_spec, k_rt, k_tab0, k_tab1, p.head_dim);
+  p.v = codec_of(v_spec, v_rt, v_tab0, v_tab1, p.head_dim);
+  const int64_t gh = heads.numel(), d = key.size(2);
+  p.ks = kvq::SideState{state_of(k_sub, gh, d, "k_sub"), state_of(k_fac, gh, d, "k_fac")};
+  p.vs = kvq::SideState{state_of(v_sub, gh, d, "v_sub"), state_of(v_fac, gh, d, "v_fac")};
+  p.sink = sinks_of(sink);
   check_call(kvq::tq_store(p, c10::cuda::getCurrentCUDAStream().stream()), "tq_store");
 }
 
 void tq_decode(const at::Tensor& query, at::Tensor& out, const at::Tensor& cache, const at::Tensor& block_table,
                const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& heads,
                int64_t value_offset, double scale, int64_t num_splits, int64_t split_tokens, at::Tensor& partial,
-               at::Tensor& ml, at::IntArrayRef k_spec, const at::Tensor& k_rt, const at::Tensor& k_cent,
-               const at::Tensor& k_thr, at::IntArrayRef v_spec, const at::Tensor& v_rt, const at::Tensor& v_cent,
-               const at::Tensor& v_thr) {
+               at::Tensor& ml, at::IntArrayRef k_spec, const at::Tensor& k_rt, const at::Tensor& k_tab0,
+               const at::Tensor& k_tab1, at::IntArrayRef v_spec, const at::Tensor& v_rt, const at::Tensor& v_tab0,
+               const at::Tensor& v_tab1, const std::optional<at::Tensor>& k_fac, const std::optional<at::Tensor>& v_sub,
+               const std::optional<at::Tensor>& v_fac, at::IntArrayRef sink) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && out.sizes() == query.sizes() && out.stride(2) == 1 &&
                   out.scalar_type() == query.scalar_type(),
               "vllm_kvq::tq_decode: query/out must be (N, Hq, D) of one dtype with a contiguous last dim");
@@ -133,8 +164,12 @@ void tq_decode(const at::Tensor& query, at::Tensor& out, const at::Tensor& cache
   p.split_tokens = static_cast<int>(split_tokens);
   p.partial = num_splits > 1 ? partial.data_ptr<float>() : nullptr;
   p.ml = num_splits > 1 ? ml.data_ptr<float>() : nullptr;
-  p.k = codec_of(k_spec, k_rt, k_cent, k_thr);
-  p.v = codec_of(v_spec, v_rt, v_cent, v_thr);
+  p.k = codec_of(k_spec, k_rt, k_tab0, k_tab1, p.head_dim);
+  p.v = codec_of(v_spec, v_rt, v_tab0, v_tab1, p.head_dim);
+  const int64_t gh = heads.numel(), d = query.size(2);
+  p.ks = kvq::SideState{nullptr, state_of(k_fac, gh, d, "k_fac")};
+  p.vs = kvq::SideState{state_of(v_sub, gh, d, "v_sub"), state_of(v_fac, gh, d, "v_fac")};
+  p.sink = sinks_of(sink);
   check_call(kvq::tq_decode(p, c10::cuda::getCurrentCUDAStream().stream()), "tq_decode");
 }
 
@@ -143,13 +178,13 @@ void tq_decode(const at::Tensor& query, at::Tensor& out, const at::Tensor& cache
 TORCH_LIBRARY(vllm_kvq, m) {
   m.def(
       "tq_store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor heads, int value_offset, "
-      "int pad_begin, int[] k_spec, Tensor k_rt, Tensor k_cent, Tensor k_thr, int[] v_spec, Tensor v_rt, "
-      "Tensor v_cent, Tensor v_thr) -> ()");
+      "int pad_begin, int[] k_spec, Tensor k_rt, Tensor k_tab0, Tensor k_tab1, int[] v_spec, Tensor v_rt, "
+      "Tensor v_tab0, Tensor v_tab1, Tensor? k_sub, Tensor? k_fac, Tensor? v_sub, Tensor? v_fac, int[] sink) -> ()");
   m.def(
       "tq_decode(Tensor query, Tensor(a!) out, Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor query_start_loc, Tensor heads, int value_offset, float scale, int num_splits, int split_tokens, "
-      "Tensor(b!) partial, Tensor(c!) ml, int[] k_spec, Tensor k_rt, Tensor k_cent, Tensor k_thr, int[] v_spec, "
-      "Tensor v_rt, Tensor v_cent, Tensor v_thr) -> ()");
+      "Tensor(b!) partial, Tensor(c!) ml, int[] k_spec, Tensor k_rt, Tensor k_tab0, Tensor k_tab1, int[] v_spec, "
+      "Tensor v_rt, Tensor v_tab0, Tensor v_tab1, Tensor? k_fac, Tensor? v_sub, Tensor? v_fac, int[] sink) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vllm_kvq, CUDA, m) {

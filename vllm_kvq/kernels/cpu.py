@@ -1,7 +1,14 @@
 """Python side of the CPU extension (csrc/cpu, built as ``vllm_kvq._C_cpu`` by setup.py on x86-64):
 ``store`` and ``paged_attention`` with the reference signatures, for every codec the package registers
-(TurboQuant at integer and fractional rates, uniform, raw bf16/fp16), mixed per-head formats (one call per
-head group) and calibrated formats.
+(TurboQuant at integer and fractional rates, FibQuant, uniform, raw bf16/fp16), mixed per-head formats (one
+call per head group), codecs bound to per-head state (key shift and scale, value shift and scale) and
+per-block sink records.
+
+FibQuant decode: a decode work item over at least ``FIB_LUT_FROM`` context tokens scores keys by table lookups
+(per query row, the rotated query block's inner product with every codeword: D/k x 2^L floats, built once per
+item) and sums values as a histogram of weights per (block position, codeword), folded into codewords once at
+the end; codebooks of more than 1024 codewords (11 or 12 index bits), prefill chunks and short contexts decode
+codes into float tiles instead (the table would cost more than it saves).
 
 The extension picks its ISA at run time (AVX-512 when the CPU has F/BW/VL/DQ, else portable C++);
 ``isa="portable"`` forces the fallback (tests run both). Threads come from ``at::parallel_for``, i.e. the
@@ -18,6 +25,7 @@ import weakref
 import torch
 
 from vllm_kvq.codecs.base import VectorCodec
+from vllm_kvq.codecs.fibquant import FibQuantCodec
 from vllm_kvq.codecs.raw import RawCodec
 from vllm_kvq.codecs.turboquant import SCALE_MODES, TurboQuantCodec
 from vllm_kvq.codecs.uniform import UniformCodec
@@ -34,6 +42,9 @@ ISAS = {"best": 0, "portable": 1, "avx512": 2}
 DENSE_PREFILL_FROM: int | None = None
 _ROTATIONS = {"identity": 0, "hadamard": 1, "haar": 2}
 MAX_HEAD_SIZE = 1024
+# Context tokens per decode work item from which FibQuant codes are read through lookup tables (see above);
+# None: never (tests set 0 to run the table path on short contexts).
+FIB_LUT_FROM: int | None = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +87,7 @@ def best_isa() -> str:
 
 def _codec_why_not(c: VectorCodec) -> str | None:
     # Exact types: a subclass may change the bytes or the math the kernels hard-code.
-    if type(c) not in (TurboQuantCodec, UniformCodec, RawCodec):
+    if type(c) not in (TurboQuantCodec, UniformCodec, RawCodec, FibQuantCodec):
         return f"no CPU kernel for codec type {type(c).__name__} ({c.name})"
     if c.rotation.kind not in _ROTATIONS:
         return f"{c.name}: rotation {c.rotation.kind!r} has no CPU kernel"
@@ -91,10 +102,6 @@ def why_not(fmt: KVFormat, op: str = "paged_attention", decode: bool = True, gro
         return why
     if fmt.head_size > MAX_HEAD_SIZE:
         return f"head size {fmt.head_size} > {MAX_HEAD_SIZE}"
-    if fmt.sink_tokens:
-        return "sink records are not implemented in the CPU kernels"
-    if any(c.scale is not None for c in fmt.values):
-        return "value codecs bound to a channel scale are not implemented in the CPU kernels"
     for g in fmt.groups:
         for c in (g.key, g.value):
             why = _codec_why_not(c)
@@ -128,6 +135,11 @@ def _codec_args(codec: VectorCodec) -> tuple[list[int], list[torch.Tensor]]:
                 books[-1].thresholds_tensor()]
         spec = [0, d, codec.nbytes, b0, n0, b1, codec.segment_nbytes[0], codec.code_nbytes, d,
                 SCALE_MODES.index(codec.scale_mode), _ROTATIONS[rot.kind]]
+    elif isinstance(codec, FibQuantCodec):
+        words, half_sq = codec.codec_tables()  # the codebook (W * K,) and the reference's 0.5 ||w||^2 (W,)
+        tabs = [words, _EMPTY, half_sq, _EMPTY]
+        spec = [4, d, codec.nbytes, codec.index_bits, codec.block, codec.index_bits, codec.code_nbytes,
+                codec.code_nbytes, d, SCALE_MODES.index(codec.scale_mode), _ROTATIONS[rot.kind]]
     elif isinstance(codec, UniformCodec):
         tabs = [_EMPTY] * 4
         spec = [1, d, codec.nbytes, codec.bits, d, codec.bits, codec.code_nbytes, codec.code_nbytes,
@@ -158,6 +170,21 @@ def _group_args(fmt: KVFormat) -> list[tuple]:
     return args
 
 
+_FMT_ARGS: "weakref.WeakKeyDictionary[KVFormat, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fmt_args(fmt: KVFormat) -> tuple[torch.Tensor | None, list[int]]:
+    """(v_scale (Hk, D) of the value codecs, ones for unbound heads, or None; [sink tokens, offset, bytes])."""
+    args = _FMT_ARGS.get(fmt)
+    if args is None:
+        scales = [c.scale for c in fmt.values]
+        v_scale = None if all(t is None for t in scales) else torch.stack(
+            [torch.ones(fmt.head_size) if t is None else t for t in scales]).float().contiguous()
+        args = (v_scale, [fmt.sink_tokens, fmt.sink_offset, fmt.sink_bytes])
+        _FMT_ARGS[fmt] = args
+    return args
+
+
 def _isa(isa: str) -> int:
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}; allowed: {', '.join(ISAS)}")
@@ -185,9 +212,10 @@ def store(key: torch.Tensor,  # (N, Hk, D)
     if key.dtype != value.dtype:
         value = value.to(key.dtype)
     slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    v_scale, sinks = _fmt_args(fmt)
     for heads, vo, pad, ks, kt, vs, vt in _group_args(fmt):
         torch.ops.vllm_kvq_cpu.store(key, value, cache, slot_mapping, heads, vo, pad, ks, kt, vs, vt,
-                                     fmt.k_shift, fmt.k_scale, fmt.v_shift, code)
+                                     fmt.k_shift, fmt.k_scale, fmt.v_shift, v_scale, sinks, code)
 
 
 def paged_attention(query: torch.Tensor,  # (N, Hq, D)
@@ -217,9 +245,12 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     dense = [] if threshold is None or int(q_lens.max()) < threshold else \
         [int(i) for i in torch.nonzero(q_lens >= threshold).flatten()]
     skip_from = threshold if dense else 0
+    v_scale, sinks = _fmt_args(fmt)
+    lut_from = -1 if FIB_LUT_FROM is None else FIB_LUT_FROM
     for g, (heads, vo, _, ks, kt, vs, vt) in zip(fmt.groups, _group_args(fmt)):
         torch.ops.vllm_kvq_cpu.paged_attention(query, out, cache, bt, seq_lens, qsl, heads, vo, float(scale), ks, kt,
-                                               vs, vt, fmt.k_scale, fmt.v_shift, num_splits or 0, skip_from, code)
+                                               vs, vt, fmt.k_scale, fmt.v_shift, v_scale, sinks, lut_from,
+                                               num_splits or 0, skip_from, code)
         for s in dense:
             _dense_prefill(query, out, cache, bt, int(seq_lens[s]), int(qsl[s]), int(qsl[s + 1]), s, g,
                            (heads, vo, ks, kt, vs, vt), fmt, scale, code)
@@ -249,7 +280,9 @@ def _dense_prefill(query, out, cache, bt, length: int, q0: int, q1: int, seq: in
     group = query.shape[1] // fmt.num_kv_heads
     k_rot = torch.empty(gh, length, d)
     v_rot = torch.empty(gh, length, d)
-    torch.ops.vllm_kvq_cpu.decode_context(cache, bt, seq, length, heads, vo, ks, kt, vs, vt, k_rot, v_rot, code)
+    v_scale, sinks = _fmt_args(fmt)
+    torch.ops.vllm_kvq_cpu.decode_context(cache, bt, seq, length, heads, vo, ks, kt, vs, vt, sinks, k_rot, v_rot,
+                                          code)
     ql = q1 - q0
     qidx = (heads.long()[:, None] * group + torch.arange(group)).reshape(-1)  # this group's query heads
     q = query[q0:q1].index_select(1, qidx).float()  # (ql, gh * G, D)
@@ -269,6 +302,8 @@ def _dense_prefill(query, out, cache, bt, length: int, q0: int, q1: int, seq: in
         mask = torch.arange(length)[None, :] <= torch.arange(length - ql, length)[:, None]
         o = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=True)
     o = _rotate(o[0].transpose(0, 1).reshape(-1, d).float(), g.value, inverse=True).reshape(ql, gh * group, d)
+    if v_scale is not None:  # the value codecs' output transform, o * scale + shift
+        o = o * v_scale[hidx]
     if fmt.v_shift is not None:
         o = o + fmt.v_shift[hidx]
     out[q0:q1].index_copy_(1, qidx, o.to(out.dtype))

@@ -1,10 +1,13 @@
 """Python side of the CUDA extension (csrc/cuda, built as ``vllm_kvq._C`` by setup.py when CUDA torch and
 nvcc are present): ``store`` and ``paged_attention`` with the reference signatures.
 
-The extension covers the hot paths for TurboQuant formats (every head group TurboQuant for K and V without
-bound state, head size 64 or 128, up to 8 query heads per KV head): quantize-on-write and decode steps.
-``why_not`` says so for anything else (prefill chunks, other codecs, calibrated formats), and ops dispatch
-moves on to the next implementation: this module never falls back by itself and imports no Triton.
+The extension covers the hot paths for TurboQuant and FibQuant formats (every head group TurboQuant or
+FibQuant for K and V, head size 64 or 128, up to 8 query heads per KV head), with per-head state
+(calibrated shifts and channel scales) and sink records: quantize-on-write and decode steps. FibQuant keys
+are scored from a per-query table of the rotated query's block inner products with every codeword, held in
+shared memory; a codebook whose table does not fit (``FIB_TABLE_MAX_BYTES`` per query head) is declined.
+``why_not`` says so for anything else (prefill chunks, other codecs), and ops dispatch moves on to the next
+implementation: this module never falls back by itself and imports no Triton.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import logging
 
 import torch
 
-from vllm_kvq.codecs.turboquant import TurboQuantCodec
+from vllm_kvq.codecs.fibquant import FibQuantCodec
+from vllm_kvq.codecs.turboquant import SCALE_MODES, TurboQuantCodec
 from vllm_kvq.kernels import heads_tensor
 from vllm_kvq.kernels import num_splits as _num_splits
 from vllm_kvq.kv_format import KVFormat
@@ -49,9 +53,37 @@ def _register_fakes() -> None:
             pass
 
 
-def _spec_args(codec, device):
-    rt, cent, thr = codec.tables(device)
-    return codec.native_params(), rt, cent, thr
+# csrc/cuda/tq_params.h: kKindTurboQuant, kKindFibQuant and kFibTableMaxBytes (one query head's score table).
+KIND_TURBOQUANT, KIND_FIBQUANT = 0, 1
+FIB_TABLE_MAX_BYTES = 160 * 1024
+HEAD_SIZES = (64, 128)
+
+
+def codec_spec(codec) -> list[int]:
+    """[b0, n0, b1, seg1, meta, w, rotate, scale_mode, kind, block]: what csrc/cuda/torch_bindings.cpp
+    ``codec_of`` reads. FibQuant is one segment of D/k codes of L index bits into a table of 2**L codewords."""
+    if type(codec) is TurboQuantCodec:
+        return codec.native_params() + [KIND_TURBOQUANT, 1]
+    if type(codec) is FibQuantCodec:
+        lb, m = codec.index_bits, codec.num_blocks
+        return [lb, m, lb, codec.code_nbytes, codec.code_nbytes, 1 << lb, int(codec.rotation.kind != "identity"),
+                SCALE_MODES.index(codec.scale_mode), KIND_FIBQUANT, codec.block]
+    raise ValueError(f"no CUDA kernel for codec type {type(codec).__name__} ({codec.name})")
+
+
+def fib_table_bytes(codec) -> int:
+    """Shared memory of one query head's FibQuant score table: (D / k) x 2**L floats."""
+    return codec.num_blocks * (1 << codec.index_bits) * 4
+
+
+def _side_args(g, side: str, device) -> list:
+    codec = g.key if side == "k" else g.value
+    rt, t0, t1 = codec.tables(device)
+    return [codec_spec(codec), rt, t0, t1]
+
+
+def _sink(fmt: KVFormat) -> list[int]:
+    return [fmt.sink_tokens, fmt.sink_offset, fmt.sink_bytes]
 
 
 def why_not(fmt: KVFormat, op: str = "paged_attention", decode: bool = True, group: int = 1) -> str | None:
@@ -60,16 +92,18 @@ def why_not(fmt: KVFormat, op: str = "paged_attention", decode: bool = True, gro
         return "the CUDA kernels run decode steps only (prefill chunks are not implemented)"
     if op == "paged_attention" and not 1 <= group <= 8:
         return f"GQA groups of 1..8 query heads are compiled, got {group}"
-    if fmt.head_size not in (64, 128):
-        return f"head size {fmt.head_size} is not compiled (64, 128)"
-    if fmt.sink_tokens:
-        return "sink records are not implemented in the CUDA kernels"
+    if fmt.head_size not in HEAD_SIZES:
+        return f"head size {fmt.head_size} is not compiled ({', '.join(map(str, HEAD_SIZES))})"
     for g in fmt.groups:
         for c in (g.key, g.value):
-            if not isinstance(c, TurboQuantCodec):
-                return f"codec {c.name} has no CUDA kernel (TurboQuant only)"
-            if c.state_names:
-                return f"codec {c.name} is bound to per-head state ({', '.join(c.state_names)})"
+            # Exact types: a subclass may change the bytes or the math the kernels hard-code.
+            if type(c) not in (TurboQuantCodec, FibQuantCodec):
+                return f"codec {c.name} has no CUDA kernel (TurboQuant and FibQuant only)"
+        if op == "paged_attention" and type(g.key) is FibQuantCodec and fib_table_bytes(g.key) > FIB_TABLE_MAX_BYTES:
+            k = g.key
+            return (f"{k.name}: the FibQuant score table of {k.num_blocks} x {1 << k.index_bits} floats "
+                    f"({fib_table_bytes(k) // 1024} KiB per query head) exceeds the {FIB_TABLE_MAX_BYTES // 1024} KiB "
+                    f"of shared memory a CUDA decode block gives it")
     return None
 
 
@@ -86,12 +120,13 @@ def store(key: torch.Tensor,  # (N, Hk, D)
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    dev = cache.device
     for g in fmt.groups:
-        heads = heads_tensor(g.heads, cache.device)
-        ks, krt, kc, kth = _spec_args(g.key, cache.device)
-        vs, vrt, vc, vth = _spec_args(g.value, cache.device)
+        heads = heads_tensor(g.heads, dev)
         torch.ops.vllm_kvq.tq_store(key, value, cache, slot_mapping, heads, g.key.nbytes, g.key.nbytes + g.value.nbytes,
-                                    ks, krt, kc, kth, vs, vrt, vc, vth)
+                                    *_side_args(g, "k", dev), *_side_args(g, "v", dev), g.state("k", "shift", dev),
+                                    g.state("k", "scale", dev), g.state("v", "shift", dev), g.state("v", "scale", dev),
+                                    _sink(fmt))
 
 
 def paged_attention(query: torch.Tensor,  # (N, Hq, D)
@@ -128,10 +163,11 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         block_table.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     qsl = query_start_loc.to(torch.int32).contiguous()
+    dev = cache.device
     for g in fmt.groups:
-        heads = heads_tensor(g.heads, cache.device)
-        ks, krt, kc, kth = _spec_args(g.key, cache.device)
-        vs, vrt, vc, vth = _spec_args(g.value, cache.device)
+        heads = heads_tensor(g.heads, dev)
         torch.ops.vllm_kvq.tq_decode(query, out, cache, bt, seq_lens, qsl, heads, g.key.nbytes, scale, splits,
-                                     split_tokens, partial, ml, ks, krt, kc, kth, vs, vrt, vc, vth)
+                                     split_tokens, partial, ml, *_side_args(g, "k", dev), *_side_args(g, "v", dev),
+                                     g.state("k", "scale", dev), g.state("v", "shift", dev), g.state("v", "scale", dev),
+                                     _sink(fmt))
     return out
