@@ -340,3 +340,45 @@ def test_demo_model_gets_the_shipped_calibration(tmp_path):
     dst.write_bytes(b"mine")
     models._install_calibration(model)
     assert dst.read_bytes() == b"mine"
+
+
+def _rope_keys(n_pos: int, head_dim: int = 64, theta: float = 1e5, seed: int = 0) -> torch.Tensor:
+    """(1, n_pos, D) post-RoPE keys (rotate-half layout) of one fixed pre-RoPE key plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    half = head_dim // 2
+    freq = theta ** (-2 * torch.arange(half, dtype=torch.float64) / head_dim)
+    ang = torch.arange(n_pos, dtype=torch.float64)[:, None] * freq[None]
+    k0 = torch.randn(head_dim, generator=g, dtype=torch.float64) * 3 + 2
+    x1, x2 = k0[:half], k0[half:]
+    rot = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+    return (rot + 0.3 * torch.randn(n_pos, head_dim, generator=g, dtype=torch.float64)).float()[None]
+
+
+def test_rope_aware_key_mean_holds_at_later_positions():
+    """A key mean taken over positions 0..1024 is wrong at position 3000+ for RoPE pairs that turn in between:
+    subtracting it there lengthens the stored keys. The RoPE-aware mean keeps only the pairs that do not turn
+    over the horizon, so the stored keys at every position up to it are shorter than the raw ones."""
+    from types import SimpleNamespace
+
+    keys = _rope_keys(4096)
+    cfg = SimpleNamespace(rope_parameters={"rope_theta": 1e5, "rope_type": "default"})
+    rope = calibration.rope_frequencies(cfg, 64)
+    assert rope is not None and rope[1] == 64
+    calib = keys[:, 4:1024]
+    plain = calibration.statistics(calib, calib, 0.5)
+    aware = calibration.statistics(calib, calib, 0.5, rope, 4096)
+    late = keys[0, 3000:]
+    raw = late.pow(2).sum(-1).mean()
+    plain_late = (late - plain[0][0]).pow(2).sum(-1).mean()
+    aware_late = (late - aware[0][0]).pow(2).sum(-1).mean()
+    assert plain_late > raw, "the 1024-position mean must hurt late positions in this setup, or the test shows nothing"
+    assert aware_late < 0.85 * raw and aware_late < 0.75 * plain_late, (raw, plain_late, aware_late)
+    early = keys[0, 4:1024]
+    assert (early - aware[0][0]).pow(2).sum(-1).mean() < 0.85 * early.pow(2).sum(-1).mean()  # still centres
+    mask = calibration.rope_mask(*rope, 64, 4096)
+    assert mask[:23].sum() == 0 and mask[23:32].sum() == 9 and torch.equal(mask[:32], mask[32:])
+    s = aware[2][0]
+    assert torch.allclose(s[:32], s[32:])  # a pair shares one scale: its energy does not depend on position
+    assert calibration.rope_frequencies(SimpleNamespace(), 64) is None
+    partial = calibration.rope_frequencies(SimpleNamespace(rope_theta=1e4, partial_rotary_factor=0.5), 64)
+    assert partial[1] == 32 and calibration.rope_mask(*partial, 64, 4096)[32:].sum() == 32

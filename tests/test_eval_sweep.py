@@ -189,7 +189,7 @@ def test_bytes_per_token(tmp_path):
     assert sweep.bytes_per_token("turboquant4", path) == 68 * 2 * 3
     assert sweep.bytes_per_token("turboquant3", path) == 52 * 2 * 3
     mixed = sweep.bytes_per_token("kvq", path, config="kvq-mixed-example")
-    assert mixed == 68 * 2 * 3  # 4-bit layers set one padded slot size for all
+    assert mixed == 68 * 2 * 3  # on 3 layers every layer is 4-bit (layers "0:2" and -1)
     sink = tmp_path / "sink.yaml"
     sink.write_text("key: turboquant4\nvalue: turboquant4\nsink_tokens: 1\n")
     # one bf16 sink record (K+V, 4 x 64 bytes) spread over a block's slots: 2 bytes per slot at 128, 16 at 16

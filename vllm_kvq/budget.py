@@ -9,10 +9,12 @@
    cheapest candidate when asked (``--head-sensitivity``): informative only, see below.
 2. Choice. Losses are taken as additive over (layer, side) (the usual first-order model: KVTuner, HAWQ) and
    the cheapest total loss meeting the budget is found exactly by dynamic programming over bytes:
-   - ``slot="uniform"`` (default): every layer's K+V slot fits the budget, since vLLM today pads every layer
-     to the largest slot (one page size): per layer, the best (K, V) pair within the budget;
-   - ``slot="mixed"``: only the average over layers must fit (layers may differ), which costs its true bytes
-     only once vLLM allocates per-layer slot sizes (separate KV-cache groups; not built yet).
+   - ``slot="uniform"`` (default): every layer's K+V slot fits the budget: per layer, the best (K, V) pair
+     within the budget;
+   - ``slot="mixed"``: only the average over layers must fit (layers may differ). vLLM allocates each
+     layer's own slot (the adapter gives every layer's spec its own size; vLLM keeps the layers in one
+     KV-cache group whose block holds one page per layer), so a mixed choice costs its average bytes in
+     vLLM's KV-token count, not its largest layer's (``VLLM_KVQ_PADDED_SLOTS=1`` shows the padded count).
    Per-head choices are not made: a layer's slot is as large as its largest head, so mixing codecs across
    heads of a layer buys nothing unless their K+V bytes are equal.
 3. The YAML: the most common (K, V) pair as the default, one override per differing layer, the calibration
@@ -64,6 +66,12 @@ class Choice:
     @property
     def padded_bytes(self) -> int:
         return max(self.bytes_per_layer)
+
+    @property
+    def vllm_bytes(self) -> float:
+        """Bytes per token per KV head that vLLM allocates on average: each layer's own slot, which the
+        adapter rounds to an even size (fp16 metadata stays 2-byte aligned)."""
+        return sum(b + b % 2 for b in self.bytes_per_layer) / len(self.bytes_per_layer)
 
 
 def measure(model, prompts: list[list[int]], *, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -188,9 +196,10 @@ def to_yaml_dict(choice: Choice, *, name: str, calibration_file: str | None, smo
     common = max(set(choice.per_layer), key=choice.per_layer.count)
     d = {"name": name,
          "description": (f"chosen by `vllm-kvq calibrate --budget {budget_bits:g}` ({choice.slot} slot): "
-                         f"{choice.avg_bytes:.1f} bytes per token per KV head on average, {choice.padded_bytes} in "
-                         f"the largest layer (bf16 {4 * head_dim}); predicted loss {choice.predicted_loss:.4f} "
-                         f"nats/token (sum of per-layer KL)"),
+                         f"{choice.vllm_bytes:.1f} bytes per token per KV head on average, what vLLM allocates "
+                         f"({4 * head_dim / choice.vllm_bytes:.2f}x vs bf16 {4 * head_dim}), {choice.padded_bytes} "
+                         f"in the largest layer; predicted loss {choice.predicted_loss:.4f} nats/token (sum of "
+                         f"per-layer KL)"),
          "key": common[0], "value": common[1]}
     overrides = [{"layers": i, "key": k, "value": v} for i, (k, v) in enumerate(choice.per_layer) if (k, v) != common]
     if overrides:
@@ -220,13 +229,13 @@ def table(sens: Sensitivity, choice: Choice) -> str:
 
 def explain(choice: Choice, head_dim: int) -> list[str]:
     bf16 = 4 * head_dim
-    out = [f"budget {choice.budget_bytes:.1f} B per token per KV head (K+V): chose {choice.avg_bytes:.1f} B on average "
-           f"({bf16 / choice.avg_bytes:.2f}x vs bf16), {choice.padded_bytes} B in the largest layer "
-           f"({bf16 / choice.padded_bytes:.2f}x as vLLM allocates today, every layer padded to it)",
+    out = [f"budget {choice.budget_bytes:.1f} B per token per KV head (K+V): chose {choice.avg_bytes:.1f} B on average, "
+           f"{choice.padded_bytes} B in the largest layer",
+           f"vLLM allocates each layer's own slot (per-layer slot sizes): {choice.vllm_bytes:.1f} B on average, "
+           f"{bf16 / choice.vllm_bytes:.2f}x the KV tokens of bf16 ({bf16} B)"
+           + (f"; padding every layer to the largest would give {bf16 / choice.padded_bytes:.2f}x"
+              if choice.padded_bytes > choice.vllm_bytes else ""),
            f"predicted loss (sum of per-(layer, side) KL): {choice.predicted_loss:.4f} nats/token"]
-    if choice.slot == "mixed" and choice.padded_bytes > choice.budget_bytes:
-        out.append("mixed slot: vLLM pads every layer to the largest slot today, so this saves its average bytes "
-                   "only once per-layer slot sizes are allocated (KV-cache groups per slot size)")
     return out
 
 

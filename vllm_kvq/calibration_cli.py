@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+# Where the RoPE-aware key mean stops by default (``--rope-horizon``): SmolLM2's trained context.
+DEFAULT_ROPE_HORIZON = 8192
+
 
 def _positive(s: str) -> int:
     n = int(s)
@@ -34,6 +37,10 @@ def add_parser(sub, name, help_):
     p.add_argument("--text", default="shakespeare:macbeth", help="shakespeare:PLAY or a text file path")
     p.add_argument("--tokens", type=_positive, default=1024, help="tokens of the text to run (default 1024)")
     p.add_argument("--skip-first", type=int, default=4, help="leading positions left out of the statistics")
+    p.add_argument("--rope-horizon", type=int, default=None,
+                   help="the longest context you will serve (default: the model's max_position_embeddings, at most "
+                        f"{DEFAULT_ROPE_HORIZON}); key means are kept only on RoPE pairs that do not turn over it "
+                        "(0: keep every channel's mean)")
     p.add_argument("--smooth-alpha", type=float, default=0.5,
                    help="key channel scale = rms(centred key) ** alpha (0 disables smoothing; default 0.5)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
@@ -46,7 +53,7 @@ def add_parser(sub, name, help_):
     b.add_argument("--candidates", default=",".join(budget_candidates()),
                    help="codecs each layer's keys and values may use (default: %(default)s)")
     b.add_argument("--slot", choices=("uniform", "mixed"), default="uniform",
-                   help="uniform: every layer fits the budget (what vLLM allocates today); mixed: the average does")
+                   help="uniform: every layer fits the budget; mixed: the average over layers does (vLLM allocates each layer's own slot, so the average is what it costs)")
     b.add_argument("--prompts", type=_positive, default=1, help="prompts for the sensitivity runs (default 1)")
     b.add_argument("--prompt-tokens", type=_positive, default=512, help="tokens per prompt (default 512)")
     b.add_argument("--head-sensitivity", action="store_true",
@@ -93,7 +100,11 @@ def run(args) -> int:
     ids = all_ids[:args.tokens]
     if len(ids) < args.tokens:
         say(f"warning: {args.text} has only {len(ids)} tokens")
-    stats = calibration.compute(model, torch.tensor(ids), skip_first=args.skip_first,
+    horizon = args.rope_horizon
+    if horizon is None:
+        horizon = min(getattr(model.config, "max_position_embeddings", None) or DEFAULT_ROPE_HORIZON,
+                      DEFAULT_ROPE_HORIZON)
+    stats = calibration.compute(model, torch.tensor(ids), skip_first=args.skip_first, rope_horizon=horizon or None,
                                 smooth_alpha=args.smooth_alpha, progress=say)
     meta = dict(stats.metadata, model=str(Path(args.model).name), text=args.text)
     stats = calibration.CalibrationStats(stats.mu_k, stats.mu_v, stats.k_smooth, tuple(sorted(meta.items())))

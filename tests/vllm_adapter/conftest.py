@@ -31,6 +31,25 @@ def run_probe(jobs: list[dict], tmp_path: Path, timeout: int = 1200) -> list[dic
     return json.loads(lines[-1])["results"]
 
 
+def run_probe_per_env(jobs: dict, tmp_path: Path, envs: dict[str, dict[str, str]]) -> dict[str, dict]:
+    """The same jobs once per environment (e.g. a debug knob on and off), each in its own probe process:
+    {env label: {job key: result}}."""
+    keys = list(jobs)
+    out = {}
+    for label, env in envs.items():
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            out[label] = dict(zip(keys, run_probe([jobs[k] for k in keys], tmp_path)))
+    return out
+
+
+def ok(result: dict) -> dict:
+    """A probe result that must not be an error."""
+    assert "error" not in result, result["error"]
+    return result
+
+
 def sharpen(model_dir: Path, qk: float = 5.0, vo: float = 4.0) -> None:
     """Scale a random model's attention weights so attention is peaked and carries signal: at the default
     init the residual stream dominates and every KV codec gives the same logits, which tests nothing."""
@@ -70,6 +89,12 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_model_128(tmp_path_factory) -> str:
     return _tiny(tmp_path_factory, "tiny128", head_dim=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_6layers(tmp_path_factory) -> str:
+    """Six layers: room for a per-layer mix (most layers at one codec, a few wider)."""
+    return _tiny(tmp_path_factory, "tiny6", head_dim=64, num_layers=6)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.vllm_adapter.conftest import run_probe
+from tests.vllm_adapter.conftest import ok as _ok
+from tests.vllm_adapter.conftest import run_probe_per_env
 from vllm_kvq.kernels import cpu as kc
 
 pytestmark = [pytest.mark.slow,
@@ -30,19 +31,7 @@ def results(tiny_model, tiny_model_128, tmp_path_factory):
     jobs[("d128", "turboquant3")] = _job(tiny_model_128, "turboquant3")
     jobs[("prefix", "turboquant3")] = _job(tiny_model, "turboquant3", repeat=2, prompt_logprobs=False,
                                            llm={"block_size": 32, "enable_prefix_caching": True})
-    keys = list(jobs)
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for impl in ("native", "reference"):
-            if impl == "reference":
-                mp.setenv("VLLM_KVQ_IMPL", "reference")
-            out[impl] = dict(zip(keys, run_probe([jobs[k] for k in keys], tmp)))
-    return out
-
-
-def _ok(r):
-    assert "error" not in r, r["error"]
-    return r
+    return run_probe_per_env(jobs, tmp, {"native": {}, "reference": {"VLLM_KVQ_IMPL": "reference"}})
 
 
 def test_native_kernels_ran(results):

@@ -38,8 +38,11 @@ def test_patched_symbols_still_exist():
     import vllm.v1.attention.selector as selector_mod
     from vllm.platforms import current_platform
 
+    from vllm.model_executor.layers.attention.attention import Attention
+
     assert hasattr(selector_mod, "_cached_get_attn_backend")
     assert hasattr(type(current_platform), "get_attn_backend_cls")
+    assert getattr(Attention.get_kv_cache_spec, "_vllm_kvq_wrapped", False)  # per-layer slots (patches.py)
     if not hasattr(cache_mod, "register_kv_cache_dtype"):
         assert "cache_dtype" in cache_mod.CacheConfig.__dataclass_fields__
         assert hasattr(selector_mod, "CacheDType")

@@ -114,9 +114,10 @@ def for_draft(cfg: KVQConfig, num_layers: int, num_kv_heads: int,
     the target's cache dtype and config: the YAML was written for the target, and the user has no way to
     give the draft its own, so what only the target has must not stop the server. Selector items naming
     layers or KV heads the draft does not have are dropped (an override left with none selects nothing, but
-    still sizes the slot, so draft and target pages agree). A calibration file is the target's statistics
-    and is not used; ``calibration: model`` is kept when the draft has statistics of its own. Returns the
-    config and one note per change, for the log. The target itself keeps ``resolve``'s errors."""
+    still counts toward the config's largest slot, ``customize_spec``'s answer for draft and target alike).
+    A calibration file is the target's statistics and is not used; ``calibration: model`` is kept when the
+    draft has statistics of its own. Returns the config and one note per change, for the log. The target
+    itself keeps ``resolve``'s errors."""
     notes: list[str] = []
     overrides = []
     for i, ov in enumerate(cfg.overrides):

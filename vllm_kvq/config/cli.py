@@ -71,7 +71,8 @@ def show(cfg: _config.KVQConfig, layers: int, kv_heads: int, head_size: int, lay
             f"compression vs bf16: {bf16 / total:.2f}x"]
     if len({f.slot_bytes for f in fmts}) > 1:
         pad = max(f.slot_bytes for f in fmts) * kv_heads * layers
-        out.append(f"in one vLLM page size (every layer padded to the largest slot): {pad} B/token, {bf16 / pad:.2f}x")
+        out.append(f"vLLM allocates each layer's own slot (the bytes above); every layer padded to the largest slot "
+                   f"(VLLM_KVQ_PADDED_SLOTS=1) would be {pad} B/token, {bf16 / pad:.2f}x")
     if layout:
         seen = set()
         for f in fmts:

@@ -10,8 +10,8 @@ prompts are compared token by token with the ``auto`` entry's. An entry whose se
 the sweep goes on. Each entry's JSON is written as soon as it is measured, so ``--resume`` skips finished
 ones. At the end: ``sweep.md`` (table + goal check) and ``frontier.png``.
 
-Bytes per token: for our dtypes, the sum over layers of slot bytes x KV heads from vllm_kvq.kv_format (every
-layer padded to one slot size, as in vLLM's single page size); bf16 2 x 2 x head_dim x kv_heads x layers;
+Bytes per token: for our dtypes, the sum over layers of slot bytes x KV heads from vllm_kvq.kv_format (each
+layer at its own slot, as the adapter gives vLLM one page size per layer); bf16 2 x 2 x head_dim x kv_heads x layers;
 fp8 half of that.
 """
 
@@ -58,8 +58,7 @@ def bytes_per_token(dtype: str, model_dir: str | Path, config: str | None = None
 
     cfg = _config.load(config) if config else config_for_dtype(dtype)
     fmts = formats_from_config(cfg, num_layers=s["layers"], num_kv_heads=s["kv_heads"], head_size=s["head_dim"],
-                               uniform_slot=True, block_size=block_size or default_block_size(),
-                               model=str(model_dir))
+                               block_size=block_size or default_block_size(), model=str(model_dir))
     return sum(f.bytes_per_token() for f in fmts)
 
 

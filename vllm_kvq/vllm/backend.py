@@ -2,10 +2,12 @@
 
 One backend class per (dtype, config): ``backend_for`` makes ``KVQBackend_turboquant3``, or for ``kvq``
 ``KVQBackend_kvq_<digest of the YAML>``, and binds the config to the class. Everything a class computes
-comes from that config and from the call's own arguments: ``customize_spec`` sizes the slot from the config
-and the spec's head size (see ``formats.slot_bytes``), and each impl resolves its formats against the vLLM
-config current when vLLM builds the layer (so a standalone draft model resolves against itself). No
-process-wide "last model seen".
+comes from that config and from the call's own arguments: each impl resolves its formats against the vLLM
+config current when vLLM builds the layer (so a standalone draft model resolves against itself), and gives
+its layer's spec that layer's own slot (``KVQAttentionImpl.kv_cache_spec``, reached through
+``patches.per_layer_kv_cache_spec``), so a mixed per-layer config costs its true bytes in vLLM's block
+count (see ``formats``). ``customize_spec``, which vLLM calls without naming a layer, gives the config's
+largest slot (``formats.slot_bytes``). No process-wide "last model seen".
 
 Prefill reads the cache it has just written (``forward_includes_kv_cache_update = False``: vLLM calls
 ``do_kv_cache_update`` first), so a prefix-cache hit, a chunked prefill and a cold run see the same
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass, replace
 from typing import ClassVar
@@ -46,6 +49,9 @@ _CLASS_PREFIX = "KVQBackend_"
 # FlashAttention's kernel block granularity: skip layers served by it and our layers then agree on block
 # sizes when vLLM aligns pages (platforms/interface.py, _align_heterogeneous_kv_block_size).
 KERNEL_BLOCK_MULTIPLE = 16
+# Debug knob (read once, like ops' VLLM_KVQ_IMPL): "1" gives every layer the config's largest slot, as before
+# per-layer pages, to compare block counts and outputs with the per-layer path in one run.
+PADDED_SLOTS = os.environ.get("VLLM_KVQ_PADDED_SLOTS", "0") not in ("", "0")
 
 
 def _digest(cfg: _config.KVQConfig) -> str:
@@ -192,6 +198,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
                              f"{self._formats.shape.num_kv_heads} KV heads over {self._formats.shape.tp_size} "
                              f"TP ranks give {got}")
         self._fmt: KVFormat | None = None
+        self._fmt_key: tuple[int | None, int | None] = (None, None)
 
     @classmethod
     def served(cls, shape: ModelShape, block_size: int | None = None, draft: bool = False) -> ServedFormats:
@@ -203,8 +210,11 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
                 for note in notes:
                     logger.warning("vllm_kvq: standalone draft model: %s", note)
             f = cls._served[key] = ServedFormats(cfg, shape, key[1])
-            logger.info("vllm_kvq: %s -> %d layers, slot %d B per token per KV head (K+V), %.2fx vs bf16",
-                        cls.kvq_config.name, len(f.layers), f.slot_bytes, f.default.compression())
+            slots = sorted({x.slot_bytes for x in f.layers})
+            logger.info("vllm_kvq: %s -> %d layers, slot %s B per token per KV head (K+V; %.1f on average, %.2fx "
+                        "vs bf16)%s", cls.kvq_config.name, len(f.layers), "/".join(map(str, slots)),
+                        f.average_slot(), 2 * shape.head_size * 2 / f.average_slot(),
+                        " [VLLM_KVQ_PADDED_SLOTS: every layer padded to %d B]" % f.slot_bytes if PADDED_SLOTS else "")
         return cls._served[key]
 
     def _refuse_reference_on_gpu(self, vc) -> None:
@@ -222,15 +232,27 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
                     raise ValueError(f"vllm_kvq: no GPU kernel runs {op} for {fmt.name!r} ({reasons}); "
                                      f"choose codecs with Triton support (e.g. a turboquant* preset)")
 
-    def _format(self, layer, block_size: int | None = None) -> KVFormat:
-        """The layer's format; ``block_size`` (the cache's) re-sizes the sink area when it differs."""
-        if block_size is None:
-            block_size = self._formats.block_size
-        if self._fmt is None or (self._fmt.sink_tokens and self._fmt.block_size != block_size):
-            formats = self._formats
-            if self.kvq_config.sink_tokens:
-                formats = self.served(self._shape, block_size, self._draft)
-            self._fmt = formats.for_layer(_layer_index(layer.layer_name))
+    def _formats_at(self, block_size: int | None) -> ServedFormats:
+        if block_size is None or not self.kvq_config.sink_tokens:
+            return self._formats
+        return self.served(self._shape, block_size, self._draft)
+
+    def kv_cache_spec(self, layer_name: str, spec):
+        """The spec of layer ``layer_name`` with that layer's own slot (``formats``): vLLM then sizes each
+        layer's page by what the layer stores. Specs that are not ours, or already sized, pass unchanged."""
+        if PADDED_SLOTS or spec.state_content_bytes is not None or not KVQAttentionBackend.is_ours(spec):
+            return spec
+        slot = self._formats_at(spec.block_size).layer_slot(_layer_index(layer_name))
+        return replace(spec, state_content_bytes=slot)
+
+    def _format(self, layer, kv_cache: torch.Tensor | None = None) -> KVFormat:
+        """The layer's format for the cache vLLM handed it: the cache's block size sizes the sink area, and a
+        cache slot wider than the layer's own (a page vLLM sized without naming the layer) is padding."""
+        block_size, cache_slot = (None, None) if kv_cache is None else (kv_cache.shape[2], kv_cache.shape[3])
+        if self._fmt is None or self._fmt_key != (block_size, cache_slot):
+            formats = self._formats_at(block_size)
+            self._fmt = formats.for_layer(_layer_index(layer.layer_name), cache_slot)
+            self._fmt_key = (block_size, cache_slot)
         return self._fmt
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -240,7 +262,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
             return
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        ops.store(k, v, kv_cache, slot_mapping, self._format(layer, kv_cache.shape[2]))
+        ops.store(k, v, kv_cache, slot_mapping, self._format(layer, kv_cache))
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: KVQMetadata, output: torch.Tensor | None = None,
@@ -255,7 +277,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = ops.paged_attention(q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                                  attn_metadata.query_start_loc, self._format(layer, kv_cache.shape[2]),
+                                  attn_metadata.query_start_loc, self._format(layer, kv_cache),
                                   scale=self.scale, max_seq_len=replay_safe_max_seq_len(query, attn_metadata))
         flat = output.view(num_tokens, -1)
         flat[:n] = out.reshape(n, -1).to(output.dtype)

@@ -5,15 +5,18 @@ means the model's last layer on every stage) and every KV head of every tensor-p
 is global head 5, and calibration statistics of shape (layers, kv_heads, D) check against the checkpoint).
 Then each rank takes its own heads, the way vLLM shards them.
 
-The slot size comes from the config and the head size alone: the largest key codec plus the largest value
-codec the config names. So every layer, every rank, every pipeline stage and every draft layer agrees on
-one page size without knowing anything about the others (vLLM asserts one page size per KV-cache group and
-identical specs on every TP rank), and ``customize_spec``, which sees no model, computes the same number.
-A config whose largest key and largest value never meet in one (layer, head) pays for padding it does not
-need; no preset does that.
+Each layer's slot is its own: the largest K+V size over that layer's heads, every head of every TP rank
+(vLLM asserts identical specs on every TP rank), rounded to even, plus the sink area at the cache's block
+size. vLLM gets it per layer (``KVQAttentionImpl.kv_cache_spec``) and, since every layer of ours is full
+attention with one block size, keeps all of them in one KV-cache group whose block holds one page per
+layer of that layer's own size (``UniformTypeKVCacheSpecs``): a mixed config costs its true average bytes,
+with no padding and no rounding of pages to divide each other. ``slot_bytes(cfg, ...)`` is the config's
+largest slot (largest key codec plus largest value codec), what ``customize_spec`` gives a spec it cannot
+place in a layer (vLLM's block alignment for skip layers asks the backend for a page without naming one);
+a cache that wide still serves any layer, padded.
 
 Layers past the model's last (EAGLE/EAGLE3/MTP draft layers, numbered after the target's) get the config's
-default key and value codecs at the same slot.
+default key and value codecs, at their slot.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def slot_bytes(cfg: _config.KVQConfig, head_size: int, block_size: int | None = 
 
 
 class ServedFormats:
-    """The formats of one config on one rank: ``for_layer(i)`` for any global layer index ``i >= 0``."""
+    """The formats of one config on one rank: ``for_layer(i)`` for any global layer index ``i >= 0``, each at
+    its layer's own slot (``layer_slot(i)``), or padded to a wider cache's slot."""
 
     def __init__(self, cfg: _config.KVQConfig, shape: ModelShape, block_size: int | None = None):
         self.shape = shape
@@ -79,13 +83,35 @@ class ServedFormats:
         heads = list(shape.rank_heads())
         full = formats_from_config(cfg, num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                    head_size=shape.head_size, block_size=block_size, model=shape.model)
-        self.layers = [_take_heads(f, heads, self.slot_bytes) for f in full]
+        # A layer's slot is its widest head over the whole model: the same on every TP rank.
+        self.layers = [_take_heads(f, heads, f.slot_bytes) for f in full]
         k, v = cfg.key.build(shape.head_size, cfg.seed), cfg.value.build(shape.head_size, cfg.seed)
         self.default = KVFormat(shape.head_size, [k] * len(heads), [v] * len(heads),
-                                name=f"{cfg.name}[default]", pad_to=self.slot_bytes, sink_tokens=cfg.sink_tokens,
-                                block_size=block_size)
+                                name=f"{cfg.name}[default]", sink_tokens=cfg.sink_tokens, block_size=block_size)
+        self._padded: dict[tuple[int, int], KVFormat] = {}
 
-    def for_layer(self, index: int) -> KVFormat:
+    def layer_slot(self, index: int) -> int:
+        """Bytes per (token, KV head) of layer ``index``'s own slot."""
+        return self._own(index).slot_bytes
+
+    def average_slot(self) -> float:
+        return sum(f.slot_bytes for f in self.layers) / len(self.layers)
+
+    def for_layer(self, index: int, cache_slot: int | None = None) -> KVFormat:
+        """Layer ``index``'s format; ``cache_slot``: the slot width of the cache vLLM handed the layer, when
+        it is wider than the layer's own (a page sized without naming the layer: the config's largest)."""
+        fmt = self._own(index)
+        if cache_slot is None or cache_slot == fmt.slot_bytes:
+            return fmt
+        if cache_slot < fmt.slot_bytes:
+            raise ValueError(f"vllm_kvq: layer {index} ({fmt.name}) needs {fmt.slot_bytes} bytes per token per KV "
+                             f"head, but vLLM's cache for it has {cache_slot}")
+        key = (index if index < len(self.layers) else -1, cache_slot)
+        if key not in self._padded:
+            self._padded[key] = fmt.with_block_size(fmt.block_size, pad_to=cache_slot)
+        return self._padded[key]
+
+    def _own(self, index: int) -> KVFormat:
         if index < 0:
             raise ValueError(f"layer index must be >= 0, got {index}")
         return self.layers[index] if index < len(self.layers) else self.default

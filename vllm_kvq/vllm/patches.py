@@ -192,3 +192,37 @@ def bypass_selector_cache(names: tuple[str, ...], choose: Callable) -> bool:
         _cached_get_attn_backend.cache_clear = orig.cache_clear
     selector_mod._cached_get_attn_backend = _cached_get_attn_backend
     return True
+
+
+def per_layer_kv_cache_spec(layer_spec: Callable) -> bool:
+    """Let each attention layer's spec carry that layer's own slot size.
+
+    What: wraps ``Attention.get_kv_cache_spec`` so that the spec it returns goes through
+      ``layer_spec(layer, spec)`` (our backend gives our layers ``state_content_bytes`` for their own formats;
+      every other layer's spec is returned as is).
+    Why: vLLM sizes pages through the backend's classmethod ``customize_spec(spec)``, which is not told the
+      layer, so a config whose layers use codecs of different sizes could only give every layer the largest
+      slot. With per-layer sizes, vLLM keeps all full-attention layers in one KV-cache group whose block holds
+      one page per layer of that layer's size (``UniformTypeKVCacheSpecs``), i.e. the true bytes. Both the
+      V1 runner (``GPUModelRunner.get_kv_cache_spec``, which the CPU runner inherits) and Model Runner V2
+      (``v1/worker/gpu/attn_utils.get_kv_cache_spec``) call ``attn_module.get_kv_cache_spec(vllm_config)``
+      before ``customize_attention_spec``, and ``customize_spec`` leaves a spec already sized alone.
+    Versions: vLLM 0.32 and 0.33.
+    Retire: when vLLM passes the layer (or its name) to ``customize_spec``.
+    Returns True when the wrapper was installed now (False: already installed).
+    """
+    from vllm.model_executor.layers.attention import attention as attention_mod
+
+    cls = _require(attention_mod, "Attention", "vllm.model_executor.layers.attention.attention")
+    orig = _require(cls, "get_kv_cache_spec", "Attention")
+    if getattr(orig, _HOOK_ATTR, False):
+        return False
+
+    @functools.wraps(orig)
+    def get_kv_cache_spec(self, vllm_config):
+        spec = orig(self, vllm_config)
+        return spec if spec is None else layer_spec(self, spec)
+
+    setattr(get_kv_cache_spec, _HOOK_ATTR, True)
+    cls.get_kv_cache_spec = get_kv_cache_spec
+    return True

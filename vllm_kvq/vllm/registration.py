@@ -4,6 +4,7 @@ workers). vLLM may call it more than once per process, so it is idempotent."""
 from __future__ import annotations
 
 import logging
+import sys
 
 from vllm_kvq.vllm import patches
 from vllm_kvq.vllm.dtypes import KVQ_DTYPES
@@ -25,6 +26,15 @@ def vllm_version() -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _layer_spec(layer, spec):
+    """The spec with the layer's own slot when our backend serves the layer. A process that never routed a
+    layer to us has not imported the backend, so nothing is imported for other dtypes."""
+    backend = sys.modules.get("vllm_kvq.vllm.backend")
+    if backend is None or not isinstance(getattr(layer, "impl", None), backend.KVQAttentionImpl):
+        return spec
+    return layer.impl.kv_cache_spec(layer.layer_name, spec)
+
+
 def register() -> None:
     global _done
     if _done:
@@ -40,5 +50,6 @@ def register() -> None:
 
     patches.route_attention_backend(choose_backend)
     patches.bypass_selector_cache((CONFIG_DTYPE,), choose_backend)
+    patches.per_layer_kv_cache_spec(_layer_spec)
     _done = True
     logger.debug("vllm_kvq registered dtypes %s on vLLM %s", ", ".join(KVQ_DTYPES), vllm_version())
