@@ -120,9 +120,12 @@ def statistics(keys: torch.Tensor,  # (Hk, N, D) post-RoPE keys of one layer
     rotation-invariant, a single channel's is not)."""
     k, v = keys.float(), values.float()
     mu_k, mu_v = k.mean(1), v.mean(1)
+    # The scales measure each channel's spread around the calibration span's mean, also where that mean is not
+    # kept: a turning pair's mean energy is not spread the codec has to cover (measured: scales taken around
+    # the masked mean cost +3.6 -> +7.3 % perplexity and 9/10 -> 6/10 needle retrieval on SmolLM2).
+    ms = (k - mu_k[:, None]).pow(2).mean(1)
     if rope is not None and horizon:
         mu_k = mu_k * rope_mask(*rope, k.shape[-1], horizon)
-    ms = (k - mu_k[:, None]).pow(2).mean(1)
     if rope is not None:
         half = rope[1] // 2
         pair = (ms[:, :half] + ms[:, half:2 * half]) / 2
