@@ -608,7 +608,9 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   const int64_t dp = align16(d);
   const int64_t span = a.value_offset + a.v.nbytes;  // slot bytes attention reads
 #if KVQ_AVX512
-  if (nq >= 2 && rows <= kMaxPrefillRows && w.split < 0 && w.c0 == 0) return attend_prefill_item(a, w);
+  // Every item of a prefill sequence (even a last item of one query token): the sequence's rows then all
+  // sum in the same order, whichever chunk or item they land in.
+  if (ql >= 2 && rows <= kMaxPrefillRows && w.split < 0 && w.c0 == 0) return attend_prefill_item(a, w);
 #endif
   const bool k_lut = use_lut(a, a.k, nq, c_end - w.c0);
   const bool v_hist = use_lut(a, a.v, nq, c_end - w.c0);

@@ -1,4 +1,4 @@
-// Prefill work items (two or more query tokens) on AVX-512, included by kernels_impl.h inside its ISA
+// Prefill work items (of sequences with two or more query tokens) on AVX-512, included by kernels_impl.h inside its ISA
 // namespace (AVX-512 build only; the portable build runs prefill through attend_item's per-row loops).
 //
 // The item's rows (query tokens x the KV head's G query heads, at most 64) sit in vector lanes: the rotated
