@@ -55,28 +55,27 @@ def _median_s(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _vllm_bf16_attention(hq, hk, d, batch, ctx, gen):
-    """A callable running vLLM-CPU's bf16 decode attention over a paged cache of this shape, or None."""
+def _vllm_ops():
+    """(vllm._custom_ops, its ISA picker), or None where vLLM-CPU's attention ops are unavailable."""
     try:
         import vllm._custom_ops as vops
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
     except ImportError as e:
         print(f"(vLLM-CPU's attention op is unavailable: {e})")
         return None
-    nb = batch * (ctx // BLOCK)
-    kv = torch.randn(nb, hk, 2 * BLOCK, d, generator=gen).to(torch.bfloat16)
-    key_cache, value_cache = kv.chunk(2, dim=2)
-    bt = torch.arange(nb, dtype=torch.int32).reshape(batch, ctx // BLOCK)
-    lens = torch.full((batch,), ctx, dtype=torch.int32)
-    qsl = torch.arange(batch + 1, dtype=torch.int32)
-    q = torch.randn(batch, hq, d, generator=gen).to(torch.bfloat16)
+    return vops, _get_attn_isa
+
+
+def _vllm_attention_call(vops, isa, q, key_cache, value_cache, bt, lens, qsl, hk):
+    """A callable running vLLM-CPU's causal bf16 attention (what CPU_ATTN calls) over this paged cache."""
     out = torch.empty_like(q)
-    isa = _get_attn_isa(torch.bfloat16, BLOCK, d, "auto")
+    d = q.shape[-1]
     if isa == "amx":  # the OS hands out AMX tiles only on request (in an engine oneDNN has asked already)
         torch.cpu._init_amx()
     sched = vops.cpu_attn_get_scheduler_metadata(
-        num_reqs=batch, num_heads=hq, num_kv_heads=hk, head_dim=d, seq_lens=lens, dtype=torch.bfloat16,
-        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=True)
+        num_reqs=lens.numel(), num_heads=q.shape[1], num_kv_heads=hk, head_dim=d, seq_lens=lens,
+        dtype=torch.bfloat16, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=True)
 
     def run():
         vops.cpu_attention_with_kv_cache(
@@ -85,6 +84,23 @@ def _vllm_bf16_attention(hq, hk, d, batch, ctx, gen):
             scheduler_metadata=sched, s_aux=None)
 
     return run
+
+
+def _vllm_bf16_attention(hq, hk, d, batch, ctx, gen):
+    """A callable running vLLM-CPU's bf16 decode attention over a paged cache of this shape, or None."""
+    ops = _vllm_ops()
+    if ops is None:
+        return None
+    vops, get_isa = ops
+    nb = batch * (ctx // BLOCK)
+    kv = torch.randn(nb, hk, 2 * BLOCK, d, generator=gen).to(torch.bfloat16)
+    key_cache, value_cache = kv.chunk(2, dim=2)
+    bt = torch.arange(nb, dtype=torch.int32).reshape(batch, ctx // BLOCK)
+    lens = torch.full((batch,), ctx, dtype=torch.int32)
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    q = torch.randn(batch, hq, d, generator=gen).to(torch.bfloat16)
+    return _vllm_attention_call(vops, get_isa(torch.bfloat16, BLOCK, d, "auto"), q, key_cache, value_cache, bt,
+                                lens, qsl, hk)
 
 
 def kernel(a) -> None:
@@ -136,35 +152,24 @@ def _interleaved_medians(fns: dict, reps: int) -> dict:
 
 def _vllm_bf16_prefill(hq, hk, d, n, gen):
     """A callable storing n tokens' bf16 K/V with vLLM-CPU's own op and attending them causally, or None."""
-    try:
-        import vllm._custom_ops as vops
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-    except ImportError as e:
-        print(f"(vLLM-CPU's attention op is unavailable: {e})")
+    ops = _vllm_ops()
+    if ops is None:
         return None
+    vops, get_isa = ops
     nb = (n + BLOCK - 1) // BLOCK
     kv = torch.zeros(nb, hk, 2 * BLOCK, d, dtype=torch.bfloat16)
     key_cache, value_cache = kv.chunk(2, dim=2)
     bt = torch.arange(nb, dtype=torch.int32).reshape(1, nb)
-    lens = torch.tensor([n], dtype=torch.int32)
-    qsl = torch.tensor([0, n], dtype=torch.int32)
+    lens, qsl = torch.tensor([n], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32)
     q = torch.randn(n, hq, d, generator=gen).to(torch.bfloat16)
     k, v = (torch.randn(n, hk, d, generator=gen).to(torch.bfloat16) for _ in range(2))
     slots = torch.arange(n, dtype=torch.int64)
-    out = torch.empty_like(q)
-    isa = _get_attn_isa(torch.bfloat16, BLOCK, d, "auto")
-    if isa == "amx":
-        torch.cpu._init_amx()
-    sched = vops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=hq, num_kv_heads=hk, head_dim=d, seq_lens=lens, dtype=torch.bfloat16,
-        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=True)
+    isa = get_isa(torch.bfloat16, BLOCK, d, "auto")
+    attend = _vllm_attention_call(vops, isa, q, key_cache, value_cache, bt, lens, qsl, hk)
 
     def run():
         vops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
-        vops.cpu_attention_with_kv_cache(
-            query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=qsl, seq_lens=lens,
-            scale=d ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1, block_table=bt, softcap=0.0,
-            scheduler_metadata=sched, s_aux=None)
+        attend()
 
     return run
 
