@@ -58,6 +58,34 @@ inline void lane_gemm_n(int nr, float* c, int64_t cs, const float* x, int64_t xr
   }
 }
 
+// Score dot products sum in pieces of kScorePart coordinates, added pairwise (a tree over the pieces): one
+// chain over all D coordinates rounds its running sum D times, which at D = 128 was enough to move the
+// bf16 outputs measurably away from the reference's (and the old kernel's 16-way split) sums.
+constexpr int kScorePart = 8;
+inline int score_parts(int d) { return (d + kScorePart - 1) / kScorePart; }
+
+// s[r][lanes] = q^T[.][lanes] . kt[r] for kBcast key rows r, via score_parts(d) partial sums in part.
+inline void lane_scores(int nr, float* s, int64_t ls, const float* kt, int64_t dp, const float* qt, int d, float* part) {
+  const int np = score_parts(d);
+  const int64_t ps = kBcast * ls;  // one partial: kBcast rows of ls lanes
+  for (int p = 0; p < np; ++p) {
+    const int k0 = p * kScorePart, kn = d - k0 < kScorePart ? d - k0 : kScorePart;
+    lane_gemm_n(nr, np == 1 ? s : part + p * ps, ls, kt + k0, dp, 1, qt + k0 * ls, ls, kn, nullptr);
+  }
+  if (np == 1) return;
+  for (int stride = 1; stride < np; stride *= 2)
+    for (int p = 0; p + stride < np; p += 2 * stride) {
+      float* dst = stride * 2 >= np && p == 0 ? nullptr : part + p * ps;
+      const float* a = part + p * ps;
+      const float* b = part + (p + stride) * ps;
+      for (int r = 0; r < kBcast; ++r)
+        for (int v = 0; v < nr; ++v) {
+          const __m512 x = _mm512_add_ps(_mm512_load_ps(a + r * ls + 16 * v), _mm512_load_ps(b + r * ls + 16 * v));
+          _mm512_store_ps((dst ? dst : s) + r * ls + 16 * v, x);
+        }
+    }
+}
+
 // One tile's online softmax for 16 rows: st (keys, lanes) holds the raw scores of keys [j0, j0 + n);
 // afterwards the weights times V's per-key factors. m, l, alpha: the lanes' running max, normalizer and the
 // factor the accumulator takes for this tile.
@@ -76,14 +104,19 @@ inline void softmax_lanes(float* st, int64_t ls, int n, int j0, const float* ksc
   const __m512 m_new = _mm512_max_ps(m_old, mt);
   // A row that sees no key of this tile keeps its state exactly (factor 1, not exp(0) of a polynomial).
   const __mmask16 same = _mm512_cmp_ps_mask(m_new, m_old, _CMP_EQ_OQ);
-  const __m512 al = _mm512_mask_mov_ps(exp512(_mm512_sub_ps(m_old, m_new)), same, _mm512_set1_ps(1.f));
-  __m512 sum = _mm512_setzero_ps();
+  // The rescaling factor scales every earlier tile's sums: libm's exp (16 calls a tile), not the polynomial.
+  alignas(64) float d_m[16];
+  _mm512_store_ps(d_m, _mm512_sub_ps(m_old, m_new));
+  for (int i = 0; i < 16; ++i) d_m[i] = std::exp(d_m[i]);
+  const __m512 al = _mm512_mask_mov_ps(_mm512_load_ps(d_m), same, _mm512_set1_ps(1.f));
+  // Two chains (even and odd keys) for the tile's normalizer, added at the end.
+  __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int jj = 0; jj < n; ++jj) {
     const __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(st + jj * ls), m_new));  // hidden keys: exactly 0
-    sum = _mm512_add_ps(sum, p);
+    sum[jj & 1] = _mm512_add_ps(sum[jj & 1], p);
     _mm512_store_ps(st + jj * ls, _mm512_mul_ps(p, _mm512_set1_ps(vscale[jj])));
   }
-  _mm512_store_ps(l, _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(l), al), sum));
+  _mm512_store_ps(l, _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(l), al), _mm512_add_ps(sum[0], sum[1])));
   _mm512_store_ps(m, m_new);
   _mm512_store_ps(alpha, al);
 }
@@ -107,7 +140,8 @@ void attend_prefill_item(const AttnArgs& a, const WorkItem& w) {
 
   // Scratch (floats): Q^T, scores / weights (keys, lanes), acc^T, m, l, alpha, positions (int32), K tile,
   // V tile, per-key factors, two D rows, then slot copies.
-  const size_t nf = 2 * static_cast<size_t>(dp) * lp + kTile * lp + 4 * lp + 2 * kTile * dp + 2 * kTile + 2 * dp;
+  const size_t nf = 2 * static_cast<size_t>(dp) * lp + kTile * lp + 4 * lp + 2 * kTile * dp + 2 * kTile + 2 * dp +
+                    static_cast<size_t>(score_parts(d)) * kBcast * lp;
   auto* base = static_cast<float*>(tls_scratch.get(sizeof(float) * nf + kTile * (align16(span) + 64)));
   float* qt = base;
   float* acc = qt + dp * lp;
@@ -122,6 +156,7 @@ void attend_prefill_item(const AttnArgs& a, const WorkItem& w) {
   float* vscale = kscale + kTile;
   float* tmp = vscale + kTile;
   float* q = tmp + dp;
+  float* part = q + dp;  // partial score sums (lane_scores), or one block of a tile's weighted values
   uint8_t* copies = reinterpret_cast<uint8_t*>(base + nf);
 
   std::memset(qt, 0, sizeof(float) * 2 * dp * lp);  // Q^T (padding lanes: zero queries) and acc^T
@@ -155,16 +190,26 @@ void attend_prefill_item(const AttnArgs& a, const WorkItem& w) {
     }
     // Key rows past n (up to the next multiple of kBcast) hold an earlier tile's finite values: their
     // scores are computed and never read.
-    for (int jj = 0; jj < n; jj += kBcast) lane_gemm_n(nr, st + jj * lp, lp, kt + jj * dp, dp, 1, qt, lp, d, nullptr);
+    for (int jj = 0; jj < n; jj += kBcast) lane_scores(nr, st + jj * lp, lp, kt + jj * dp, dp, qt, d, part);
     for (int v = 0; v < nr; ++v)
       softmax_lanes(st + 16 * v, lp, n, j0, kscale, vscale, _mm512_loadu_si512(pos + 16 * v), mrow + 16 * v,
                     lrow + 16 * v, alpha + 16 * v);
-    for (int i = 0; i < d; i += kBcast) lane_gemm_n(nr, acc + i * lp, lp, vt + i, 1, dp, st, lp, n, alpha);
+    // The tile's weighted values are summed on their own, then added to the rescaled accumulator (as the
+    // reference does): the running sum is not the first term of a long chain of small products.
+    for (int i = 0; i < d; i += kBcast) {
+      lane_gemm_n(nr, part, lp, vt + i, 1, dp, st, lp, n, nullptr);
+      for (int r = 0; r < kBcast; ++r)
+        for (int v = 0; v < nr; ++v) {
+          float* c = acc + (i + r) * lp + 16 * v;
+          _mm512_store_ps(c, _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(c), _mm512_load_ps(alpha + 16 * v)),
+                                           _mm512_load_ps(part + r * lp + 16 * v)));
+        }
+    }
   }
 
   for (int r = 0; r < rows; ++r) {
-    const float inv = 1.f / (lrow[r] > 1e-30f ? lrow[r] : 1e-30f);
-    for (int i = 0; i < d; ++i) q[i] = acc[i * lp + r] * inv;
+    const float l = lrow[r] > 1e-30f ? lrow[r] : 1e-30f;
+    for (int i = 0; i < d; ++i) q[i] = acc[i * lp + r] / l;  // one rounding (the reference divides too)
     write_output(a, w.q0 + r / g, h * g + r % g, h, q, tmp);
   }
 }
