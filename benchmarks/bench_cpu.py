@@ -3,6 +3,7 @@
     python benchmarks/bench_cpu.py kernel                  # decode attention, SmolLM2 and Llama-3.1-8B shapes
     python benchmarks/bench_cpu.py kernel --shapes 1x4096 --codecs turboquant3
     python benchmarks/bench_cpu.py fib                     # FibQuant decode (table / tile paths) vs turboquant2
+    python benchmarks/bench_cpu.py prefill --threads 1     # one layer's prefill (store + attention) vs bf16
     python benchmarks/bench_cpu.py e2e MODEL_DIR           # vLLM-CPU decode step and prefill per dtype
     python benchmarks/bench_cpu.py serve MODEL_DIR         # `vllm bench serve` per dtype
 
@@ -15,6 +16,12 @@ reads per second and that rate as a share of the plain read's.
 fib: per (model, batch x context): decode attention over turboquant2 and over FibQuant codecs read two ways,
 through per-query codeword tables and value histograms (the default for long decode contexts) and through
 decoded float tiles (``FIB_LUT_FROM = None``), as milliseconds and as ratios to turboquant2 in the same run.
+
+prefill: one layer's prefill of N tokens in one chunk (store, then causal attention over the cache), ours per
+codec through the default path (the fused kernel) and through the opt-in dense path (``DENSE_PREFILL_FROM``:
+decode to float, torch SDPA), against vLLM-CPU's bf16 store + attention (``cpu_attn_reshape_and_cache`` +
+``cpu_attention_with_kv_cache``) over a bf16 cache of the same shape; the variants run interleaved, one
+repetition of each in turn, and the table gives each one's median milliseconds and its ratio to bf16.
 
 e2e: one vLLM engine per dtype (one process each, one after another): per batch x context, the prefill time
 (the whole batch in one step) and the mean decode step time over 32 steps, from vLLM's per-request timestamps.
@@ -48,28 +55,27 @@ def _median_s(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _vllm_bf16_attention(hq, hk, d, batch, ctx, gen):
-    """A callable running vLLM-CPU's bf16 decode attention over a paged cache of this shape, or None."""
+def _vllm_ops():
+    """(vllm._custom_ops, its ISA picker), or None where vLLM-CPU's attention ops are unavailable."""
     try:
         import vllm._custom_ops as vops
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
     except ImportError as e:
         print(f"(vLLM-CPU's attention op is unavailable: {e})")
         return None
-    nb = batch * (ctx // BLOCK)
-    kv = torch.randn(nb, hk, 2 * BLOCK, d, generator=gen).to(torch.bfloat16)
-    key_cache, value_cache = kv.chunk(2, dim=2)
-    bt = torch.arange(nb, dtype=torch.int32).reshape(batch, ctx // BLOCK)
-    lens = torch.full((batch,), ctx, dtype=torch.int32)
-    qsl = torch.arange(batch + 1, dtype=torch.int32)
-    q = torch.randn(batch, hq, d, generator=gen).to(torch.bfloat16)
+    return vops, _get_attn_isa
+
+
+def _vllm_attention_call(vops, isa, q, key_cache, value_cache, bt, lens, qsl, hk):
+    """A callable running vLLM-CPU's causal bf16 attention (what CPU_ATTN calls) over this paged cache."""
     out = torch.empty_like(q)
-    isa = _get_attn_isa(torch.bfloat16, BLOCK, d, "auto")
+    d = q.shape[-1]
     if isa == "amx":  # the OS hands out AMX tiles only on request (in an engine oneDNN has asked already)
         torch.cpu._init_amx()
     sched = vops.cpu_attn_get_scheduler_metadata(
-        num_reqs=batch, num_heads=hq, num_kv_heads=hk, head_dim=d, seq_lens=lens, dtype=torch.bfloat16,
-        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=True)
+        num_reqs=lens.numel(), num_heads=q.shape[1], num_kv_heads=hk, head_dim=d, seq_lens=lens,
+        dtype=torch.bfloat16, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=True)
 
     def run():
         vops.cpu_attention_with_kv_cache(
@@ -78,6 +84,23 @@ def _vllm_bf16_attention(hq, hk, d, batch, ctx, gen):
             scheduler_metadata=sched, s_aux=None)
 
     return run
+
+
+def _vllm_bf16_attention(hq, hk, d, batch, ctx, gen):
+    """A callable running vLLM-CPU's bf16 decode attention over a paged cache of this shape, or None."""
+    ops = _vllm_ops()
+    if ops is None:
+        return None
+    vops, get_isa = ops
+    nb = batch * (ctx // BLOCK)
+    kv = torch.randn(nb, hk, 2 * BLOCK, d, generator=gen).to(torch.bfloat16)
+    key_cache, value_cache = kv.chunk(2, dim=2)
+    bt = torch.arange(nb, dtype=torch.int32).reshape(batch, ctx // BLOCK)
+    lens = torch.full((batch,), ctx, dtype=torch.int32)
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    q = torch.randn(batch, hq, d, generator=gen).to(torch.bfloat16)
+    return _vllm_attention_call(vops, get_isa(torch.bfloat16, BLOCK, d, "auto"), q, key_cache, value_cache, bt,
+                                lens, qsl, hk)
 
 
 def kernel(a) -> None:
@@ -112,6 +135,88 @@ def kernel(a) -> None:
                 print(f"{model:8} {batch:>3}x{ctx:<5} {name:12} {ours_s * 1e3:8.3f} {bf16_s * 1e3:8.3f} "
                       f"{ours_s / bf16_s:9.2f} {read_s * 1e3:8.3f} {nbytes / ours_s / 1e9:9.1f} "
                       f"{100 * read_s / ours_s:8.0f}%")
+
+
+def _interleaved_medians(fns: dict, reps: int) -> dict:
+    """Median seconds per callable, the callables run in turn each repetition (the machine's load drifts)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _vllm_bf16_prefill(hq, hk, d, n, gen):
+    """A callable storing n tokens' bf16 K/V with vLLM-CPU's own op and attending them causally, or None."""
+    ops = _vllm_ops()
+    if ops is None:
+        return None
+    vops, get_isa = ops
+    nb = (n + BLOCK - 1) // BLOCK
+    kv = torch.zeros(nb, hk, 2 * BLOCK, d, dtype=torch.bfloat16)
+    key_cache, value_cache = kv.chunk(2, dim=2)
+    bt = torch.arange(nb, dtype=torch.int32).reshape(1, nb)
+    lens, qsl = torch.tensor([n], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32)
+    q = torch.randn(n, hq, d, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(n, hk, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+    slots = torch.arange(n, dtype=torch.int64)
+    isa = get_isa(torch.bfloat16, BLOCK, d, "auto")
+    attend = _vllm_attention_call(vops, isa, q, key_cache, value_cache, bt, lens, qsl, hk)
+
+    def run():
+        vops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+        attend()
+
+    return run
+
+
+def prefill(a) -> None:
+    from vllm_kvq import codecs
+    from vllm_kvq.kernels import cpu as kc
+    from vllm_kvq.kv_format import KVFormat
+
+    if not kc.available():
+        sys.exit("vllm_kvq._C_cpu is not built (pip install -e . or scripts/setup_env.sh builds it)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    gen = torch.Generator().manual_seed(0)
+    print(f"threads {torch.get_num_threads()}, our ISA {kc.best_isa()}, block size {BLOCK}, {a.reps} reps")
+    print(f"{'model':8} {'tokens':>6} {'what':24} {'ms':>8} {'x bf16':>7}")
+    for model in ([a.model] if a.model != "all" else list(MODELS)):
+        hq, hk, d = MODELS[model]
+        for n in a.tokens:
+            fns = {}
+            peer = _vllm_bf16_prefill(hq, hk, d, n, gen)
+            if peer:
+                fns["bf16 (vLLM-CPU)"] = peer
+            bt = torch.arange((n + BLOCK - 1) // BLOCK, dtype=torch.int32).reshape(1, -1)
+            lens, qsl = torch.tensor([n], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32)
+            q = torch.randn(n, hq, d, generator=gen).to(torch.bfloat16)
+            k, v = (torch.randn(n, hk, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+            for name in a.codecs:
+                c = codecs.get(name, head_dim=d)
+                fmt = KVFormat(d, [c] * hk, [c] * hk, name=name)
+                cache = fmt.allocate(bt.shape[1], BLOCK)
+
+                def run(fmt=fmt, cache=cache, dense=None):
+                    kc.store(k, v, cache, torch.arange(n), fmt)
+                    before, kc.DENSE_PREFILL_FROM = kc.DENSE_PREFILL_FROM, dense
+                    try:
+                        kc.paged_attention(q, cache, bt, lens, qsl, fmt, scale=d ** -0.5)
+                    finally:
+                        kc.DENSE_PREFILL_FROM = before
+
+                fns[f"{name} fused"] = run
+                if a.dense:
+                    fns[f"{name} dense SDPA"] = lambda run=run: run(dense=2)
+            med = _interleaved_medians(fns, a.reps)
+            base = med.get("bf16 (vLLM-CPU)", float("nan"))
+            for what, sec in med.items():
+                print(f"{model:8} {n:>6} {what:24} {sec * 1e3:8.1f} {sec / base:7.2f}")
 
 
 def _decode_batch(batch: int, ctx: int, hq: int, d: int, gen):
@@ -280,6 +385,14 @@ def main(argv=None) -> None:
     f.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")], default=[(1, 4096), (8, 4096)])
     f.add_argument("--reps", type=int, default=10)
     f.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    pf = sub.add_parser("prefill")
+    pf.add_argument("--model", choices=[*MODELS, "all"], default="smollm2")
+    pf.add_argument("--codecs", type=lambda s: s.split(","), default=["turboquant4", "turboquant3"])
+    pf.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[3000])
+    pf.add_argument("--reps", type=int, default=7)
+    pf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    pf.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the opt-in dense (SDPA) path")
     for name in ("e2e", "serve"):
         p = sub.add_parser(name)
         p.add_argument("model_dir")
@@ -291,7 +404,7 @@ def main(argv=None) -> None:
             p.add_argument("--port", type=int, default=8102)
             p.add_argument("--prompts", type=int, default=48)
     a = ap.parse_args(argv)
-    {"kernel": kernel, "fib": fib, "e2e": e2e, "serve": serve}[a.what](a)
+    {"kernel": kernel, "fib": fib, "prefill": prefill, "e2e": e2e, "serve": serve}[a.what](a)
 
 
 if __name__ == "__main__":

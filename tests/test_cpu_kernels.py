@@ -310,32 +310,54 @@ def test_attention_sinks_dense_prefill_path(cid, gen, monkeypatch):
     _attn_case(sink_fmt(cid, 64, 2, 2, 16), 6, [45, 80], [45, 33], gen, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("cid", ["turboquant3", "fibquant2"])
-def test_sinks_chunked_prefill_and_prefix_hit_equal_cold_run(cid, gen):
-    """One cold prefill of 50 tokens against: the same prompt in chunks of 20 / 17 / 13 tokens (each chunk
-    stores its tokens, then attends), and a prefix-cache hit (blocks 0-1 from the cold run, the last 18
-    tokens recomputed). Every query row gives the cold run's output exactly."""
-    fmt = sink_fmt(cid, 64, 2, 2, 16)
-    n, hq = 50, 6
-    k, v = torch.randn(n, 2, 64, generator=gen), torch.randn(n, 2, 64, generator=gen)
-    q = torch.randn(n, hq, 64, generator=gen)
-    bt = torch.tensor([[3, 0, 5, 1]], dtype=torch.int32)
-    slots = bt[0, torch.arange(n) // 16].long() * 16 + torch.arange(n) % 16
+def _check_chunked_and_prefix_hit_equal_cold(fmt, hq, n, chunks, hit_blocks, gen, isa="best", t=16):
+    """One cold prefill of n tokens against: the same prompt in chunks (each chunk stores its tokens, then
+    attends), and a prefix-cache hit (the first hit_blocks blocks from the cold run, the rest recomputed).
+    Every query row must give the cold run's output bit for bit: vLLM's "prefix-cache hit == cold run" and
+    "chunked == one chunk" hold only if a row's result does not depend on which rows share its call."""
+    hk, d = fmt.num_kv_heads, fmt.head_size
+    k, v = torch.randn(n, hk, d, generator=gen), torch.randn(n, hk, d, generator=gen)
+    q = torch.randn(n, hq, d, generator=gen).to(torch.bfloat16)
+    nb = (n + t - 1) // t
+    bt = torch.randperm(nb + 2, generator=gen)[:nb].to(torch.int32)[None]
+    slots = bt[0, torch.arange(n) // t].long() * t + torch.arange(n) % t
 
     def run(cache, a, b):
-        kc.store(k[a:b], v[a:b], cache, slots[a:b], fmt)
+        kc.store(k[a:b], v[a:b], cache, slots[a:b], fmt, isa=isa)
         return kc.paged_attention(q[a:b], cache, bt, torch.tensor([b], dtype=torch.int32),
-                                  torch.tensor([0, b - a], dtype=torch.int32), fmt, scale=0.125)
+                                  torch.tensor([0, b - a], dtype=torch.int32), fmt, scale=0.125, isa=isa)
 
-    cold_cache = fmt.allocate(6, 16)
+    cold_cache = fmt.allocate(nb + 2, t)
     cold = run(cold_cache, 0, n)
-    chunked_cache = fmt.allocate(6, 16)
-    chunked = torch.cat([run(chunked_cache, a, b) for a, b in ((0, 20), (20, 37), (37, n))])
-    assert torch.equal(chunked_cache, cold_cache) and torch.equal(chunked, cold)
-    hit_cache = fmt.allocate(6, 16)
+    chunked_cache = fmt.allocate(nb + 2, t)
+    edges = [0, *chunks, n]
+    chunked = torch.cat([run(chunked_cache, a, b) for a, b in zip(edges, edges[1:])])
+    assert torch.equal(chunked_cache, cold_cache)
+    assert torch.equal(chunked, cold), (chunked.float() - cold.float()).abs().max()
+    hit_cache = fmt.allocate(nb + 2, t)
     hit_cache[:, :, :, :] = 0
-    hit_cache[bt[0, :2].long()] = cold_cache[bt[0, :2].long()]
-    assert torch.equal(run(hit_cache, 32, n), cold[32:])
+    hit_cache[bt[0, :hit_blocks].long()] = cold_cache[bt[0, :hit_blocks].long()]
+    assert torch.equal(run(hit_cache, hit_blocks * t, n), cold[hit_blocks * t:])
+
+
+@pytest.mark.parametrize("cid", ["turboquant3", "fibquant2"])
+def test_sinks_chunked_prefill_and_prefix_hit_equal_cold_run(cid, gen):
+    _check_chunked_and_prefix_hit_equal_cold(sink_fmt(cid, 64, 2, 2, 16), 6, 50, (20, 37), 2, gen)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", list(CODECS))
+def test_chunked_prefill_and_prefix_hit_equal_cold_run(cid, isa, gen):
+    # 3 and 4 query heads per KV head (SmolLM2's ratio, and one that fills lanes evenly); chunks of 2 and odd
+    # sizes put a row in a different lane and a different item of the kernel than the cold run. No chunk of
+    # one token: that is a decode call, whose kernel sums in another order (and splits long contexts).
+    _check_chunked_and_prefix_hit_equal_cold(uniform_fmt(cid, 64, 3), 9, 150, (2, 33, 64, 101, 130), 5, gen,
+                                             isa=isa)
+    _check_chunked_and_prefix_hit_equal_cold(uniform_fmt(cid, 64, 2), 8, 90, (7, 40, 42, 75), 3, gen, isa=isa)
+
+
+def test_chunked_prefill_equals_cold_run_head_dim_128(gen):
+    _check_chunked_and_prefix_hit_equal_cold(uniform_fmt("turboquant4", 128, 1), 8, 100, (17, 50), 4, gen)
 
 
 def test_attention_empty_batch():

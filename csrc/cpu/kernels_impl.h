@@ -519,6 +519,10 @@ inline void patch_sinks(const Args& a, const TileRows& t, int n, int side, float
 
 }  // namespace
 
+#if KVQ_AVX512
+#include "prefill_avx512.h"
+#endif
+
 // ----------------------------------------------------------------------------------------------- store
 
 void store_range(const StoreArgs& a, int64_t begin, int64_t end) {
@@ -603,6 +607,11 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   const int c_end = w.c1 < first_pos + nq ? w.c1 : first_pos + nq;
   const int64_t dp = align16(d);
   const int64_t span = a.value_offset + a.v.nbytes;  // slot bytes attention reads
+#if KVQ_AVX512
+  // Every item of a prefill sequence (even a last item of one query token): the sequence's rows then all
+  // sum in the same order, whichever chunk or item they land in.
+  if (ql >= 2 && rows <= kMaxPrefillRows && w.split < 0 && w.c0 == 0) return attend_prefill_item(a, w);
+#endif
   const bool k_lut = use_lut(a, a.k, nq, c_end - w.c0);
   const bool v_hist = use_lut(a, a.v, nq, c_end - w.c0);
   const int km = d / (k_lut ? a.k.n0 : 1), kw = k_lut ? 1 << a.k.b0 : 0;

@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 ISAS = {"best": 0, "portable": 1, "avx512": 2}
 # Prefill chunks of at least this many query tokens may attend through torch's scaled_dot_product_attention
 # (its CPU flash kernel, float32) over the context decoded once to the rotated domain, instead of the fused
-# kernel: 2x faster at 3000 tokens. Off (None) by default: a prefix-cache hit runs its short suffix through the
-# fused kernel, and the two summation orders moved logprobs of the cold and the warm run apart by 4e-3 nats
-# on the tiny test models, over the 1e-3 that "prefix-cache hit == cold run" allows.
+# kernel. Off (None) by default: the fused kernel's prefill (csrc/cpu/prefill_avx512.h) is as fast, and gives
+# a row the same bits whichever chunk it lands in, where SDPA's key blocks follow the call's length (a
+# prefix-cache hit's suffix and the cold run differed by 4e-3 nats on the tiny test models; 1e-3 allowed).
 DENSE_PREFILL_FROM: int | None = None
 _ROTATIONS = {"identity": 0, "hadamard": 1, "haar": 2}
 MAX_HEAD_SIZE = 1024
