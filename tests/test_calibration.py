@@ -322,6 +322,8 @@ def test_cli_default_output_is_the_models_calibration(tiny, tmp_path):
     assert cli.main(["calibrate", str(model), "--text", str(text), "--tokens", "48"]) == 0
     st = CalibrationStats.load(config.model_calibration_path(model))
     assert st.shape == (2, 2, 64)
+    # RoPE-aware by default, over the model's trained context (4096 for the tiny model, under the 8192 cap)
+    assert dict(st.metadata)["rope_horizon"] == "4096"
     fmts = formats_from_config(config.load("k4v4-cal-sink"), num_layers=2, num_kv_heads=2, head_size=64,
                                block_size=16, model=str(model))
     assert torch.equal(fmts[0].v_shift, st.mu_v[0])

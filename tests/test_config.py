@@ -229,3 +229,25 @@ def test_for_draft_keeps_the_drafts_own_model_calibration(tmp_path):
     path.write_bytes(b"")  # presence decides here; loading checks the contents later
     kept, notes = config.for_draft(cfg, 4, 2, model=tmp_path)
     assert kept.calibration == "model" and notes == []
+
+
+def test_cli_show_with_a_model_reads_its_shape_and_calibration(capsys, tmp_path):
+    """`config show PRESET --model DIR`: the model's shape replaces --layers/--kv-heads/--head-size, a
+    `calibration: model` preset reads the model's statistics, and --block-size sizes the sink area."""
+    import json
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 3, "num_attention_heads": 4,
+                                                   "num_key_value_heads": 2, "hidden_size": 256}))
+    assert cli.main(["config", "show", "k3v3-cal-sink", "--model", str(model), "--block-size", "16"]) == 2
+    assert "vllm-kvq calibrate" in capsys.readouterr().err  # no statistics yet: the error says what to run
+    path = config.model_calibration_path(model)
+    path.parent.mkdir()
+    CalibrationStats(torch.zeros(3, 2, 64), torch.zeros(3, 2, 64), torch.ones(3, 2, 64)).save(path)
+    assert cli.main(["config", "show", "k3v3-cal-sink", "--model", str(model), "--block-size", "16"]) == 0
+    out = capsys.readouterr().out
+    # 3 layers x 2 KV heads x (52 B of codes + 16 B of sink area per slot at 16-token blocks)
+    assert "3 layers x 2 KV heads x head_size 64" in out and f"{3 * 2 * (52 + 16)}" in out
+    assert cli.main(["config", "show", "k3v3-cal-sink", "--model", str(model), "--block-size", "128"]) == 0
+    assert f"{3 * 2 * (52 + 2)}" in capsys.readouterr().out
