@@ -73,7 +73,6 @@ struct AttnArgs {
   Sinks sinks;
   int lut_from;  // decode items over >= this many context tokens score FibQuant keys by table lookups
                  // and sum FibQuant values as codeword histograms (< 0: never)
-  int bf16_dots;  // decode items may multiply in bf16 (bf16 queries, a CPU with AVX512-BF16)
   int num_tokens;
   int num_q_heads;
   float* partial;  // (splits, N, Hq, D) when splitting

@@ -628,8 +628,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   const size_t nhist = v_hist ? static_cast<size_t>(rows) * vm * vw : 0;
   const size_t nidx = align16((static_cast<size_t>(kTile) * (km + vm) + 1) / 2);
   const size_t nf = static_cast<size_t>(rows) * dp * 2 + 2 * kTile * dp + static_cast<size_t>(rows) * kTile +
-                    3 * align16(rows) + 2 * dp + 2 * kTile + align16(ntab) + align16(nhist) + nidx +
-                    static_cast<size_t>(rows) * (dp / 2 + kTile / 2);
+                    3 * align16(rows) + 2 * dp + 2 * kTile + align16(ntab) + align16(nhist) + nidx;
   auto* base = static_cast<float*>(tls_scratch.get(sizeof(float) * nf + kTile * (align16(span) + 64)));
   float* qr = base;
   float* acc = qr + rows * dp;
@@ -646,7 +645,6 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   float* hist = tabs + align16(ntab);
   uint16_t* kidx = reinterpret_cast<uint16_t*>(hist + align16(nhist));
   uint16_t* vidx = kidx + kTile * km;
-  float* fused16 = reinterpret_cast<float*>(kidx) + nidx;  // bf16 queries, then bf16 weight pairs (fused decode)
   uint8_t* copies = reinterpret_cast<uint8_t*>(base + nf);
   TileRows t;
 
@@ -677,30 +675,17 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   make_fused(a.k, fk);
   make_fused(a.v, fv);
   const bool fused = nq == 1 && fk.ok && fv.ok;
-  FusedCodec16 gk, gv;
-  bool dots16 = false;
-  auto* qb = reinterpret_cast<__m512i*>(fused16);
-  int32_t* pw = reinterpret_cast<int32_t*>(fused16 + static_cast<size_t>(rows) * dp / 2);
-  if (fused && a.bf16_dots) {
-    make_fused16(a.k, fk, gk);
-    make_fused16(a.v, fv, gv);
-    dots16 = gk.ok && gv.ok;
-    if (dots16) queries_to_bf16(qr, dp, rows, gk.nh, qb);
-  }
 #else
   (void)alpha;
-  (void)fused16;
 #endif
   for (int j0 = w.c0; j0 < c_end; j0 += kTile) {
     const int n = c_end - j0 < kTile ? c_end - j0 : kTile;
     const bool any_sink = gather_tile(a, head_base, bt, j0, n, span, copies, t);
 #if KVQ_AVX512
     if (fused && !any_sink) {
-      if (j0 + kTile < c_end) prefetch_rows(a, head_base, bt, j0 + kTile, c_end < j0 + 2 * kTile ? c_end : j0 + 2 * kTile, span);
-      if (dots16)
-        bf16_decode_tile(a, fk, fv, gk, gv, t, n, rows, qb, sc, mrow, lrow, acc, dp, kscale, vscale, alpha, pw);
-      else
-        fused_decode_tile(a, fk, fv, t, n, rows, qr, dp, sc, mrow, lrow, acc, kscale, vscale, alpha);
+      if (j0 + kTile < c_end)
+        prefetch_rows(a, head_base, bt, j0 + kTile, c_end < j0 + 2 * kTile ? c_end : j0 + 2 * kTile, span);
+      fused_decode_tile(a, fk, fv, t, n, rows, qr, dp, sc, mrow, lrow, acc, kscale, vscale, alpha);
       continue;
     }
 #endif

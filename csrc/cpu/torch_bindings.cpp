@@ -34,11 +34,6 @@ bool cpu_has_avx512() {
   return has;
 }
 
-bool cpu_has_avx512_bf16() {
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
 bool use_avx512(int64_t isa) {
   TORCH_CHECK(isa == kBest || isa == kPortable || isa == kAvx512, "vllm_kvq_cpu: isa must be 0 (best), 1 (portable) "
               "or 2 (avx512), got ", isa);
@@ -293,7 +288,10 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
   int64_t splits = num_splits;
   if (splits <= 0) {
     const int64_t base = static_cast<int64_t>(decode_rows.size()) * a.gh;
-    splits = base == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>((4 * threads + base - 1) / base, max_decode_len / 512));
+    // one thread has nothing to balance: a split only adds partial writes and the merge
+    splits = base == 0 || threads <= 1
+                 ? 1
+                 : std::max<int64_t>(1, std::min<int64_t>((4 * threads + base - 1) / base, max_decode_len / 512));
   }
   const int64_t split_tokens = (max_decode_len + splits - 1) / splits;
   const int64_t split_aligned = std::max<int64_t>(32, (split_tokens + 31) / 32 * 32);
@@ -332,9 +330,6 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
   for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
   const bool simd = use_avx512(isa) && kvq::cpu::avx512::supports(a.k, a.v, a.head_dim);
-  // bf16 queries only: an fp16 query's own rounding is 8x finer than bf16's, and float32 queries must match
-  // the reference to 1e-4.
-  a.bf16_dots = simd && a.dtype == kvq::cpu::kBF16In && cpu_has_avx512_bf16();
   parallel_items(static_cast<int64_t>(items.size()), [&](int64_t i) {
     if (simd)
       kvq::cpu::avx512::attend_item(a, items[order[i]]);
