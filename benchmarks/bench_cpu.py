@@ -341,7 +341,10 @@ def serve(a) -> None:
     for dtype in a.dtypes:
         log = open(f"/tmp/bench_cpu_serve_{dtype}.log", "w")
         srv = subprocess.Popen([vllm, "serve", a.model_dir, "--served-model-name", "m", "--port", str(a.port),
-                                "--kv-cache-dtype", dtype, "--max-model-len", "2048", "--dtype", "bfloat16"],
+                                "--kv-cache-dtype", dtype, "--max-model-len", "2048", "--dtype", "bfloat16",
+                                # an explicit KV budget (the same for every dtype) skips the CPU backend's
+                                # memory-fraction check, which fails on a shared machine
+                                "--kv-cache-memory-bytes", str(a.kv_bytes)],
                                stdout=log, stderr=subprocess.STDOUT)
         try:
             for _ in range(300):
@@ -410,6 +413,7 @@ def main(argv=None) -> None:
         else:
             p.add_argument("--port", type=int, default=8102)
             p.add_argument("--prompts", type=int, default=48)
+            p.add_argument("--kv-bytes", type=int, default=2 << 30, help="KV-cache bytes of every server")
     a = ap.parse_args(argv)
     {"kernel": kernel, "fib": fib, "prefill": prefill, "e2e": e2e, "serve": serve}[a.what](a)
 

@@ -212,7 +212,8 @@ class SimRun:
         sink_fmt = None
         if var.sink:
             sc = config.parse_codec(codec_yaml(var.sink_spec)).build(self.head_dim, cfg.seed)
-            sink_fmts = [KVFormat(self.head_dim, [sc] * self.n_kv, [sc] * self.n_kv, **f.calibration()) for f in fmts]
+            sink_fmts = [KVFormat(self.head_dim, [sc] * self.n_kv, [sc] * self.n_kv,
+                                  k_shift=f.k_shift, v_shift=f.v_shift, k_scale=f.k_scale) for f in fmts]
             sink_fmt = sink_fmts
 
         def quantizer(layer, k, v):

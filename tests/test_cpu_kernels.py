@@ -36,7 +36,9 @@ def test_extension_is_built_on_x86():
 pytestmark = pytest.mark.skipif(not kc.available(), reason="vllm_kvq._C_cpu is not built")
 
 ISAS = [pytest.param("avx512", marks=pytest.mark.skipif(not kc.available() or kc.best_isa() != "avx512",
-                                                        reason="no AVX-512")), "portable"]
+                                                        reason="no AVX-512")),
+        pytest.param("avx2", marks=pytest.mark.skipif(not kc.available() or not kc.has_isa("avx2"),
+                                                      reason="no AVX2/FMA/F16C")), "portable"]
 
 # The shared matrix (tests/codec_cases.py): every case the CPU kernels must run, state-bound ones included.
 CODECS = codec_cases.ids("cpu")

@@ -1,5 +1,5 @@
 // Framework-free interface between the torch binding (torch_bindings.cpp) and the per-ISA kernel builds
-// (kernels_avx512.cpp, kernels_portable.cpp, both compiled from kernels_impl.h). Plain structs of pointers
+// (kernels_avx512.cpp, kernels_avx2.cpp, kernels_portable.cpp, all compiled from kernels_impl.h). Plain structs of pointers
 // and strides, so the ISA translation units include no torch headers.
 #pragma once
 
@@ -91,6 +91,7 @@ struct AttnArgs {
 
 KVQ_DECLARE_ISA(portable)
 KVQ_DECLARE_ISA(avx512)
+KVQ_DECLARE_ISA(avx2)
 
 #undef KVQ_DECLARE_ISA
 

@@ -1,5 +1,5 @@
 // torch.library registration of the CPU kernels as vllm_kvq_cpu::store and vllm_kvq_cpu::paged_attention,
-// the run-time ISA choice (AVX-512 when the CPU has it, else portable C++) and the work split over threads
+// the run-time ISA choice (AVX-512 when the CPU has it, else AVX2, else portable C++) and the work split over threads
 // (at::parallel_for, so the kernels run on the OpenMP threads vLLM-CPU binds). Shapes are validated in
 // Python (vllm_kvq/kernels/cpu.py); here only what the kernels would silently misread is checked.
 #include <ATen/ATen.h>
@@ -22,7 +22,7 @@ using kvq::cpu::AttnArgs;
 using kvq::cpu::StoreArgs;
 using kvq::cpu::WorkItem;
 
-enum Isa : int64_t { kBest = 0, kPortable = 1, kAvx512 = 2 };
+enum Isa : int64_t { kBest = 0, kPortable = 1, kAvx512 = 2, kAvx2 = 3 };
 
 bool cpu_has_avx512() {
   static const bool has = [] {
@@ -34,14 +34,56 @@ bool cpu_has_avx512() {
   return has;
 }
 
-bool use_avx512(int64_t isa) {
-  TORCH_CHECK(isa == kBest || isa == kPortable || isa == kAvx512, "vllm_kvq_cpu: isa must be 0 (best), 1 (portable) "
-              "or 2 (avx512), got ", isa);
-  TORCH_CHECK(isa != kAvx512 || cpu_has_avx512(), "vllm_kvq_cpu: isa=avx512 requested but this CPU lacks AVX-512");
-  return isa == kAvx512 || (isa == kBest && cpu_has_avx512());
+// AVX2 + FMA + F16C: every x86-64 CPU since Haswell / Zen 1 (the portable code compiled for it).
+bool cpu_has_avx2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("bmi2");
+  }();
+  return has;
 }
 
-std::string best_isa() { return cpu_has_avx512() ? "avx512" : "portable"; }
+Isa best() { return cpu_has_avx512() ? kAvx512 : cpu_has_avx2() ? kAvx2 : kPortable; }
+
+// The build to run: the requested one (checked against the CPU), or the best this CPU has. ``simd_ok``: the
+// AVX-512 build takes the codecs (it declines some; the AVX2 and portable builds take every codec).
+Isa resolve(int64_t isa, bool simd_ok = true) {
+  TORCH_CHECK(isa == kBest || isa == kPortable || isa == kAvx512 || isa == kAvx2, "vllm_kvq_cpu: isa must be 0 "
+              "(best), 1 (portable), 2 (avx512) or 3 (avx2), got ", isa);
+  TORCH_CHECK(isa != kAvx512 || cpu_has_avx512(), "vllm_kvq_cpu: isa=avx512 requested but this CPU lacks AVX-512");
+  TORCH_CHECK(isa != kAvx2 || cpu_has_avx2(), "vllm_kvq_cpu: isa=avx2 requested but this CPU lacks AVX2/FMA/F16C");
+  Isa which = isa == kBest ? best() : static_cast<Isa>(isa);
+  if (which == kAvx512 && !simd_ok) which = cpu_has_avx2() ? kAvx2 : kPortable;
+  return which;
+}
+
+// Calls kvq::cpu::<isa>::fn(args...) for the build ``which``.
+#define KVQ_DISPATCH(which, fn, ...)                  \
+  do {                                                \
+    switch (which) {                                  \
+      case kAvx512: kvq::cpu::avx512::fn(__VA_ARGS__); break; \
+      case kAvx2: kvq::cpu::avx2::fn(__VA_ARGS__); break;     \
+      default: kvq::cpu::portable::fn(__VA_ARGS__); break;    \
+    }                                                 \
+  } while (0)
+
+bool has_isa(int64_t isa) {
+  switch (isa) {
+    case kBest: case kPortable: return true;
+    case kAvx512: return cpu_has_avx512();
+    case kAvx2: return cpu_has_avx2();
+    default: return false;
+  }
+}
+
+std::string best_isa() {
+  switch (best()) {
+    case kAvx512: return "avx512";
+    case kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
 
 int dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -201,14 +243,9 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, co
   const int64_t max_slot = cache.size(0) * cache.size(2);
   for (int64_t i = 0; i < key.size(0); ++i)
     TORCH_CHECK(a.slots[i] < max_slot, "vllm_kvq_cpu::store: slot ", a.slots[i], " beyond the cache's ", max_slot);
-  const bool simd = use_avx512(isa);
+  const Isa which = resolve(isa);
   const int64_t total = key.size(0) * a.gh;
-  at::parallel_for(0, total, 16, [&](int64_t b, int64_t e) {
-    if (simd)
-      kvq::cpu::avx512::store_range(a, b, e);
-    else
-      kvq::cpu::portable::store_range(a, b, e);
-  });
+  at::parallel_for(0, total, 16, [&](int64_t b, int64_t e) { KVQ_DISPATCH(which, store_range, a, b, e); });
 }
 
 void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor& cache, const at::Tensor& block_table,
@@ -329,20 +366,12 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
   std::vector<int64_t> order(items.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
-  const bool simd = use_avx512(isa) && kvq::cpu::avx512::supports(a.k, a.v, a.head_dim);
-  parallel_items(static_cast<int64_t>(items.size()), [&](int64_t i) {
-    if (simd)
-      kvq::cpu::avx512::attend_item(a, items[order[i]]);
-    else
-      kvq::cpu::portable::attend_item(a, items[order[i]]);
-  });
+  const Isa which = resolve(isa, kvq::cpu::avx512::supports(a.k, a.v, a.head_dim));
+  parallel_items(static_cast<int64_t>(items.size()), [&](int64_t i) { KVQ_DISPATCH(which, attend_item, a, items[order[i]]); });
   if (splits > 1 && !decode_rows.empty()) {
     const int64_t total = static_cast<int64_t>(decode_rows.size()) * a.gh * a.group;
     at::parallel_for(0, total, 4, [&](int64_t b, int64_t e) {
-      if (simd)
-        kvq::cpu::avx512::merge_splits(a, static_cast<int>(splits), decode_rows.data(), b, e);
-      else
-        kvq::cpu::portable::merge_splits(a, static_cast<int>(splits), decode_rows.data(), b, e);
+      KVQ_DISPATCH(which, merge_splits, a, static_cast<int>(splits), decode_rows.data(), b, e);
     });
   }
 }
@@ -383,7 +412,7 @@ void decode_context(const at::Tensor& cache, const at::Tensor& block_table, int6
   a.head_dim = static_cast<int>(d);
   a.value_offset = static_cast<int>(value_offset);
   a.sinks = sinks_of(sinks, cache, d);
-  const bool simd = use_avx512(isa) && kvq::cpu::avx512::supports(a.k, a.v, a.head_dim);
+  const Isa which = resolve(isa, kvq::cpu::avx512::supports(a.k, a.v, a.head_dim));
   constexpr int64_t kPiece = 256;
   const int64_t pieces = (length + kPiece - 1) / kPiece;
   float* ko = k_out.data_ptr<float>();
@@ -395,10 +424,7 @@ void decode_context(const at::Tensor& cache, const at::Tensor& block_table, int6
       const int c1 = static_cast<int>(std::min<int64_t>(length, c0 + kPiece));
       float* kp = ko + (hs * length + c0) * d;
       float* vp = vo + (hs * length + c0) * d;
-      if (simd)
-        kvq::cpu::avx512::decode_context(a, static_cast<int>(seq), hs, c0, c1, kp, vp);
-      else
-        kvq::cpu::portable::decode_context(a, static_cast<int>(seq), hs, c0, c1, kp, vp);
+      KVQ_DISPATCH(which, decode_context, a, static_cast<int>(seq), hs, c0, c1, kp, vp);
     }
   });
 }
@@ -442,6 +468,7 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
       "int isa) -> ()");
   m.def("rotate(Tensor x, Tensor(a!) y, int[] spec, Tensor[] tabs, bool inverse) -> ()");
   m.def("best_isa() -> str", &best_isa);
+  m.def("has_isa(int isa) -> bool", &has_isa);
 }
 
 TORCH_LIBRARY_IMPL(vllm_kvq_cpu, CPU, m) {

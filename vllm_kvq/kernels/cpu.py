@@ -10,8 +10,9 @@ item) and sums values as a histogram of weights per (block position, codeword), 
 the end; codebooks of more than 1024 codewords (11 or 12 index bits), prefill chunks and short contexts decode
 codes into float tiles instead (the table would cost more than it saves).
 
-The extension picks its ISA at run time (AVX-512 when the CPU has F/BW/VL/DQ, else portable C++);
-``isa="portable"`` forces the fallback (tests run both). Threads come from ``at::parallel_for``, i.e. the
+The extension picks its ISA at run time: the hand-written AVX-512 build when the CPU has F/BW/VL/DQ/VBMI, else
+the portable C++ compiled for AVX2 + FMA + F16C, else the portable C++ for the baseline ISA; ``isa=`` forces
+one (tests run all three). Threads come from ``at::parallel_for``, i.e. the
 OpenMP threads torch (and vLLM-CPU's thread binding) set up.
 """
 
@@ -33,7 +34,7 @@ from vllm_kvq.kv_format import KVFormat
 
 logger = logging.getLogger(__name__)
 
-ISAS = {"best": 0, "portable": 1, "avx512": 2}
+ISAS = {"best": 0, "portable": 1, "avx512": 2, "avx2": 3}
 # Prefill chunks of at least this many query tokens may attend through torch's scaled_dot_product_attention
 # (its CPU flash kernel, float32) over the context decoded once to the rotated domain, instead of the fused
 # kernel. Off (None) by default: the fused kernel's prefill (csrc/cpu/prefill_avx512.h) is as fast, and gives
@@ -81,8 +82,13 @@ def _log_once(msg: str) -> None:
 
 
 def best_isa() -> str:
-    """The ISA the kernels run with by default on this CPU: "avx512" or "portable"."""
+    """The ISA the kernels run with by default on this CPU: "avx512", "avx2" or "portable"."""
     return torch.ops.vllm_kvq_cpu.best_isa()
+
+
+def has_isa(isa: str) -> bool:
+    """Whether this CPU can run the kernels' ``isa`` build (a name of ``ISAS``)."""
+    return bool(torch.ops.vllm_kvq_cpu.has_isa(_isa(isa)))
 
 
 def _codec_why_not(c: VectorCodec) -> str | None:

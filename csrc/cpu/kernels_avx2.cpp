@@ -1,0 +1,16 @@
+// The portable kernels compiled for AVX2 + FMA + F16C (every x86-64 CPU since Haswell / Zen 1): the compiler
+// vectorizes the plain C++ loops 8 floats wide with fused multiply-adds. Chosen at run time on CPUs without
+// the AVX-512 subset the hand-written build needs. Standard headers come first, outside the target pragma.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2")
+
+#define KVQ_AVX512 0
+#define KVQ_ISA avx2
+#include "kernels_impl.h"
+
+#pragma GCC pop_options
