@@ -132,6 +132,8 @@ def train(args) -> dict:
             print(f"step {step:4d}  loss {row['loss']:.3f}  {tokens_seen / max(elapsed, 1e-9):6.0f} tok/s  "
                   f"{elapsed:6.0f} s" + (f"  val ppl {row['val_ppl']}" if "val_ppl" in row else ""),
                   file=sys.stderr)
+        if args.stop_after_steps and step + 1 >= args.stop_after_steps:
+            break
         if elapsed > args.max_minutes * 60:
             print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", file=sys.stderr)
             break
@@ -188,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--stop-after-steps", type=int, default=None,
+                   help="end after this many steps with the schedule of --steps (replays a run --max-minutes cut)")
     p.add_argument("--max-minutes", type=float, default=22.0,
                    help="stop early past this much training time (the run is then not reproducible step for step)")
     args = p.parse_args(argv)
