@@ -322,11 +322,17 @@ def test_cli_default_output_is_the_models_calibration(tiny, tmp_path):
     assert cli.main(["calibrate", str(model), "--text", str(text), "--tokens", "48"]) == 0
     st = CalibrationStats.load(config.model_calibration_path(model))
     assert st.shape == (2, 2, 64)
-    # RoPE-aware by default, over the model's trained context (4096 for the tiny model, under the 8192 cap)
-    assert dict(st.metadata)["rope_horizon"] == "4096"
+    # position-aware key centring by default for a RoPE model: the file carries the RoPE frequencies
+    assert dict(st.metadata)["key_centre"] == "rope" and st.rope_freq is not None and st.rope_freq.shape == (32,)
     fmts = formats_from_config(config.load("k4v4-cal-sink"), num_layers=2, num_kv_heads=2, head_size=64,
                                block_size=16, model=str(model))
-    assert torch.equal(fmts[0].v_shift, st.mu_v[0])
+    assert torch.equal(fmts[0].v_shift, st.mu_v[0]) and fmts[0].key_rope is not None and fmts[0].k_shift is None
+    # the fixed mean on request: RoPE-aware over the model's trained context (4096 for the tiny model)
+    assert cli.main(["calibrate", str(model), "--text", str(text), "--tokens", "48", "--key-centre", "fixed"]) == 0
+    st = CalibrationStats.load(config.model_calibration_path(model))
+    assert dict(st.metadata)["rope_horizon"] == "4096" and st.rope_freq is None
+    with pytest.raises(SystemExit, match="fixed only"):
+        cli.main(["calibrate", str(model), "--text", str(text), "--tokens", "48", "--rope-horizon", "100"])
 
 
 def test_demo_model_gets_the_shipped_calibration(tmp_path):

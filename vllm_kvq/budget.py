@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from vllm_kvq import codecs, fake_quant
-from vllm_kvq.kv_format import KVFormat
+from vllm_kvq.kv_format import KVFormat, calibration_kwargs
 
 DEFAULT_CANDIDATES = ("turboquant2", "turboquant2.5", "turboquant3", "turboquant3.5", "turboquant4")
 SIDES = ("K", "V")
@@ -88,11 +88,7 @@ def measure(model, prompts: list[list[int]], *, num_layers: int, num_kv_heads: i
     def fmt(layer, kc, vc, heads=None):
         keys = [kc if heads is None or h in heads else bf16 for h in range(num_kv_heads)]
         vals = [vc if heads is None or h in heads else bf16 for h in range(num_kv_heads)]
-        cal = {}
-        if calibration_stats is not None:
-            cal = {"k_shift": calibration_stats.mu_k[layer], "v_shift": calibration_stats.mu_v[layer],
-                   "k_scale": calibration_stats.k_smooth[layer] if smooth_keys else None}
-        return KVFormat(head_dim, keys, vals, **cal)
+        return KVFormat(head_dim, keys, vals, **calibration_kwargs(calibration_stats, layer, smooth_keys))
 
     with fake_quant.quantized(model, None):
         refs = [fake_quant.score(model, p, keep_top=64) for p in prompts]

@@ -13,8 +13,11 @@ outlier channels of keys before the codec's rotation spreads them.
     stats = compute(model, input_ids)                      # one eager forward of a HF causal LM
     stats.save("smollm2.safetensors"); CalibrationStats.load(path).check(num_layers, num_kv_heads, head_size)
 
-The file holds three float32 tensors of shape (L, Hk, D): ``mu_k``, ``mu_v``, ``k_smooth``. Nothing here
-imports vLLM; transformers is imported only by ``compute``'s caller (it takes a loaded model).
+The file holds three float32 tensors of shape (L, Hk, D): ``mu_k``, ``mu_v``, ``k_smooth``, and for
+position-aware key centring (``key_centre="rope"``, the default for RoPE models; ``vllm_kvq.key_centre``) a
+fourth, ``rope_freq`` (R/2,): the model's RoPE frequencies, and ``mu_k`` is then the mean of the keys before
+RoPE, which the cache turns to each key's position. Nothing here imports vLLM; transformers is imported only
+by ``compute``'s caller (it takes a loaded model).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Callable
 import torch
 
 TENSORS = ("mu_k", "mu_v", "k_smooth")
+KEY_CENTRES = ("rope", "fixed")  # position-aware (vllm_kvq.key_centre) or one post-RoPE key mean
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class CalibrationStats:
     mu_v: torch.Tensor  # (L, Hk, D) float32, mean of values
     k_smooth: torch.Tensor  # (L, Hk, D) float32 > 0, per-channel key scale, geometric mean 1 per head
     metadata: tuple[tuple[str, str], ...] = ()
+    # (R/2,) RoPE frequencies when mu_k is the pre-RoPE key mean (position-aware centring), else None
+    rope_freq: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -50,8 +56,10 @@ class CalibrationStats:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({n: getattr(self, n).float().contiguous() for n in TENSORS}, str(path),
-                  metadata=dict(self.metadata))
+        tensors = {n: getattr(self, n).float().contiguous() for n in TENSORS}
+        if self.rope_freq is not None:
+            tensors["rope_freq"] = self.rope_freq.float().contiguous()
+        save_file(tensors, str(path), metadata=dict(self.metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationStats":
@@ -74,7 +82,14 @@ class CalibrationStats:
                              + ", ".join(f"{n} {tuple(x.shape)}" for n, x in t.items()))
         if not bool((t["k_smooth"] > 0).all()) or not all(bool(x.isfinite().all()) for x in t.values()):
             raise ValueError("k_smooth must be positive and every value finite")
-        return cls(**t, metadata=tuple(sorted(meta.items())))
+        freq = tensors.get("rope_freq")
+        if freq is not None:
+            d = t["mu_k"].shape[-1]
+            if freq.dim() != 1 or not 0 < 2 * freq.numel() <= d or not bool((freq.float() > 0).all()):
+                raise ValueError(f"rope_freq must hold R/2 positive frequencies with R <= head_size {d}, got "
+                                 f"{tuple(freq.shape)}")
+            freq = freq.float()
+        return cls(**t, metadata=tuple(sorted(meta.items())), rope_freq=freq)
 
 
 # A RoPE pair whose angle moves more than this over the serving horizon gets no key mean (see rope_mask).
@@ -135,6 +150,28 @@ def statistics(keys: torch.Tensor,  # (Hk, N, D) post-RoPE keys of one layer
     return mu_k, mu_v, s
 
 
+def statistics_rope(keys: torch.Tensor,  # (Hk, N, D) post-RoPE keys of one layer
+                    values: torch.Tensor,  # (Hk, N, D)
+                    positions: torch.Tensor,  # (N,) their positions
+                    freq: torch.Tensor,  # (R/2,) RoPE frequencies
+                    smooth_alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mu_k, mu_v, k_smooth) for position-aware key centring: ``mu_k`` is the mean of the keys with RoPE
+    undone (the mean the cache turns to each key's position, ``vllm_kvq.key_centre``); the scales measure
+    each channel's spread around that turning mean, the two channels of a RoPE pair sharing one."""
+    from vllm_kvq import key_centre
+
+    k, v = keys.float(), values.float()
+    mu_k = key_centre.rotate(k, positions, freq, inverse=True).mean(1)  # (Hk, D)
+    resid = k - key_centre.rotate(mu_k[:, None].expand_as(k), positions, freq)
+    ms = resid.pow(2).mean(1)
+    half = freq.numel()
+    pair = (ms[:, :half] + ms[:, half:2 * half]) / 2
+    ms = torch.cat([pair, pair, ms[:, 2 * half:]], -1)
+    s = ms.sqrt().clamp(min=1e-6) ** smooth_alpha
+    s = s / s.log().mean(-1, keepdim=True).exp()
+    return mu_k, v.mean(1), s
+
+
 @torch.no_grad()
 def capture_kv(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Post-RoPE keys and values of every layer, [(k, v)] each (Hk, N, D), from one forward of a HF causal LM.
@@ -153,27 +190,41 @@ def capture_kv(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch
 
 
 def compute(model, input_ids: torch.Tensor, *, skip_first: int = 4, smooth_alpha: float = 0.5,
-            rope_horizon: int | None = None, progress: Callable[[str], None] | None = None) -> CalibrationStats:
+            rope_horizon: int | None = None, key_centre: str = "fixed",
+            progress: Callable[[str], None] | None = None) -> CalibrationStats:
     """Statistics of one forward over ``input_ids`` (N,), ignoring the first ``skip_first`` positions
-    (attention sinks: their keys and values are far from the rest and would pull the means). ``rope_horizon``
-    (the longest context to be served; None: no RoPE handling) drops the key means of RoPE pairs that turn
-    over it and ties the pairs' scales (``statistics``)."""
+    (attention sinks: their keys and values are far from the rest and would pull the means).
+
+    ``key_centre="rope"``: position-aware key centring (``statistics_rope``; needs a RoPE base in the model
+    config). ``"fixed"``: one post-RoPE key mean; ``rope_horizon`` (the longest context to be served; None:
+    no RoPE handling) then drops the means of RoPE pairs that turn over it and ties the pairs' scales."""
+    if key_centre not in KEY_CENTRES:
+        raise ValueError(f"key_centre must be one of {', '.join(KEY_CENTRES)}, got {key_centre!r}")
     n = int(input_ids.numel())
     if n <= skip_first:
         raise ValueError(f"need more than skip_first={skip_first} tokens, got {n}")
     say = progress or (lambda msg: None)
     say(f"forward over {n} tokens")
     kv = capture_kv(model, input_ids)
-    rope = rope_frequencies(model.config, kv[0][0].shape[-1]) if rope_horizon else None
+    d = kv[0][0].shape[-1]
+    rope = rope_frequencies(model.config, d) if (rope_horizon or key_centre == "rope") else None
+    if key_centre == "rope" and (rope is None or rope[1] == 0):
+        raise ValueError("key_centre='rope' needs a RoPE model (no rope_theta in the model config); use 'fixed'")
     if rope_horizon and rope is None:
         say("no RoPE base in the model config: key means are kept on every channel")
+    positions = torch.arange(skip_first, n)
     rows = []
     for i, (k, v) in enumerate(kv):
-        rows.append(statistics(k[:, skip_first:], v[:, skip_first:], smooth_alpha, rope, rope_horizon))
+        if key_centre == "rope":
+            rows.append(statistics_rope(k[:, skip_first:], v[:, skip_first:], positions, rope[0], smooth_alpha))
+        else:
+            rows.append(statistics(k[:, skip_first:], v[:, skip_first:], smooth_alpha, rope, rope_horizon))
         mk, mv, s = rows[-1]
         say(f"layer {i:3d}: |mu_k| {mk.norm(dim=-1).mean():8.3f}  |mu_v| {mv.norm(dim=-1).mean():7.3f}  "
             f"k_smooth {s.min():.3f}..{s.max():.3f}")
     mu_k, mu_v, ks = (torch.stack(x) for x in zip(*rows))
     meta = (("skip_first", str(skip_first)), ("smooth_alpha", str(smooth_alpha)), ("tokens", str(n)),
-            ("rope_horizon", str(rope_horizon if rope is not None else 0)))
-    return CalibrationStats(mu_k, mu_v, ks, metadata=meta)
+            ("key_centre", key_centre),
+            ("rope_horizon", str(rope_horizon if rope is not None and key_centre == "fixed" else 0)))
+    return CalibrationStats(mu_k, mu_v, ks, metadata=meta,
+                            rope_freq=rope[0].float() if key_centre == "rope" else None)

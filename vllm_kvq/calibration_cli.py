@@ -16,6 +16,7 @@ table of what it chose and why, and writes a YAML config (``--config-out``, defa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -37,10 +38,14 @@ def add_parser(sub, name, help_):
     p.add_argument("--text", default="shakespeare:macbeth", help="shakespeare:PLAY or a text file path")
     p.add_argument("--tokens", type=_positive, default=1024, help="tokens of the text to run (default 1024)")
     p.add_argument("--skip-first", type=int, default=4, help="leading positions left out of the statistics")
+    p.add_argument("--key-centre", choices=("auto", "rope", "fixed"), default="auto",
+                   help="rope: the key mean follows each key's RoPE position (the mean of the keys before RoPE, "
+                        "turned by the cache per 16-token chunk); fixed: one post-RoPE mean (see --rope-horizon); "
+                        "auto (default): rope when the model config has a RoPE base, else fixed")
     p.add_argument("--rope-horizon", type=int, default=None,
-                   help="the longest context you will serve (default: the model's max_position_embeddings, at most "
-                        f"{DEFAULT_ROPE_HORIZON}); key means are kept only on RoPE pairs that do not turn over it "
-                        "(0: keep every channel's mean)")
+                   help="--key-centre fixed only: the longest context you will serve (default: the model's "
+                        f"max_position_embeddings, at most {DEFAULT_ROPE_HORIZON}); key means are kept only on RoPE "
+                        "pairs that do not turn over it (0: keep every channel's mean)")
     p.add_argument("--smooth-alpha", type=float, default=0.5,
                    help="key channel scale = rms(centred key) ** alpha (0 disables smoothing; default 0.5)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
@@ -100,14 +105,24 @@ def run(args) -> int:
     ids = all_ids[:args.tokens]
     if len(ids) < args.tokens:
         say(f"warning: {args.text} has only {len(ids)} tokens")
+    centre = args.key_centre
+    if centre == "auto":
+        centre = "rope" if calibration.rope_frequencies(model.config, 2) else "fixed"
+    if centre == "rope" and args.rope_horizon is not None:
+        raise SystemExit("--rope-horizon applies to --key-centre fixed only")
     horizon = args.rope_horizon
     if horizon is None:
         horizon = min(getattr(model.config, "max_position_embeddings", None) or DEFAULT_ROPE_HORIZON,
                       DEFAULT_ROPE_HORIZON)
-    stats = calibration.compute(model, torch.tensor(ids), skip_first=args.skip_first, rope_horizon=horizon or None,
-                                smooth_alpha=args.smooth_alpha, progress=say)
+    say(f"key centring: {centre}" + (" (the mean follows RoPE positions)" if centre == "rope" else ""))
+    try:
+        stats = calibration.compute(model, torch.tensor(ids), skip_first=args.skip_first,
+                                    rope_horizon=(horizon or None) if centre == "fixed" else None,
+                                    key_centre=centre, smooth_alpha=args.smooth_alpha, progress=say)
+    except ValueError as e:
+        raise SystemExit(f"calibrate: {e}") from None
     meta = dict(stats.metadata, model=str(Path(args.model).name), text=args.text)
-    stats = calibration.CalibrationStats(stats.mu_k, stats.mu_v, stats.k_smooth, tuple(sorted(meta.items())))
+    stats = dataclasses.replace(stats, metadata=tuple(sorted(meta.items())))
     out = Path(args.out) if args.out else config.model_calibration_path(args.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats.save(out)

@@ -116,7 +116,8 @@ def quantized(model, quantizer: Quantizer | None, *, record_errors: bool = False
 
 
 def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v (Hk, N, D) -> what attention sees after ``ops.reference.store`` into a cache of ``fmt`` and decode.
+    """k, v (Hk, N, D) -> what attention sees after ``ops.reference.store`` into a cache of ``fmt`` and decode
+    (the N tokens are positions 0..N-1 of one sequence: position-aware key centring turns its mean by them).
 
     The bytes are the package's own (the reference store defines them). A calibrated format's key shift is
     added back: attention ignores it (it moves all of a query's scores equally), and adding it keeps the
@@ -131,7 +132,10 @@ def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
                          f"and use quality_sim's sink=N")
     hk, n, d = k.shape
     cache = fmt.allocate(n, 1, device=k.device)  # one token per block: slot i is token i
-    reference.store(k.transpose(0, 1), v.transpose(0, 1), cache, torch.arange(n, device=k.device), fmt)
+    # Position-aware key centring: the tokens are positions 0..n-1 of one sequence.
+    centre = fmt.key_rope.centre(torch.arange(n, device=k.device)).transpose(0, 1) if fmt.key_rope else None
+    ks = k if centre is None else k - centre
+    reference.store(ks.transpose(0, 1), v.transpose(0, 1), cache, torch.arange(n, device=k.device), fmt)
     slots = cache[:, :, 0]  # (N, Hk, C)
     k_hat = torch.empty(hk, n, d, device=k.device)
     v_hat = torch.empty(hk, n, d, device=k.device)
@@ -145,6 +149,8 @@ def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
         k_hat = k_hat * fmt.k_scale[:, None]
     if fmt.k_shift is not None:
         k_hat = k_hat + fmt.k_shift[:, None]
+    if centre is not None:
+        k_hat = k_hat + centre
     if fmt.v_shift is not None:
         v_hat = v_hat + fmt.v_shift[:, None]
     return k_hat, v_hat

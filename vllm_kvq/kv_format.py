@@ -37,6 +37,7 @@ import torch
 
 from vllm_kvq import codecs as _codecs
 from vllm_kvq import config as _config
+from vllm_kvq.key_centre import KeyRope
 from vllm_kvq.codecs.base import VectorCodec
 
 
@@ -70,7 +71,11 @@ class KVFormat:
                  pad_to: int | None = None, sink_tokens: int = 0, block_size: int | None = None,
                  k_shift: torch.Tensor | None = None,  # (Hk, D)
                  v_shift: torch.Tensor | None = None,  # (Hk, D)
-                 k_scale: torch.Tensor | None = None):  # (Hk, D), > 0
+                 k_scale: torch.Tensor | None = None,  # (Hk, D), > 0
+                 k_rope_freq: torch.Tensor | None = None):  # (R/2,): k_shift is the pre-RoPE key mean
+        """``k_rope_freq``: position-aware key centring (``vllm_kvq.key_centre``): ``k_shift`` is then the mean
+        of the keys before RoPE, turned to each key's position by ``ops.store`` and added back as a score
+        bias by attention, instead of a fixed shift bound to the key codecs."""
         if len(keys) != len(values) or not keys:
             raise ValueError(f"need one key and one value codec per KV head, got {len(keys)} and {len(values)}")
         for c in (*keys, *values):
@@ -82,6 +87,12 @@ class KVFormat:
                 raise ValueError(f"{label}: expected ({hk}, {head_size}), got {tuple(t.shape)}")
         if k_scale is not None and not bool((k_scale > 0).all()):
             raise ValueError("k_scale must be positive")
+        self.key_rope: KeyRope | None = None
+        if k_rope_freq is not None:
+            if k_shift is None:
+                raise ValueError("k_rope_freq needs k_shift (the pre-RoPE key mean)")
+            self.key_rope = KeyRope(k_shift, k_rope_freq)
+            k_shift = None  # applied per position by the ops, not bound to the codecs
         if k_shift is not None or k_scale is not None:
             keys = [c.bind(shift=None if k_shift is None else k_shift[h], scale=None if k_scale is None else k_scale[h])
                     for h, c in enumerate(keys)]
@@ -121,8 +132,10 @@ class KVFormat:
 
     def with_block_size(self, block_size: int, pad_to: int | None = None) -> "KVFormat":
         """The same format for another block size (the sink area depends on it)."""
-        return KVFormat(self.head_size, self.keys, self.values, name=self.name, pad_to=pad_to,
-                        sink_tokens=self.sink_tokens, block_size=block_size)
+        f = KVFormat(self.head_size, self.keys, self.values, name=self.name, pad_to=pad_to,
+                     sink_tokens=self.sink_tokens, block_size=block_size)
+        f.key_rope = self.key_rope
+        return f
 
     def _stacked(self, cs: list[VectorCodec], name: str, identity: float) -> torch.Tensor | None:
         ts = [getattr(c, name) for c in cs]
@@ -145,8 +158,8 @@ class KVFormat:
 
     @property
     def calibrated(self) -> bool:
-        """True when some head's codecs carry state (shifted or scaled K/V)."""
-        return any(c.state_names for c in (*self.keys, *self.values))
+        """True when some head's codecs carry state (shifted or scaled K/V) or keys are centred by position."""
+        return self.key_rope is not None or any(c.state_names for c in (*self.keys, *self.values))
 
     @property
     def uniform(self) -> bool:
@@ -191,9 +204,10 @@ class KVFormat:
             end = self.sink_offset if self.sink_tokens else self.slot_bytes
             if k.nbytes + v.nbytes < end:
                 lines.append(f"    [{k.nbytes + v.nbytes:4d}:{end:4d}] padding")
-            if k.state_names or v.state_names:
+            if k.state_names or v.state_names or self.key_rope is not None:
+                kc = "(k - R_p mean)" if self.key_rope is not None else "(k - shift)" if k.shift is not None else "k"
                 lines.append(f"    state per head (no cache bytes): K stored as "
-                             f"{'(k - shift)' if k.shift is not None else 'k'}{' / scale' if k.scale is not None else ''}"
+                             f"{kc}{' / scale' if k.scale is not None else ''}"
                              f", V as {'v - shift' if v.shift is not None else 'v'}")
         if self.sink_tokens:
             so, sb = self.sink_offset, self.sink_bytes
@@ -231,10 +245,15 @@ def formats_from_config(cfg: "_config.KVQConfig", *, num_layers: int, num_kv_hea
 
 
 def _layer_calibration(cfg: "_config.KVQConfig", stats, layer: int) -> dict:
+    return calibration_kwargs(stats, layer, cfg.smooth_keys)
+
+
+def calibration_kwargs(stats, layer: int, smooth_keys: bool = True) -> dict:
+    """KVFormat keyword arguments binding layer ``layer`` of calibration ``stats`` (None: none)."""
     if stats is None:
         return {}
     return {"k_shift": stats.mu_k[layer], "v_shift": stats.mu_v[layer],
-            "k_scale": stats.k_smooth[layer] if cfg.smooth_keys else None}
+            "k_scale": stats.k_smooth[layer] if smooth_keys else None, "k_rope_freq": stats.rope_freq}
 
 
 def kv_format(spec: "str | Path | _config.KVQConfig", head_size: int, num_kv_heads: int, *, layer: int = 0,

@@ -1,7 +1,12 @@
 """Engine-agnostic paged ops over packed KV caches.
 
-    ops.store(key, value, cache, slot_mapping, fmt, impl=None)
+    ops.store(key, value, cache, slot_mapping, fmt, impl=None, positions=None)
     out = ops.paged_attention(query, cache, block_table, seq_lens, query_start_loc, fmt, scale=..., impl=None)
+
+Formats with position-aware key centring (``fmt.key_rope``, ``vllm_kvq.key_centre``) need each stored token's
+position (``positions``): ``store`` subtracts the key mean turned to it before the implementation quantizes,
+and ``paged_attention`` hands the implementation ``key_bias=(bias_query (N, Hq, D), table (C, D))``, whose
+products ``bias_query[row] . table[p // 16]`` it adds to the score of every key at position p.
 
 One implementation table: each entry says on which devices it runs and, through ``why_not``, why it cannot
 take a format (or a call's shape). ``impl=None`` takes the first entry for the tensors' device that
@@ -22,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from vllm_kvq import key_centre
 from vllm_kvq.kv_format import KVFormat
 from vllm_kvq.ops import reference
 
@@ -36,6 +42,13 @@ class Impl:
     # (fmt, op "store" / "paged_attention", decode: every sequence has one new token, group: query heads per
     # KV head) -> None or why not
     why_not: Callable[[KVFormat, str, bool, int], str | None]
+    # paged_attention takes ``key_bias`` (position-aware key centring)
+    key_rope: bool = False
+
+    def declines(self, fmt: KVFormat, op: str, decode: bool, group: int) -> str | None:
+        if fmt.key_rope is not None and op == "paged_attention" and not self.key_rope:
+            return "position-aware key centring (calibration with rope_freq) is not in this implementation yet"
+        return self.why_not(fmt, op, decode, group)
 
 
 # Fastest first, per device type. Triton runs on CPU only when asked for (the interpreter is for tests).
@@ -56,7 +69,8 @@ def _table() -> dict[str, Impl]:
 
     Only a missing module (Triton not installed, extension not built) drops an entry; any other import
     error is a bug and propagates."""
-    table = {"reference": Impl("reference", reference.store, reference.paged_attention, lambda *a: None)}
+    table = {"reference": Impl("reference", reference.store, reference.paged_attention, lambda *a: None,
+                               key_rope=True)}
     try:
         from vllm_kvq.kernels import triton as _triton
     except ModuleNotFoundError:
@@ -83,7 +97,7 @@ def plan(fmt: KVFormat, device: torch.device | str, op: str = "paged_attention",
     table = _table()
     out = {}
     for name in ORDER.get(device.type, ("reference",)):
-        out[name] = table[name].why_not(fmt, op, decode, group) if name in table else "not available in this process"
+        out[name] = table[name].declines(fmt, op, decode, group) if name in table else "not available in this process"
     return out
 
 
@@ -108,7 +122,7 @@ def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat, decode
         raise ValueError(f"unknown impl {impl!r}; allowed: {', '.join(IMPLS)}")
     if impl not in table:
         raise RuntimeError(f"impl {impl!r} is not available here; available: {', '.join(table)}")
-    why = table[impl].why_not(fmt, op, decode, group)
+    why = table[impl].declines(fmt, op, decode, group)
     if why is not None:
         raise ValueError(f"impl {impl!r} cannot run {op} for format {fmt.name!r}: {why}")
     _used.add((op, impl))
@@ -123,14 +137,20 @@ def _check_kv(name, t, n, fmt):
 
 
 def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-          fmt: KVFormat, *, impl: str | None = None) -> None:
-    """Quantize key/value (N, Hk, D) into the cache slots of ``slot_mapping`` (N,); -1 slots are skipped."""
+          fmt: KVFormat, *, impl: str | None = None, positions: torch.Tensor | None = None) -> None:
+    """Quantize key/value (N, Hk, D) into the cache slots of ``slot_mapping`` (N,); -1 slots are skipped.
+    ``positions`` (N,): each token's position in its sequence (needed when ``fmt.key_rope``)."""
     fmt.check_cache(cache)
     n = slot_mapping.shape[0]
     _check_kv("key", key, n, fmt)
     _check_kv("value", value, n, fmt)
     if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping: expected 1-D int32/int64, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    if fmt.key_rope is not None:
+        if positions is None or positions.shape != (n,):
+            raise ValueError(f"format {fmt.name!r} centres keys by position (calibrated with rope_freq): store needs "
+                             f"positions of shape ({n},), got {None if positions is None else tuple(positions.shape)}")
+        key = key.float() - fmt.key_rope.centre(positions)
     _pick("store", impl, cache.device, fmt, False)(key, value, cache, slot_mapping, fmt)
 
 
@@ -151,7 +171,13 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
                          f"{tuple(query_start_loc.shape)} and {tuple(block_table.shape)}")
     # N == S: one new token per sequence in any batch vLLM builds, i.e. a decode step (known from shapes).
     fn = _pick("paged_attention", impl, query.device, fmt, query.shape[0] == s, query.shape[1] // fmt.num_kv_heads)
-    return fn(query, cache, block_table[:s], seq_lens, query_start_loc, fmt, scale=scale, max_seq_len=max_seq_len)
+    extra = {}
+    if fmt.key_rope is not None:
+        # The table covers every position the block table can address (no host read of seq_lens).
+        chunks = -(-block_table.shape[1] * cache.shape[2] // key_centre.CHUNK)
+        extra["key_bias"] = (fmt.key_rope.bias_query(query, scale), fmt.key_rope.table(chunks, query.device))
+    return fn(query, cache, block_table[:s], seq_lens, query_start_loc, fmt, scale=scale, max_seq_len=max_seq_len,
+              **extra)
 
 
 __all__ = ["store", "paged_attention", "plan", "used", "IMPLS", "ORDER", "reference"]

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from vllm_kvq import key_centre
 from vllm_kvq.kv_format import KVFormat
 
 # Context tokens per chunk of the online softmax (a multiple of any block size we use).
@@ -111,7 +112,9 @@ def _gather_slots(cache, block_table, start_block, n_blocks, heads):
 def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
             q_pos: torch.Tensor,  # (S, Lq) position of each query in its sequence; -1 = padding
             kv_len: torch.Tensor,  # (S,) context length
-            cache: torch.Tensor, block_table: torch.Tensor, fmt: KVFormat, scale: float) -> torch.Tensor:
+            cache: torch.Tensor, block_table: torch.Tensor, fmt: KVFormat, scale: float,
+            key_bias: tuple[torch.Tensor, torch.Tensor] | None = None,  # ((S, Lq, Hq, D), (C, D))
+            ) -> torch.Tensor:
     s, lq, hq, d = q.shape
     hk = fmt.num_kv_heads
     group = hq // hk
@@ -123,6 +126,7 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
         heads = torch.tensor(g.heads, device=q.device)
         gh = len(g.heads)
         qh = q.reshape(s, lq, hk, group, d)[:, :, heads]  # (S, Lq, gh, G, D)
+        bq = None if key_bias is None else key_bias[0].reshape(s, lq, hk, group, d)[:, :, heads]
         qh = _per_head(qh.transpose(-2, -3), g.keys, "query_transform").transpose(-2, -3)
         q_rot = g.key.rotate(qh.reshape(-1, d)).reshape(s, lq, gh, group, d) * scale
         m = torch.full((s, lq, gh, group), -math.inf, device=q.device)
@@ -142,6 +146,9 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
                 v.view(s, gh, nb, t, d)[:, :, :, :fmt.sink_tokens] = vs
             pos = torch.arange(b0 * t, b0 * t + L, device=q.device)
             scores = torch.einsum("sqhgd,shld->sqhgl", q_rot, k)
+            if bq is not None:  # position-aware key centring: q . (the key mean at each key's chunk)
+                rows = key_bias[1][pos.clamp(max=key_bias[1].shape[0] * key_centre.CHUNK - 1) // key_centre.CHUNK]
+                scores = scores + torch.einsum("sqhgd,ld->sqhgl", bq, rows)
             ok = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < kv_len[:, None, None])
             scores = scores.masked_fill(~ok[:, :, None, None, :], -math.inf)
             m_new = torch.maximum(m, scores.amax(-1))
@@ -163,9 +170,12 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     block_table: torch.Tensor,  # (S, max_blocks) int
                     seq_lens: torch.Tensor,  # (S,) context length including this step's tokens
                     query_start_loc: torch.Tensor,  # (S + 1,) int, cumulative query lengths
-                    fmt: KVFormat, *, scale: float, max_seq_len: int | None = None) -> torch.Tensor:
+                    fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
+                    key_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole (packed) context -> (N, Hq, D).
-    ``max_seq_len`` is a hint for the kernels' work split; the reference reads ``seq_lens``."""
+    ``max_seq_len`` is a hint for the kernels' work split; the reference reads ``seq_lens``. ``key_bias``
+    ((N, Hq, D), (C, D)): add ``key_bias[0][row] . key_bias[1][p // 16]`` to the score of the key at position p
+    (position-aware key centring, ``vllm_kvq.key_centre``)."""
     n, hq, d = query.shape
     out = torch.zeros(n, hq, d, dtype=query.dtype, device=query.device)
     if n == 0 or seq_lens.numel() == 0:
@@ -174,19 +184,22 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     lens = seq_lens.tolist()
     q_lens = [qsl[i + 1] - qsl[i] for i in range(len(lens))]
     qf = query.float()
+    bq, table = key_bias if key_bias is not None else (None, None)
     decode = [i for i, ql in enumerate(q_lens) if ql == 1]
     if decode:
         idx = torch.tensor(decode, device=query.device)
         rows = torch.tensor([qsl[i] for i in decode], device=query.device)
         kv = seq_lens.to(query.device)[idx].long()
-        o = _attend(qf[rows][:, None], (kv - 1)[:, None], kv, cache, block_table[idx], fmt, scale)
+        kb = None if bq is None else (bq[rows][:, None], table)
+        o = _attend(qf[rows][:, None], (kv - 1)[:, None], kv, cache, block_table[idx], fmt, scale, kb)
         out[rows] = o[:, 0].to(query.dtype)
     for i, ql in enumerate(q_lens):
         if ql <= 1:
             continue
         kv = torch.tensor([lens[i]], device=query.device)
         pos = torch.arange(lens[i] - ql, lens[i], device=query.device)[None]
-        o = _attend(qf[qsl[i]:qsl[i + 1]][None], pos, kv, cache, block_table[i:i + 1], fmt, scale)
+        kb = None if bq is None else (bq[qsl[i]:qsl[i + 1]][None], table)
+        o = _attend(qf[qsl[i]:qsl[i + 1]][None], pos, kv, cache, block_table[i:i + 1], fmt, scale, kb)
         out[qsl[i]:qsl[i + 1]] = o[0].to(query.dtype)
     return out
 

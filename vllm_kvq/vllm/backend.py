@@ -124,6 +124,19 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
                            max_seq_len=cam.max_seq_len)
 
 
+def token_positions(md: KVQMetadata) -> torch.Tensor:
+    """(num_actual_tokens,) position of every token of the step in its sequence, computed on the device once
+    per step (memoized on the metadata, which every layer of the step shares)."""
+    pos = getattr(md, "_kvq_positions", None)
+    if pos is None:
+        qsl = md.query_start_loc.long()
+        tok = torch.arange(md.num_actual_tokens, device=qsl.device)
+        seq = torch.searchsorted(qsl[1:], tok, right=True).clamp(max=qsl.numel() - 2)
+        pos = md.seq_lens.long()[seq] - (qsl[seq + 1] - tok)
+        md._kvq_positions = pos
+    return pos
+
+
 def replay_safe_max_seq_len(query: torch.Tensor, attn_metadata: KVQMetadata) -> int | None:
     """The host bound on context lengths that split-K may be sized from. A CUDA graph keeps the host values
     it was captured with and replays on later, longer contexts: the Triton kernels split each sequence's
@@ -262,7 +275,14 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
             return
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        ops.store(k, v, kv_cache, slot_mapping, self._format(layer, kv_cache))
+        fmt = self._format(layer, kv_cache)
+        positions = None
+        if fmt.key_rope is not None:  # position-aware key centring needs each token's position
+            from vllm.model_executor.layers.attention.attention import get_attention_context
+
+            md = get_attention_context(layer.layer_name)[0]
+            positions = token_positions(md)[:n] if md is not None else torch.arange(n, device=k.device)
+        ops.store(k, v, kv_cache, slot_mapping, fmt, positions=positions)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: KVQMetadata, output: torch.Tensor | None = None,

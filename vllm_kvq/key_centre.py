@@ -1,0 +1,113 @@
+"""Position-aware key centring: the calibrated key mean follows RoPE.
+
+RoPE turns the mean of post-RoPE keys with the position: a model whose pre-RoPE keys have mean ``mu`` hands
+the cache keys whose mean at position p is ``R_p mu`` (each rotate-half pair (i, i + R/2) turned by
+``p * freq[i]``). A fixed post-RoPE mean is right only for the positions it was measured on (the needle study
+in docs/quality.md: retrieval at 4K fell from 8/10 to 4/10 with a mean measured on positions 0-1023), and
+keeping only the pairs that barely turn gives most of the gain away. So the cache stores
+
+    k' = (k - m_c) / s,   m_c = R_{16 c} mu  for the key at position p, c = p // CHUNK,
+
+with the mean turned to the start of the key's 16-token chunk (a chunk turns a pair by at most 16 * freq;
+the pairs that turn more than ``MAX_CHUNK_TURN`` within a chunk keep no mean: they average out anyway).
+Unlike a fixed mean, ``q . m_c`` differs between chunks, so attention adds it back as a score bias per
+(query row, chunk), computed from two small factors:
+
+    q . R_a mu = sum_i A_i cos(a freq_i) + B_i sin(a freq_i),
+    A_i = q_i mu_i + q_{i+h} mu_{i+h},   B_i = q_{i+h} mu_i - q_i mu_{i+h}    (h = R/2)
+
+i.e. ``bias(row, c) = bias_query(row) . table[c]`` with ``table[c] = [cos(16 c freq), sin(16 c freq), 0...]``,
+shared by every layer and head. The store subtracts ``m_c`` computed from the same table row, so the
+shift and its bias are the same numbers and the scores are exact up to the codec's error. Everything
+depends only on a key's position: a prefix-cache hit and a chunked prefill see the cold run's bytes and
+scores. Channels past the rotary ones (partial rotary) keep the fixed mean, which softmax ignores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CHUNK = 16  # positions per mean step; divides every block size vLLM uses (16, 32, ..., 128)
+MAX_CHUNK_TURN = 1.1  # rad: pairs turning more than this within one chunk keep no mean
+
+
+class KeyRope:
+    """The per-layer state of position-aware key centring: the pre-RoPE key mean of every KV head and the
+    model's RoPE frequencies."""
+
+    def __init__(self, mu: torch.Tensor,  # (Hk, D) pre-RoPE key mean
+                 freq: torch.Tensor):  # (R/2,) angular frequency of each rotate-half pair
+        hk, d = mu.shape
+        half = freq.numel()
+        if freq.dim() != 1 or not 0 < 2 * half <= d:
+            raise ValueError(f"rope frequencies: expected (R/2,) with 0 < R <= head_size={d}, got {tuple(freq.shape)}")
+        self.freq = freq.double().cpu()
+        self.half, self.rot, self.head_dim = half, 2 * half, d
+        keep = (self.freq * CHUNK <= MAX_CHUNK_TURN).float()
+        # Rotary channels of fast pairs get no mean; channels past the rotary ones keep their fixed mean.
+        self.mu = (mu.float().cpu() * torch.cat([keep, keep, torch.ones(d - self.rot)])).contiguous()
+        self._tables: dict[str, torch.Tensor] = {}
+        self._mu: dict[str, torch.Tensor] = {}
+
+    def table(self, chunks: int, device) -> torch.Tensor:
+        """(>= chunks, D) float32: row c = [cos(16 c freq), sin(16 c freq), 0 for unrotated channels]."""
+        key = str(device)
+        t = self._tables.get(key)
+        if t is None or t.shape[0] < chunks:
+            n = 1 << max(10, math.ceil(math.log2(max(chunks, 1))))
+            ang = torch.arange(n, dtype=torch.float64)[:, None] * CHUNK * self.freq[None]
+            t = torch.zeros(n, self.head_dim, dtype=torch.float32)
+            t[:, :self.half] = torch.cos(ang).float()
+            t[:, self.half:self.rot] = torch.sin(ang).float()
+            t = t.to(device)
+            self._tables[key] = t
+        return t
+
+    def _mu_on(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._mu:
+            self._mu[key] = self.mu.to(device)
+        return self._mu[key]
+
+    def centre(self, positions: torch.Tensor) -> torch.Tensor:
+        """(N, Hk, D) float32 mean of the keys at ``positions`` (N,): ``R_{16 c} mu`` plus the unrotated
+        channels' fixed mean."""
+        pos = positions.long()
+        rows = self.table(int(pos.max()) // CHUNK + 1 if pos.numel() else 1, pos.device)[pos // CHUNK]  # (N, D)
+        h, r = self.half, self.rot
+        cos, sin = rows[:, None, :h], rows[:, None, h:r]
+        mu = self._mu_on(pos.device)[None]  # (1, Hk, D)
+        m = mu.expand(pos.shape[0], -1, -1).clone()
+        m[..., :h] = mu[..., :h] * cos - mu[..., h:r] * sin
+        m[..., h:r] = mu[..., h:r] * cos + mu[..., :h] * sin
+        return m
+
+    def bias_query(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """(N, Hq, D) float32 with ``bias_query . table[c] = scale * q . m_c`` for every query row."""
+        n, hq, d = query.shape
+        hk = self.mu.shape[0]
+        q = query.float().view(n, hk, hq // hk, d)
+        mu = self._mu_on(query.device)[None, :, None]  # (1, Hk, 1, D)
+        h, r = self.half, self.rot
+        out = torch.zeros(n, hk, hq // hk, d, dtype=torch.float32, device=query.device)
+        out[..., :h] = q[..., :h] * mu[..., :h] + q[..., h:r] * mu[..., h:r]
+        out[..., h:r] = q[..., h:r] * mu[..., :h] - q[..., :h] * mu[..., h:r]
+        return (out * scale).view(n, hq, d)
+
+
+def rotate(x: torch.Tensor,  # (..., N, D)
+           positions: torch.Tensor,  # (N,)
+           freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate-half RoPE of ``x`` by its positions (``inverse``: undo it), in float64 angles."""
+    half, rot = freq.numel(), 2 * freq.numel()
+    ang = positions.double()[:, None] * freq.double()[None]
+    cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
+    if inverse:
+        sin = -sin
+    out = x.clone()
+    a, b = x[..., :half], x[..., half:rot]
+    out[..., :half] = a * cos - b * sin
+    out[..., half:rot] = b * cos + a * sin
+    return out
