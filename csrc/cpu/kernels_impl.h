@@ -519,6 +519,7 @@ inline void patch_sinks(const Args& a, const TileRows& t, int n, int side, float
 
 }  // namespace
 
+#include "key_bias.h"
 #if KVQ_AVX512
 #include "prefill_avx512.h"
 #endif
@@ -686,6 +687,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
             sr[jj] = fib_table_score(tab, kidx + jj * km, km, kw) * kscale[jj];
           }
         }
+        add_key_bias(a, w.q0 + r / g, h * g + r % g, j0, n, sr);
       }
     } else {
       decode_tile(kd, t.ptrs, n, 0, kt, dp, kscale);
@@ -697,6 +699,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
           float* sr = sc + (qi * g + gi) * kTile;
           tile_scores(qr + (qi * g + gi) * dp, kt, d, dp, nv, sr);
           scale_tile(sr, kscale);
+          add_key_bias(a, w.q0 + qi, h * g + gi, j0, nv, sr);
         }
       }
     }
