@@ -363,6 +363,11 @@ def _check_chunked_and_prefix_hit_equal_cold(fmt, hq, n, chunks, hit_blocks, gen
 
     cold_cache = fmt.allocate(nb + 2, t)
     cold = run(cold_cache, 0, n)
+    if kb is not None:  # the bias itself (identical bits alone would not catch a consistently wrong chunk)
+        args = (cold_cache, bt, torch.tensor([n], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32), fmt)
+        ref = reference.paged_attention(q.float(), *args, scale=0.125, key_bias=kb)
+        err = (kc.paged_attention(q.float(), *args, scale=0.125, isa=isa, key_bias=kb) - ref).abs().max().item()
+        assert err <= 1e-4, f"the float32 cold run differs from the reference by {err}"
     chunked_cache = fmt.allocate(nb + 2, t)
     edges = [0, *chunks, n]
     chunked = torch.cat([run(chunked_cache, a, b) for a, b in zip(edges, edges[1:])])
