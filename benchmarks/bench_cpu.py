@@ -127,22 +127,29 @@ def kernel(a) -> None:
     for model in ([a.model] if a.model != "all" else list(MODELS)):
         hq, hk, d = MODELS[model]
         for batch, ctx in a.shapes:
+            # ours and the peer run interleaved, one repetition of each in turn (the machine's load drifts)
+            fns = {}
             peer = _vllm_bf16_attention(hq, hk, d, batch, ctx, gen)
-            bf16_s = _median_s(peer, a.reps) if peer else float("nan")
-            del peer
+            if peer:
+                fns["bf16"] = peer
             nb, bt, lens, qsl, q = _decode_batch(batch, ctx, hq, d, gen)
             for name in a.codecs:
                 c = codecs.get(name, head_dim=d)
                 fmt = KVFormat(d, [c] * hk, [c] * hk, name=name)
                 cache = _filled_cache(fmt, hk, d, nb, gen)
-                ours_s = _median_s(lambda: kc.paged_attention(q, cache, bt, lens, qsl, fmt, scale=d ** -0.5), a.reps)
-                nbytes = batch * ctx * hk * (c.nbytes * 2)
+                fns[name] = lambda cache=cache, fmt=fmt: kc.paged_attention(q, cache, bt, lens, qsl, fmt, scale=d ** -0.5)
+            med = _interleaved_medians(fns, a.reps)
+            bf16_s = med.get("bf16", float("nan"))
+            for name in a.codecs:
+                ours_s = med[name]
+                nbytes = batch * ctx * hk * codecs.get(name, head_dim=d).nbytes * 2
                 buf = torch.ones(nbytes // 4, dtype=torch.float32)
                 read_s = _median_s(lambda: buf.sum(), a.reps)
-                del cache, buf
+                del buf
                 print(f"{model:8} {batch:>3}x{ctx:<5} {name:12} {ours_s * 1e3:8.3f} {bf16_s * 1e3:8.3f} "
                       f"{ours_s / bf16_s:9.2f} {read_s * 1e3:8.3f} {nbytes / ours_s / 1e9:9.1f} "
                       f"{100 * read_s / ours_s:8.0f}%")
+            del fns
 
 
 def _key_rope_fmt(codec, hk: int, d: int):

@@ -249,5 +249,11 @@ def test_cli_show_with_a_model_reads_its_shape_and_calibration(capsys, tmp_path)
     out = capsys.readouterr().out
     # 3 layers x 2 KV heads x (52 B of codes + 16 B of sink area per slot at 16-token blocks)
     assert "3 layers x 2 KV heads x head_size 64" in out and f"{3 * 2 * (52 + 16)}" in out
+    assert "keys centred by a fixed mean" in out
     assert cli.main(["config", "show", "k3v3-cal-sink", "--model", str(model), "--block-size", "128"]) == 0
     assert f"{3 * 2 * (52 + 2)}" in capsys.readouterr().out
+    # position-aware statistics (the file carries RoPE frequencies): the table says so
+    CalibrationStats(torch.zeros(3, 2, 64), torch.zeros(3, 2, 64), torch.ones(3, 2, 64),
+                     rope_freq=1e4 ** (-torch.arange(32) / 32)).save(path)
+    assert cli.main(["config", "show", "k3v3-cal-sink", "--model", str(model), "--block-size", "16"]) == 0
+    assert "mean that follows RoPE positions" in capsys.readouterr().out

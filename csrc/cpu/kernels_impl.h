@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../common/codec.h"
 #include "kernels.h"
@@ -488,10 +489,13 @@ template <typename Args>
 inline bool gather_tile(const Args& a, const uint8_t* head_base, const int32_t* bt, int j0, int n, int64_t span,
                         uint8_t* copies, TileRows& t) {
   bool any_sink = false;
-  for (int jj = 0; jj < n; ++jj) {
-    const int j = j0 + jj;
-    const int off = j % a.block_size;
-    const uint8_t* blk = head_base + static_cast<int64_t>(bt[j / a.block_size]) * a.sB;
+  int bi = j0 / a.block_size, off = j0 % a.block_size;  // one division per tile, not per token
+  const uint8_t* blk = head_base + static_cast<int64_t>(bt[bi]) * a.sB;
+  for (int jj = 0; jj < n; ++jj, ++off) {
+    if (off == a.block_size) {
+      off = 0;
+      blk = head_base + static_cast<int64_t>(bt[++bi]) * a.sB;
+    }
     const uint8_t* p = blk + static_cast<int64_t>(off) * a.sT;
     if (a.sC != 1) {  // strided slot bytes: gather the slot into a contiguous copy first
       uint8_t* c = copies + jj * (align16(span) + 64);
@@ -521,6 +525,7 @@ inline void patch_sinks(const Args& a, const TileRows& t, int n, int side, float
 
 #include "key_bias.h"
 #if KVQ_AVX512
+#include "decode_avx512.h"
 #include "prefill_avx512.h"
 #endif
 
@@ -624,7 +629,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   const size_t nhist = v_hist ? static_cast<size_t>(rows) * vm * vw : 0;
   const size_t nidx = align16((static_cast<size_t>(kTile) * (km + vm) + 1) / 2);
   const size_t nf = static_cast<size_t>(rows) * dp * 2 + 2 * kTile * dp + static_cast<size_t>(rows) * kTile +
-                    2 * align16(rows) + 2 * dp + 2 * kTile + align16(ntab) + align16(nhist) + nidx;
+                    3 * align16(rows) + 2 * dp + 2 * kTile + align16(ntab) + align16(nhist) + nidx;
   auto* base = static_cast<float*>(tls_scratch.get(sizeof(float) * nf + kTile * (align16(span) + 64)));
   float* qr = base;
   float* acc = qr + rows * dp;
@@ -633,7 +638,8 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   float* sc = vt + kTile * dp;
   float* mrow = sc + rows * kTile;
   float* lrow = mrow + align16(rows);
-  float* tmp = lrow + align16(rows);
+  float* alpha = lrow + align16(rows);  // per row, for the fused decode tiles
+  float* tmp = alpha + align16(rows);
   float* kscale = tmp + 2 * dp;  // per-token factors decode_tile leaves to the tile (TurboQuant scales)
   float* vscale = kscale + kTile;
   float* tabs = vscale + kTile;
@@ -665,9 +671,25 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   const RowDecoder kd = make_decoder(a.k), vd = make_decoder(a.v);
   const uint8_t* head_base = a.cache + static_cast<int64_t>(h) * a.sH;
   const int32_t* bt = a.block_table + static_cast<int64_t>(s) * a.sbt;
+#if KVQ_AVX512
+  FusedCodec fk, fv;  // decode items over TurboQuant codes of <= 4 bits: decoded in registers
+  make_fused(a.k, fk);
+  make_fused(a.v, fv);
+  const bool fused = nq == 1 && fk.ok && fv.ok;
+#else
+  (void)alpha;
+#endif
   for (int j0 = w.c0; j0 < c_end; j0 += kTile) {
     const int n = c_end - j0 < kTile ? c_end - j0 : kTile;
     const bool any_sink = gather_tile(a, head_base, bt, j0, n, span, copies, t);
+#if KVQ_AVX512
+    if (fused && !any_sink) {
+      if (j0 + kTile < c_end)
+        prefetch_rows(a, head_base, bt, j0 + kTile, c_end < j0 + 2 * kTile ? c_end : j0 + 2 * kTile, span);
+      fused_decode_tile(a, fk, fv, t, n, rows, qr, dp, sc, mrow, lrow, acc, kscale, vscale, alpha);
+      continue;
+    }
+#endif
     if (k_lut) {
       for (int jj = 0; jj < n; ++jj) {
         fib_indices(t.ptrs[jj], km, a.k.b0, kidx + jj * km);

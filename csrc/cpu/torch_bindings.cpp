@@ -346,7 +346,10 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
   int64_t splits = num_splits;
   if (splits <= 0) {
     const int64_t base = static_cast<int64_t>(decode_rows.size()) * a.gh;
-    splits = base == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>((4 * threads + base - 1) / base, max_decode_len / 512));
+    // one thread has nothing to balance: a split only adds partial writes and the merge
+    splits = base == 0 || threads <= 1
+                 ? 1
+                 : std::max<int64_t>(1, std::min<int64_t>((4 * threads + base - 1) / base, max_decode_len / 512));
   }
   const int64_t split_tokens = (max_decode_len + splits - 1) / splits;
   const int64_t split_aligned = std::max<int64_t>(32, (split_tokens + 31) / 32 * 32);

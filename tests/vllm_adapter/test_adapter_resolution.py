@@ -155,6 +155,27 @@ def test_tp_calibration_checks_the_checkpoint_shape_and_slices_heads():
     assert rank1.slot_bytes == slot_bytes(cfg, 64)
 
 
+def test_tp_rank_keeps_position_aware_key_centring(tmp_path):
+    """A calibration with RoPE frequencies (`vllm-kvq calibrate`'s default) keeps its position-aware key mean in
+    the formats vLLM serves: every rank's heads of it, padded formats included."""
+    from vllm_kvq.calibration import CalibrationStats
+
+    g = torch.Generator().manual_seed(0)
+    CalibrationStats(torch.randn(30, 3, 64, generator=g), torch.randn(30, 3, 64, generator=g),
+                     torch.rand(30, 3, 64, generator=g) + 0.5,
+                     rope_freq=1e5 ** (-torch.arange(32) / 32)).save(tmp_path / "c.safetensors")
+    (tmp_path / "c.yaml").write_text("key: turboquant4\nvalue: turboquant4\ncalibration: c.safetensors\n"
+                                     "smooth_keys: true\nsink_tokens: 1\n")
+    cfg = _config.load(str(tmp_path / "c.yaml"))
+    whole = formats_from_config(cfg, num_layers=30, num_kv_heads=3, head_size=64, block_size=16)
+    rank1 = ServedFormats(cfg, ModelShape(30, 3, 64, tp_rank=1, tp_size=3), block_size=16)
+    for layer in (0, 29):
+        f = rank1.for_layer(layer)
+        assert f.key_rope is not None and f.k_shift is None
+        assert torch.equal(f.key_rope.mu, whole[layer].key_rope.mu[1:2])
+        assert rank1.for_layer(layer, cache_slot=f.slot_bytes + 8).key_rope is f.key_rope
+
+
 # 4. Selector flags our kernels cannot honour.
 
 @pytest.mark.parametrize("flag,needle", [

@@ -53,7 +53,15 @@ def show(cfg: _config.KVQConfig, layers: int, kv_heads: int, head_size: int, lay
     fmts = formats_from_config(cfg, num_layers=layers, num_kv_heads=kv_heads, head_size=head_size,
                                block_size=block_size, model=model)
     out = [f"config {cfg.name!r}: {cfg.description}".rstrip(": "),
-           f"model shape: {layers} layers x {kv_heads} KV heads x head_size {head_size}, seed {cfg.seed}", ""]
+           f"model shape: {layers} layers x {kv_heads} KV heads x head_size {head_size}, seed {cfg.seed}"]
+    if cfg.calibration is not None:
+        path = (_config.model_calibration_path(model) if cfg.calibration == _config.MODEL_CALIBRATION and model
+                else cfg.calibration)
+        centre = ("keys centred by a mean that follows RoPE positions (16-token chunks)" if fmts[0].key_rope
+                  else "keys centred by a fixed mean")
+        out.append(f"calibration: {path}: {centre}, values centred"
+                   + (", key channels smoothed" if cfg.smooth_keys else ""))
+    out.append("")
     # The resolved specs, not codec.name: a preset with a changed parameter keeps its codec name
     # ("turboquant3" with scale_mode=norm), and the table must show what will actually run.
     table = _config.resolve(cfg, layers, kv_heads)

@@ -101,12 +101,23 @@ def _codec_why_not(c: VectorCodec) -> str | None:
     return None
 
 
+# Per format (its codecs and head size decide; the ops ask on every call of vLLM's per-layer hot path).
+_WHY_NOT: "weakref.WeakKeyDictionary[KVFormat, tuple[str | None]]" = weakref.WeakKeyDictionary()
+
+
 def why_not(fmt: KVFormat, op: str = "paged_attention", decode: bool = True, group: int = 1) -> str | None:
     """None when these kernels run ``fmt``, else why not (the extension is missing, a codec is unknown, a
     format feature the kernels do not implement)."""
     why = _load()
     if why is not None:
         return why
+    known = _WHY_NOT.get(fmt)
+    if known is None:
+        known = _WHY_NOT[fmt] = (_format_why_not(fmt),)
+    return known[0]
+
+
+def _format_why_not(fmt: KVFormat) -> str | None:
     if fmt.head_size > MAX_HEAD_SIZE:
         return f"head size {fmt.head_size} > {MAX_HEAD_SIZE}"
     for g in fmt.groups:
@@ -251,10 +262,12 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         block_table.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     qsl = query_start_loc.to(torch.int32).contiguous()
-    q_lens = qsl[1:] - qsl[:-1]
     threshold = DENSE_PREFILL_FROM
-    dense = [] if threshold is None or int(q_lens.max()) < threshold else \
-        [int(i) for i in torch.nonzero(q_lens >= threshold).flatten()]
+    dense = []
+    if threshold is not None:
+        q_lens = qsl[1:] - qsl[:-1]
+        if int(q_lens.max()) >= threshold:
+            dense = [int(i) for i in torch.nonzero(q_lens >= threshold).flatten()]
     skip_from = threshold if dense else 0
     v_scale, sinks = _fmt_args(fmt)
     lut_from = -1 if FIB_LUT_FROM is None else FIB_LUT_FROM

@@ -118,7 +118,9 @@ class ServedFormats:
 
 
 def _take_heads(fmt: KVFormat, heads: list[int], pad_to: int) -> KVFormat:
-    # Per-head state (calibration) is bound to each head's codecs, so it travels with them.
+    # Per-head state (calibration) is bound to each head's codecs, so it travels with them; the position-aware
+    # key mean is the format's, so this rank's heads of it are passed on.
+    rope = {} if fmt.key_rope is None else {"k_shift": fmt.key_rope.mu[heads], "k_rope_freq": fmt.key_rope.freq.float()}
     return KVFormat(fmt.head_size, [fmt.keys[h] for h in heads], [fmt.values[h] for h in heads],
-                    name=fmt.name, pad_to=pad_to, sink_tokens=fmt.sink_tokens, block_size=fmt.block_size)
+                    name=fmt.name, pad_to=pad_to, sink_tokens=fmt.sink_tokens, block_size=fmt.block_size, **rope)
 
