@@ -686,7 +686,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
     if (fused && !any_sink) {
       if (j0 + kTile < c_end)
         prefetch_rows(a, head_base, bt, j0 + kTile, c_end < j0 + 2 * kTile ? c_end : j0 + 2 * kTile, span);
-      fused_decode_tile(a, fk, fv, t, n, rows, qr, dp, sc, mrow, lrow, acc, kscale, vscale, alpha);
+      fused_decode_tile(a, fk, fv, t, j0, n, w.q0, h * g, rows, qr, dp, sc, mrow, lrow, acc, kscale, vscale, alpha);
       continue;
     }
 #endif
