@@ -16,7 +16,8 @@ reads per second and that rate as a share of the plain read's.
 
 kernel --key-rope: per (model, batch x context, codec): our decode attention over one cache read as the plain
 format and as the same format with position-aware key centring (the per-(row, 16-position chunk) score bias,
-its bias query computed in the call as ops.paged_attention does), run interleaved; medians and their ratio.
+its bias query computed in the call as ops.paged_attention does, and precomputed: the kernels' own cost), run
+interleaved; medians and their ratios to the plain format.
 
 fib: per (model, batch x context): decode attention over turboquant2 and over FibQuant codecs read two ways,
 through per-query codeword tables and value histograms (the default for long decode contexts) and through
@@ -170,7 +171,8 @@ def _kernel_key_rope(a) -> None:
 
     gen = torch.Generator().manual_seed(0)
     print(f"threads {torch.get_num_threads()}, our ISA {kc.best_isa()}, block size {BLOCK}, {a.reps} reps interleaved")
-    print(f"{'model':8} {'shape':>9} {'codec':12} {'plain ms':>9} {'rope ms':>9} {'rope/plain':>10}")
+    print(f"{'model':8} {'shape':>9} {'codec':12} {'plain ms':>9} {'rope ms':>9} {'rope/plain':>10} "
+          f"{'kernel ms':>9} {'kernel/plain':>12}")
     for model in ([a.model] if a.model != "all" else list(MODELS)):
         hq, hk, d = MODELS[model]
         for batch, ctx in a.shapes:
@@ -182,14 +184,16 @@ def _kernel_key_rope(a) -> None:
                 cache = _filled_cache(plain, hk, d, nb, gen)  # same slot layout: one cache serves both
                 scale = d ** -0.5
                 table = rope.key_rope.table(bt.shape[1] * BLOCK // 16, "cpu")
+                kb = (rope.key_rope.bias_query(q, scale), table)
                 med = _interleaved_medians({
                     "plain": lambda: kc.paged_attention(q, cache, bt, lens, qsl, plain, scale=scale),
                     "rope": lambda: kc.paged_attention(q, cache, bt, lens, qsl, rope, scale=scale,
                                                        key_bias=(rope.key_rope.bias_query(q, scale), table)),
+                    "kernel": lambda: kc.paged_attention(q, cache, bt, lens, qsl, rope, scale=scale, key_bias=kb),
                 }, a.reps)
                 del cache
                 print(f"{model:8} {batch:>3}x{ctx:<5} {name:12} {med['plain'] * 1e3:9.3f} {med['rope'] * 1e3:9.3f} "
-                      f"{med['rope'] / med['plain']:10.3f}")
+                      f"{med['rope'] / med['plain']:10.3f} {med['kernel'] * 1e3:9.3f} {med['kernel'] / med['plain']:12.3f}")
 
 
 def _interleaved_medians(fns: dict, reps: int) -> dict:
