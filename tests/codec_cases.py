@@ -47,6 +47,24 @@ class CodecCase:
         cs = [self.build(d, h) for h in range(hk)]
         return KVFormat(d, cs, cs, name=self.id)
 
+    def rope_fmt(self, d: int, hk: int, *, rot: int | None = None, sinks: int = 0, block_size: int = 16,
+                 theta: float = 1e5) -> KVFormat:
+        """Every KV head with this case's codec (without its own state) calibrated as ``calibrate --key-centre
+        rope`` binds it: a pre-RoPE key mean (large: the score bias is several logits and turns between
+        16-position chunks) centred by position over the first ``rot`` channels (partial rotary), key channel
+        scales and a value mean."""
+        from types import SimpleNamespace
+
+        from vllm_kvq.calibration import rope_frequencies
+
+        c = codecs.get(self.name, head_dim=d, **self.params)
+        freq, _ = rope_frequencies(SimpleNamespace(rope_theta=theta, partial_rotary_factor=(rot or d) / d), d)
+        g = torch.Generator().manual_seed(2000 + d + hk)
+        return KVFormat(d, [c] * hk, [c] * hk, name=f"{self.id}+rope{rot or d}" + (f"+sink{sinks}" if sinks else ""),
+                        sink_tokens=sinks, block_size=block_size if sinks else None,
+                        k_shift=torch.randn(hk, d, generator=g) * 3, v_shift=torch.randn(hk, d, generator=g),
+                        k_scale=torch.rand(hk, d, generator=g) + 0.5, k_rope_freq=freq)
+
 
 def _tq(bits: float, d: int) -> int:
     lo = int(bits)

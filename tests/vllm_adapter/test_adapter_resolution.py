@@ -151,7 +151,9 @@ def test_tp_calibration_checks_the_checkpoint_shape_and_slices_heads():
     for layer in (0, 29):
         f = rank1.for_layer(layer)
         assert f.num_kv_heads == 1
-        assert torch.equal(f.k_shift, whole[layer].k_shift[1:2]) and torch.equal(f.v_shift, whole[layer].v_shift[1:2])
+        assert torch.equal(f.k_scale, whole[layer].k_scale[1:2]) and torch.equal(f.v_shift, whole[layer].v_shift[1:2])
+        # the shipped file centres keys by position: this rank's head of the pre-RoPE key mean
+        assert torch.equal(f.key_rope.mu, whole[layer].key_rope.mu[1:2])
     assert rank1.slot_bytes == slot_bytes(cfg, 64)
 
 

@@ -6,7 +6,8 @@ FibQuant for K and V, head size 64 or 128, up to 8 query heads per KV head), wit
 (calibrated shifts and channel scales) and sink records: quantize-on-write and decode steps. FibQuant keys
 are scored from a per-query table of the rotated query's block inner products with every codeword, held in
 shared memory; a codebook whose table does not fit (``FIB_TABLE_MAX_BYTES`` per query head) is declined.
-``why_not`` says so for anything else (prefill chunks, other codecs), and ops dispatch moves on to the next
+``why_not`` says so for anything else (prefill chunks, other codecs, the score bias of position-aware key
+centring), and ops dispatch moves on to the next
 implementation: this module never falls back by itself and imports no Triton.
 """
 
@@ -90,6 +91,10 @@ def why_not(fmt: KVFormat, op: str = "paged_attention", decode: bool = True, gro
     """None when the extension runs ``op`` for ``fmt`` (``group`` query heads per KV head), else why not."""
     if op == "paged_attention" and not decode:
         return "the CUDA kernels run decode steps only (prefill chunks are not implemented)"
+    if op == "paged_attention" and fmt.key_rope is not None:
+        # The store needs nothing (ops.store centres the keys before any implementation sees them).
+        return ("position-aware key centring: the CUDA decode adds no per-chunk score bias (key_bias); "
+                "the Triton kernel runs it")
     if op == "paged_attention" and not 1 <= group <= 8:
         return f"GQA groups of 1..8 query heads are compiled, got {group}"
     if fmt.head_size not in HEAD_SIZES:
@@ -112,11 +117,13 @@ def store(key: torch.Tensor,  # (N, Hk, D)
           cache: torch.Tensor,  # (B, Hk, T, C) uint8, any strides
           slot_mapping: torch.Tensor,  # (N,) int; -1 = padding
           fmt: KVFormat) -> None:
-    why = why_not(fmt, "store") or (None if key.dtype == value.dtype else "K and V dtypes differ")
+    why = why_not(fmt, "store")
     if why:
         raise ValueError(f"the CUDA store does not take format {fmt.name!r}: {why}")
     if key.shape[0] == 0:
         return
+    if key.dtype != value.dtype:  # position-centred keys arrive in float32 beside 16-bit values: widen, exactly
+        key, value = key.float(), value.float()
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     slot_mapping = slot_mapping.to(torch.int64).contiguous()

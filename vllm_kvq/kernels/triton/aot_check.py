@@ -95,8 +95,11 @@ def capture(fmt: KVFormat, num_q_heads: int, dtype: torch.dtype = torch.bfloat16
         for q_lens, splits in (([1, 1], 2), ([1, 1], 1), ([5, 1], 2), ([37, 1], None)):
             qsl = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32)
             q = torch.zeros(sum(q_lens), num_q_heads, d, dtype=dtype)
+            extra = {}
+            if fmt.key_rope is not None:  # position-aware key centring: the score-bias variant
+                extra["key_bias"] = (fmt.key_rope.bias_query(q, 0.1), fmt.key_rope.table(bt.shape[1] * t // 16, "cpu"))
             kt.paged_attention(q, cache, bt, torch.tensor([40, 9], dtype=torch.int32), qsl, fmt, scale=0.1,
-                               num_splits=splits)
+                               num_splits=splits, **extra)
     return out
 
 

@@ -16,6 +16,9 @@ whole group and the QK^T and PV products are ``tl.dot`` calls (tensor cores for 
   is sized from tensor shapes alone, so a decode step can be captured in a CUDA graph.
 - Decode steps split the context over ``NUM_SPLITS`` programs (split-K); a second kernel merges their
   partial (max, sum, accumulator) triples and applies the output rotation.
+- Position-aware key centring (``KB``, ``vllm_kvq.key_centre``) adds ``bias_query[row] . table[p // 16]`` to
+  every score: per context tile, the table rows of its ``BN / 16`` chunks are reduced against the bias queries
+  in float32 (the bias can be tens of logits, beyond what a 16-bit dot keeps).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvq import key_centre
 from vllm_kvq.codecs import _triton as ct
 from vllm_kvq.kernels import heads_tensor
 from vllm_kvq.kernels import num_splits as _num_splits
@@ -129,15 +133,55 @@ def _find_seq(qsl_ptr, pid, S, BQ: tl.constexpr):
     return lo
 
 
+@triton.jit
+def _bias_slice(b0, b1, b_rows, rmask, tab_ptr, c0, n_tab, i, D, NC: tl.constexpr):
+    x = tl.load(b_rows + i[None, :], mask=rmask[:, None] & (i[None, :] < D), other=0.0)  # (BM, RC)
+    # a table row past n_tab reads as zeros: its columns' limit drops to 0
+    t0 = tl.load(tab_ptr + c0 * D + i, mask=i < tl.where(c0 < n_tab, D, 0), other=0.0)
+    b0 += tl.sum(x * t0[None, :], axis=1)
+    if NC == 2:
+        t1 = tl.load(tab_ptr + (c0 + 1) * D + i, mask=i < tl.where(c0 + 1 < n_tab, D, 0), other=0.0)
+        b1 += tl.sum(x * t1[None, :], axis=1)
+    return b0, b1
+
+
+@triton.jit
+def _key_bias(b_rows, rmask, tab_ptr, n_tab, n0, D, DP: tl.constexpr, RC: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr):
+    """Score bias, in exp2 units, of the context tile starting at ``n0`` (a multiple of 16):
+    ``b_rows[r] . table[p // 16] * log2(e)`` for row r (bias-query rows at pointers ``b_rows`` (BM, 1)) and the
+    key at position p, as (BM, BN) or, when the tile is one chunk, (BM, 1). The tile's BN // 16 chunks (one or
+    two) each take one table row; rows past ``n_tab`` read as 0 (only masked keys reach them). Plain float32
+    products and sums, RC coordinates at a time: the bias-query rows are read again per tile instead of held
+    in registers beside the rotated query (128-row tiles at head size 128 would spill)."""
+    tl.static_assert(BN == 16 or BN == 32)
+    NC: tl.constexpr = BN // 16
+    c0 = n0 // 16
+    b0 = tl.zeros((BM,), tl.float32)
+    b1 = tl.zeros((BM,), tl.float32)
+    if BM < 64:
+        for i0 in tl.static_range(0, DP, RC):
+            b0, b1 = _bias_slice(b0, b1, b_rows, rmask, tab_ptr, c0, n_tab, i0 + tl.arange(0, RC), D, NC)
+    else:  # as in the rotations: unrolled, the slices' loads overlap and spill at 64+ rows
+        for i0 in range(0, DP, RC):
+            b0, b1 = _bias_slice(b0, b1, b_rows, rmask, tab_ptr, c0, n_tab, i0 + tl.arange(0, RC), D, NC)
+    if NC == 1:
+        return b0[:, None] * 1.4426950408889634
+    else:  # keys 0..15 of the tile are chunk c0, keys 16..31 chunk c0 + 1
+        first = (tl.arange(0, BN) < 16)[None, :]
+        return tl.where(first, b0[:, None], b1[:, None]) * 1.4426950408889634
+
+
 # S and N change with every batch: not specializing them (== 1, % 16) keeps serving on one compiled variant.
 @triton.jit(do_not_specialize=["S", "N"])
 def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
                  cache_ptr, sB, sH, sT, sC, bt_ptr, sbt, seqlen_ptr, qsl_ptr, heads_ptr,
+                 kb_q, skbn, skbh, kb_tab, n_tab,
                  k_rt, k_tab0, k_tab1, k_sub, k_fac, v_rt, v_tab0, v_tab1, v_sub, v_fac, part_ptr, ml_ptr,
                  S, N, HQ, qscale,
                  D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                  BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                 VOFF: tl.constexpr, DOT: tl.constexpr, RC: tl.constexpr,
+                 VOFF: tl.constexpr, DOT: tl.constexpr, RC: tl.constexpr, KB: tl.constexpr,
                  SINK: tl.constexpr, SOFF: tl.constexpr, SB: tl.constexpr,
                  K_PREP: tl.constexpr, K_DEC: tl.constexpr, K_P: tl.constexpr, K_ROT: tl.constexpr,
                  K_SUB: tl.constexpr, K_FAC: tl.constexpr,
@@ -190,6 +234,9 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
     for n0 in range(lo, hi, BN):
         pos = n0 + tl.arange(0, BN)
         nmask = pos < hi
+        if KB:  # before the tile's decode: the bias's temporaries are dead by the time the codes are live
+            kb = _key_bias(kb_q + qtok[:, None] * skbn + qh[:, None] * skbh, rmask, kb_tab, n_tab, n0, D, DP, RC,
+                           BM, BN)
         blk = tl.load(bt_ptr + s.to(tl.int64) * sbt + pos // T, mask=nmask, other=0).to(tl.int64)
         rows = cache_ptr + blk * sB + head_off + (pos % T).to(tl.int64) * sT
         kv, ks = K_DEC(rows, sC, nmask, D, kctx, k_tab0, k_tab1, DP, BN, K_P)
@@ -201,6 +248,8 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
                 kv = tl.where(smask[:, None], cm.load_sink(blockrow, off, smask, 0, sT, sC, D, DP, SOFF, SB), kv)
                 ks = tl.where(smask, 1.0, ks)
         sc = _mm(q, tl.trans(kv), DOT) * ks[None, :]
+        if KB:  # sinks included: their records hold centred keys too
+            sc += kb
         ok = (pos[None, :] <= qpos[:, None]) & nmask[None, :]
         sc = tl.where(ok, sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, axis=1))
@@ -269,9 +318,11 @@ class Tile(NamedTuple):
     stages: int
 
 
-def launch_config(dp: int, gp: int, decode: bool, fp32: bool = False, split: bool = False) -> Tile:
-    """Tile shape for padded head size ``dp``, padded GQA group ``gp``, float32 (else 16-bit) queries and
-    split-K (``split``: decode steps and short-query batches).
+def launch_config(dp: int, gp: int, decode: bool, fp32: bool = False, split: bool = False,
+                  biased_sinks: bool = False) -> Tile:
+    """Tile shape for padded head size ``dp``, padded GQA group ``gp``, float32 (else 16-bit) queries,
+    split-K (``split``: decode steps and short-query batches) and ``biased_sinks`` (a format with sink records
+    and position-aware key centring's score bias: at head size 128 its 128-row tiles spill, so it takes 64).
 
     Prefill and chunked-prefill tiles hold 128 rows of (query token, GQA head) pairs, so one decoded K/V tile
     serves 128 query rows (32 tokens of a group of 4), and two warpgroups each own Hopper's 64-row wgmma
@@ -286,7 +337,7 @@ def launch_config(dp: int, gp: int, decode: bool, fp32: bool = False, split: boo
     bn = 32 if dp <= (64 if fp32 else 128) else 16
     if decode:
         return Tile(1, max(16, gp), bn, 8, 3)
-    rows = 16 if fp32 or dp > 128 else 64 if split and dp > 64 else 128
+    rows = 16 if fp32 or dp > 128 else 64 if (split or biased_sinks) and dp > 64 else 128
     bn = 32 if dp <= 64 else 16
     bq = max(1, rows // gp)
     return Tile(bq, max(16, bq * gp), bn, 8, 3)
@@ -296,19 +347,41 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _check_key_bias(key_bias, query: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's (bias queries, table) arguments: the validated ``key_bias``, or placeholders (unread)."""
+    if key_bias is None:
+        return query, query
+    bq, table = key_bias
+    n, hq, d = query.shape
+    if bq.shape != (n, hq, d) or bq.dtype != torch.float32 or bq.device != query.device:
+        raise ValueError(f"key_bias[0]: expected float32 ({n}, {hq}, {d}) on {query.device}, got {bq.dtype} "
+                         f"{tuple(bq.shape)} on {bq.device}")
+    need = -(-positions // key_centre.CHUNK)
+    if (table.dim() != 2 or table.shape[1] != d or table.shape[0] < need or table.dtype != torch.float32
+            or table.device != query.device):
+        raise ValueError(f"key_bias[1]: expected float32 (>= {need}, {d}) on {query.device} (one row per "
+                         f"{key_centre.CHUNK} positions of the block table), got {table.dtype} "
+                         f"{tuple(table.shape)} on {table.device}")
+    return (bq if bq.stride(-1) == 1 else bq.contiguous()), table.contiguous()
+
+
 def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     cache: torch.Tensor,  # (B, Hk, T, C) uint8, any strides
                     block_table: torch.Tensor,  # (S, max_blocks) int
                     seq_lens: torch.Tensor,  # (S,) context length including this step's tokens
                     query_start_loc: torch.Tensor,  # (S + 1,) cumulative query lengths
                     fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
-                    num_splits: int | None = None) -> torch.Tensor:
+                    num_splits: int | None = None,
+                    key_bias: tuple[torch.Tensor, torch.Tensor] | None = None,  # ((N, Hq, D), (C, D)) float32
+                    ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its packed context -> (N, Hq, D) in query's dtype.
 
     ``max_seq_len`` (a bound on ``seq_lens`` the engine knows on the host) picks the split-K count; without
     it the block table's width is used. Each sequence divides its own context among the splits in the
     kernel, so a stale bound (a replayed CUDA graph) costs speed, never correctness. ``num_splits``
-    overrides the heuristic (any batch); tests use it on CPU.
+    overrides the heuristic (any batch); tests use it on CPU. ``key_bias`` (position-aware key centring, see
+    ``ops.paged_attention``): ``key_bias[0][row] . key_bias[1][p // 16]`` is added to the score of the key at
+    position p; the table must cover every position the block table addresses.
     """
     n, hq, d = query.shape
     s = seq_lens.shape[0]
@@ -317,15 +390,17 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         return out
     if query.stride(-1) != 1:
         query = query.contiguous()
+    t = cache.shape[2]
+    kb_q, kb_tab = _check_key_bias(key_bias, query, block_table.shape[1] * t)
     hk = fmt.num_kv_heads
     grp = hq // hk
     gp = triton.next_power_of_2(grp)
     dp = max(16, triton.next_power_of_2(d))
-    t = cache.shape[2]
     # N == S means one token per sequence in any batch vLLM builds: a decode step, one token per tile.
     decode = n == s
     fp32 = query.dtype == torch.float32
-    bq, bm, bn, warps, stages = launch_config(dp, gp, decode, fp32)
+    biased_sinks = key_bias is not None and fmt.sink_tokens > 0
+    bq, bm, bn, warps, stages = launch_config(dp, gp, decode, fp32, biased_sinks=biased_sinks)
     max_ctx = block_table.shape[1] * t
     if max_seq_len is not None:
         max_ctx = max(1, min(max_ctx, int(max_seq_len)))
@@ -338,9 +413,11 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     elif decode or n <= SHORT_QUERY * s:
         splits = _num_splits(query.device, triton.cdiv(n, bq) * hk, max_ctx, bn)
     if splits > 1 and not decode:
-        bq, bm, bn, warps, stages = launch_config(dp, gp, decode, fp32, split=True)
+        bq, bm, bn, warps, stages = launch_config(dp, gp, decode, fp32, split=True, biased_sinks=biased_sinks)
     if splits > 1:  # short splits use short tiles, so every split gets work
         bn = max(16, min(bn, triton.next_power_of_2(triton.cdiv(max_ctx, splits))))
+    # Every context tile starts at a multiple of BN (splits hold whole tiles), so a tile spans whole chunks.
+    assert bn % key_centre.CHUNK == 0, bn
     dot = _DOT_KIND.get(query.dtype, 0)
     if dot == 2 and _interpreting():
         dot = 3
@@ -359,9 +436,9 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         _attn_kernel[(n if bq == 1 else n // bq + s, len(g.heads), splits)](
             query, query.stride(0), query.stride(1), out, out.stride(0), out.stride(1),
             cache, *cache.stride(), bt, bt.stride(0), seq_lens, qsl, heads,
-            *kp, *vp, part, ml, s, n, hq, scale * LOG2E,
+            kb_q, kb_q.stride(0), kb_q.stride(1), kb_tab, kb_tab.shape[0], *kp, *vp, part, ml, s, n, hq, scale * LOG2E,
             D=d, DP=dp, T=t, G=grp, GP=gp, BQ=bq, BM=bm, BN=bn, NUM_SPLITS=splits,
-            VOFF=g.key.nbytes, DOT=dot, RC=min(32, dp), SINK=fmt.sink_tokens, SOFF=fmt.sink_offset,
+            VOFF=g.key.nbytes, DOT=dot, RC=min(32, dp), KB=key_bias is not None, SINK=fmt.sink_tokens, SOFF=fmt.sink_offset,
             SB=max(1, fmt.sink_bytes), K_PREP=kh.prep, K_DEC=kh.decode, **kc,
             V_PREP=vh.prep, V_DEC=vh.decode, **vc, num_warps=warps, num_stages=stages)
         if splits > 1:
