@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import platform
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch
 from tests import codec_cases
 from tests.kernel_checks import cache as _cache
 from tests.kernel_checks import check_cache, lowp_attention
-from vllm_kvq import calibration, codecs, ops
+from vllm_kvq import codecs, ops
 from vllm_kvq.kernels import cpu as kc
 from vllm_kvq.kv_format import KVFormat, kv_format
 from vllm_kvq.ops import reference
@@ -402,28 +401,21 @@ def test_chunked_prefill_equals_cold_run_head_dim_128(gen):
 # ------------------------------------------------------------------------ position-aware key centring
 
 
-def rope_fmt(cid: str, d: int, hk: int, *, rot: int | None = None, sinks: int = 0, t: int = 16) -> KVFormat:
-    """A format calibrated with position-aware key centring (vllm_kvq.key_centre) over the matrix's codec
-    ``cid``: a pre-RoPE key mean per KV head (large, as real keys have), RoPE frequencies over the first
-    ``rot`` channels; key channel scales where the case binds no state of its own."""
-    case = codec_cases.case(cid)
-    cs = [case.build(d, h) for h in range(hk)]
-    g = torch.Generator().manual_seed(77 + d)
-    freq, r = calibration.rope_frequencies(SimpleNamespace(rope_theta=1e5, partial_rotary_factor=(rot or d) / d), d)
-    assert r == (rot or d)
-    return KVFormat(d, cs, cs, name=f"{cid}+rope", sink_tokens=sinks, block_size=t if sinks else None,
-                    k_shift=torch.randn(hk, d, generator=g) * 3, k_rope_freq=freq,
-                    k_scale=None if case.state else torch.rand(hk, d, generator=g) + 0.5)
+def rope_fmt(cid: str, d: int, hk: int, **kw) -> KVFormat:
+    """The matrix case ``cid`` calibrated with position-aware key centring (tests/codec_cases.py)."""
+    return codec_cases.case(cid).rope_fmt(d, hk, **kw)
 
 
 # A representative subset runs in the AVX2 and portable builds; the CPU's best build runs every codec of the
 # matrix (AVX-512 here).
-ROPE_CODECS = ["turboquant2.5", "turboquant3", "turboquant4", "fibquant2", "uniform4", "turboquant3+shift+scale",
-               "fibquant2+shift+scale", "uniform4+shift+scale"]
+ROPE_CODECS = ["turboquant2.5", "turboquant3", "turboquant3.5", "turboquant4", "fibquant2", "fibquant1.5", "uniform4",
+               "bf16"]
+# rope_fmt binds the calibration to each case's plain codec: the cases with state of their own would repeat others
+ROPE_MATRIX = codec_cases.ids("cpu", stateful=False)
 
 
 @pytest.mark.parametrize("isa,cid", [*[pytest.param(ISAS[1].values[0], c, marks=ISAS[1].marks) for c in ROPE_CODECS],
-                                     *[("portable", c) for c in ROPE_CODECS], *[("best", c) for c in CODECS]])
+                                     *[("portable", c) for c in ROPE_CODECS], *[("best", c) for c in ROPE_MATRIX]])
 def test_key_bias_decode_mixed_and_split(cid, isa, gen, monkeypatch):
     """Position-aware key centring: a mixed batch (prefill, chunked prefill, decodes: the lane-major prefill
     kernel and the per-row kernel), split-K decode, FibQuant's lookup-table decode."""
@@ -437,13 +429,13 @@ def test_key_bias_decode_mixed_and_split(cid, isa, gen, monkeypatch):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("d,rot", [(64, 64), (128, 128), (128, 64), (64, 32)],
                          ids=["d64", "d128", "d128-partial", "d64-partial"])
-@pytest.mark.parametrize("cid", ["turboquant3", "fibquant2", "uniform4+shift+scale"])
+@pytest.mark.parametrize("cid", ["turboquant3", "fibquant2", "uniform4"])
 def test_key_bias_head_sizes_partial_rotary_and_sinks(cid, d, rot, isa, gen, monkeypatch):
     """Head sizes 64 and 128, partial rotary, sink records (their scores take the bias too), split decode;
     SmolLM2's group of 3 query heads per KV head."""
     monkeypatch.setattr(kc, "FIB_LUT_FROM", 0)
     _attn_case(rope_fmt(cid, d, 3, rot=rot), 9, *MIXED, gen, isa=isa)
-    sink = rope_fmt(cid, d, 2, rot=rot, sinks=2, t=16)
+    sink = rope_fmt(cid, d, 2, rot=rot, sinks=2)
     _attn_case(sink, 6, *MIXED, gen, isa=isa, dtype=torch.float32)
     _attn_case(sink, 6, [300, 50, 130], [1, 1, 1], gen, isa=isa, dtype=torch.float32, num_splits=2)
 
@@ -456,7 +448,7 @@ def test_key_bias_chunked_prefill_and_prefix_hit_equal_cold_run(cid, isa, gen):
                                              gen, isa=isa)
 
 
-@pytest.mark.parametrize("cid", ["turboquant3", "fibquant2+shift+scale", "bf16"])
+@pytest.mark.parametrize("cid", ["turboquant3", "fibquant2", "bf16"])
 def test_key_bias_dense_prefill_path(cid, gen, monkeypatch):
     monkeypatch.setattr(kc, "DENSE_PREFILL_FROM", 32)
     _attn_case(rope_fmt(cid, 64, 2), 6, *MIXED, gen)
