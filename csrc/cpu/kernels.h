@@ -70,6 +70,11 @@ struct AttnArgs {
   const float* k_scale;  // (Hk, D) or null: queries are multiplied by it
   const float* v_shift;  // (Hk, D) or null: output rows are o * v_scale + v_shift
   const float* v_scale;  // (Hk, D) or null
+  // Position-aware key centring (key_bias.h), or null: query row (t, qh) adds bias_q[t, qh] . bias_table[p / 16]
+  // to its score of the key at position p.
+  const float* bias_q;  // (N, Hq, D), last dim contiguous, times the softmax scale
+  int64_t sbq_n, sbq_h;
+  const float* bias_table;  // (C, D) contiguous, C * 16 >= every context length
   Sinks sinks;
   int lut_from;  // decode items over >= this many context tokens score FibQuant keys by table lookups
                  // and sum FibQuant values as codeword histograms (< 0: never)

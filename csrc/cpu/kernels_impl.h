@@ -523,6 +523,7 @@ inline void patch_sinks(const Args& a, const TileRows& t, int n, int side, float
 
 }  // namespace
 
+#include "key_bias.h"
 #if KVQ_AVX512
 #include "decode_avx512.h"
 #include "prefill_avx512.h"
@@ -685,7 +686,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
     if (fused && !any_sink) {
       if (j0 + kTile < c_end)
         prefetch_rows(a, head_base, bt, j0 + kTile, c_end < j0 + 2 * kTile ? c_end : j0 + 2 * kTile, span);
-      fused_decode_tile(a, fk, fv, t, n, rows, qr, dp, sc, mrow, lrow, acc, kscale, vscale, alpha);
+      fused_decode_tile(a, fk, fv, t, j0, n, w.q0, h * g, rows, qr, dp, sc, mrow, lrow, acc, kscale, vscale, alpha);
       continue;
     }
 #endif
@@ -708,6 +709,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
             sr[jj] = fib_table_score(tab, kidx + jj * km, km, kw) * kscale[jj];
           }
         }
+        add_key_bias(a, w.q0 + r / g, h * g + r % g, j0, n, sr);
       }
     } else {
       decode_tile(kd, t.ptrs, n, 0, kt, dp, kscale);
@@ -719,6 +721,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
           float* sr = sc + (qi * g + gi) * kTile;
           tile_scores(qr + (qi * g + gi) * dp, kt, d, dp, nv, sr);
           scale_tile(sr, kscale);
+          add_key_bias(a, w.q0 + qi, h * g + gi, j0, nv, sr);
         }
       }
     }

@@ -253,7 +253,8 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
                      int64_t value_offset, double scale, at::IntArrayRef k_spec, at::TensorList k_tabs,
                      at::IntArrayRef v_spec, at::TensorList v_tabs, const c10::optional<at::Tensor>& k_scale,
                      const c10::optional<at::Tensor>& v_shift, const c10::optional<at::Tensor>& v_scale,
-                     at::IntArrayRef sinks, int64_t lut_from, int64_t num_splits, int64_t skip_from, int64_t isa) {
+                     at::IntArrayRef sinks, int64_t lut_from, int64_t num_splits, int64_t skip_from, int64_t isa,
+                     const c10::optional<at::Tensor>& bias_q, const c10::optional<at::Tensor>& bias_table) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && out.sizes() == query.sizes() && out.stride(2) == 1 &&
                   out.scalar_type() == query.scalar_type() && query.device().is_cpu(),
               "vllm_kvq_cpu::paged_attention: query/out must be CPU (N, Hq, D) of one dtype, last dim contiguous");
@@ -295,6 +296,24 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
   a.v_shift = optional_ptr(v_shift, hk, d, "v_shift");
   a.v_scale = optional_ptr(v_scale, hk, d, "v_scale");
   a.sinks = sinks_of(sinks, cache, d);
+  int64_t bias_chunks = 0;  // table rows: every context must lie within them
+  TORCH_CHECK(bias_q.has_value() == bias_table.has_value(),
+              "vllm_kvq_cpu::paged_attention: key centring needs both bias_q and bias_table");
+  if (bias_q.has_value()) {
+    TORCH_CHECK(bias_q->scalar_type() == at::kFloat && bias_q->device().is_cpu() && bias_q->sizes() == query.sizes() &&
+                    bias_q->stride(2) == 1,
+                "vllm_kvq_cpu::paged_attention: bias_q must be CPU float32 ", query.sizes(),
+                " with a contiguous last dim, got ", bias_q->scalar_type(), " ", bias_q->sizes());
+    TORCH_CHECK(bias_table->scalar_type() == at::kFloat && bias_table->device().is_cpu() && bias_table->is_contiguous() &&
+                    bias_table->dim() == 2 && bias_table->size(1) == d,
+                "vllm_kvq_cpu::paged_attention: bias_table must be contiguous CPU float32 (C, ", d, "), got ",
+                bias_table->scalar_type(), " ", bias_table->sizes());
+    a.bias_q = bias_q->data_ptr<float>();
+    a.sbq_n = bias_q->stride(0);
+    a.sbq_h = bias_q->stride(1);
+    a.bias_table = bias_table->data_ptr<float>();
+    bias_chunks = bias_table->size(0);
+  }
   a.lut_from = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(lut_from, INT32_MAX)));
   a.num_tokens = static_cast<int>(query.size(0));
   a.num_q_heads = static_cast<int>(hq);
@@ -317,6 +336,8 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
     TORCH_CHECK(ql >= 0 && ql <= len && a.qsl[s + 1] <= a.num_tokens && len <= static_cast<int64_t>(max_blocks) * a.block_size,
                 "vllm_kvq_cpu::paged_attention: sequence ", s, " has ", ql, " new tokens, length ", len,
                 " and room for ", static_cast<int64_t>(max_blocks) * a.block_size);
+    TORCH_CHECK(!a.bias_q || len <= bias_chunks * 16, "vllm_kvq_cpu::paged_attention: sequence ", s, " of length ",
+                len, " lies past the key-centring table's ", bias_chunks, " chunks of 16 positions");
     if (ql == 1) {
       decode_rows.push_back(a.qsl[s]);
       max_decode_len = std::max(max_decode_len, len);
@@ -461,7 +482,7 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
       "paged_attention(Tensor query, Tensor(a!) out, Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor query_start_loc, Tensor heads, int value_offset, float scale, int[] k_spec, Tensor[] k_tabs, "
       "int[] v_spec, Tensor[] v_tabs, Tensor? k_scale, Tensor? v_shift, Tensor? v_scale, int[] sinks, int lut_from, "
-      "int num_splits, int skip_from, int isa) -> ()");
+      "int num_splits, int skip_from, int isa, Tensor? bias_q=None, Tensor? bias_table=None) -> ()");
   m.def(
       "decode_context(Tensor cache, Tensor block_table, int seq, int length, Tensor heads, int value_offset, "
       "int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, int[] sinks, Tensor(a!) k_out, Tensor(b!) v_out, "

@@ -4,10 +4,13 @@ run. Tiny random models; one probe process per implementation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.vllm_adapter.conftest import ok as _ok
 from tests.vllm_adapter.conftest import run_probe_per_env
+from vllm_kvq.calibration import CalibrationStats
 from vllm_kvq.kernels import cpu as kc
 
 pytestmark = [pytest.mark.slow,
@@ -15,6 +18,9 @@ pytestmark = [pytest.mark.slow,
 
 PROMPT = [3 + (i * 37) % 400 for i in range(150)]
 DTYPES = ("turboquant4", "turboquant3", "turboquant2.5", "uniform8")
+# a calibrated preset: tiny_model is calibrated with `vllm-kvq calibrate`, whose default centres keys by RoPE
+# position (the kernels add the per-chunk score bias), with one bf16 sink token per block
+CALIBRATED = "k4v4-cal-sink"
 
 
 def _job(model, dtype, **kw):
@@ -27,7 +33,7 @@ def _job(model, dtype, **kw):
 @pytest.fixture(scope="module")
 def results(tiny_model, tiny_model_128, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cpu_engine")
-    jobs = {("d64", d): _job(tiny_model, d) for d in DTYPES}
+    jobs = {("d64", d): _job(tiny_model, d) for d in (*DTYPES, CALIBRATED)}
     jobs[("d128", "turboquant3")] = _job(tiny_model_128, "turboquant3")
     jobs[("prefix", "turboquant3")] = _job(tiny_model, "turboquant3", repeat=2, prompt_logprobs=False,
                                            llm={"block_size": 32, "enable_prefix_caching": True})
@@ -41,7 +47,15 @@ def test_native_kernels_ran(results):
         assert not any(i.endswith(":cpu") for i in _ok(r)["kvq_impls"]), key
 
 
-@pytest.mark.parametrize("key", [("d64", d) for d in DTYPES] + [("d128", "turboquant3")])
+def test_rope_centred_preset_runs_the_cpu_kernels(results, tiny_model):
+    """The calibrated preset on a model calibrated with rope centring runs these kernels: no implementation
+    declined a format anywhere in the native process (a decline falls back to the reference)."""
+    assert CalibrationStats.load(Path(tiny_model) / "kvq" / "calibration.safetensors").rope_freq is not None
+    impls = _ok(results["native"][("d64", CALIBRATED)])["kvq_impls"]
+    assert {"store:cpu", "paged_attention:cpu"} <= set(impls) and not any(i.endswith(":reference") for i in impls)
+
+
+@pytest.mark.parametrize("key", [("d64", d) for d in (*DTYPES, CALIBRATED)] + [("d128", "turboquant3")])
 def test_logprobs_equal_reference(results, key):
     nat, ref = (_ok(results[i][key])["runs"][0][0] for i in ("native", "reference"))
     pn, pr = nat["prompt_logprobs"][1:], ref["prompt_logprobs"][1:]

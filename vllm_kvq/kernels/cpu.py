@@ -2,7 +2,8 @@
 ``store`` and ``paged_attention`` with the reference signatures, for every codec the package registers
 (TurboQuant at integer and fractional rates, FibQuant, uniform, raw bf16/fp16), mixed per-head formats (one
 call per head group), codecs bound to per-head state (key shift and scale, value shift and scale) and
-per-block sink records.
+per-block sink records, and position-aware key centring (``key_bias``: a score bias per query row and
+16-position key chunk, csrc/cpu/key_bias.h).
 
 FibQuant decode: a decode work item over at least ``FIB_LUT_FROM`` context tokens scores keys by table lookups
 (per query row, the rotated query block's inner product with every codeword: D/k x 2^L floats, built once per
@@ -241,15 +242,19 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     seq_lens: torch.Tensor,  # (S,)
                     query_start_loc: torch.Tensor,  # (S + 1,)
                     fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
-                    num_splits: int | None = None, isa: str = "best") -> torch.Tensor:
+                    num_splits: int | None = None, isa: str = "best",
+                    key_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode, prefill and chunked prefill in one call -> (N, Hq, D) in the query's dtype. ``num_splits``
     fixes how many context splits a decode sequence gets (None: enough to keep every thread busy);
-    ``max_seq_len`` is accepted for the ops signature (the CPU kernels read ``seq_lens``)."""
+    ``max_seq_len`` is accepted for the ops signature (the CPU kernels read ``seq_lens``). ``key_bias``
+    (bias_query (N, Hq, D), table (C, D)), required by ``fmt.key_rope``: the score of the key at position p
+    gains ``bias_query[row] . table[p // 16]`` (``vllm_kvq.ops``)."""
     why = why_not(fmt)
     if why is not None:
         _refuse("paged_attention", fmt, why)
     code = _isa(isa)
     query = query if query.stride(-1) == 1 else query.contiguous()
+    bias_q, table = _key_bias_args(key_bias, query, fmt)
     out = torch.zeros(query.shape, dtype=query.dtype)
     if query.shape[0] == 0 or seq_lens.numel() == 0:
         return out
@@ -269,11 +274,25 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     for g, (heads, vo, _, ks, kt, vs, vt) in zip(fmt.groups, _group_args(fmt)):
         torch.ops.vllm_kvq_cpu.paged_attention(query, out, cache, bt, seq_lens, qsl, heads, vo, float(scale), ks, kt,
                                                vs, vt, fmt.k_scale, fmt.v_shift, v_scale, sinks, lut_from,
-                                               num_splits or 0, skip_from, code)
+                                               num_splits or 0, skip_from, code, bias_q, table)
         for s in dense:
             _dense_prefill(query, out, cache, bt, int(seq_lens[s]), int(qsl[s]), int(qsl[s + 1]), s, g,
-                           (heads, vo, ks, kt, vs, vt), fmt, scale, code)
+                           (heads, vo, ks, kt, vs, vt), fmt, scale, code, bias_q, table)
     return out
+
+
+def _key_bias_args(key_bias, query: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(bias_q (N, Hq, D) float32 with a contiguous last dim, table (C, D) contiguous float32), or Nones."""
+    if key_bias is None:
+        if fmt.key_rope is not None:  # the cache holds position-centred keys: scores without the bias are wrong
+            raise ValueError(f"format {fmt.name!r} centres keys by position: paged_attention needs key_bias")
+        return None, None
+    bias_q, table = key_bias
+    if bias_q.shape != query.shape or table.dim() != 2 or table.shape[1] != query.shape[2]:
+        raise ValueError(f"key_bias: expected bias_query {tuple(query.shape)} and table (C, {query.shape[2]}), got "
+                         f"{tuple(bias_q.shape)} and {tuple(table.shape)}")
+    bias_q = bias_q.float()
+    return (bias_q if bias_q.stride(-1) == 1 else bias_q.contiguous()), table.float().contiguous()
 
 
 @functools.lru_cache(maxsize=None)
@@ -291,7 +310,7 @@ def _rotate(x: torch.Tensor, codec: VectorCodec, *, inverse: bool) -> torch.Tens
 
 
 def _dense_prefill(query, out, cache, bt, length: int, q0: int, q1: int, seq: int, g, args, fmt: KVFormat,
-                   scale: float, code: int) -> None:
+                   scale: float, code: int, bias_q: torch.Tensor | None, table: torch.Tensor | None) -> None:
     """One long prefill chunk of one head group: decode the context once (rotated domain), attend it with
     torch's SDPA, rotate the output back. Same math as the fused kernel, different summation order."""
     heads, vo, ks, kt, vs, vt = args
@@ -313,6 +332,11 @@ def _dense_prefill(query, out, cache, bt, length: int, q0: int, q1: int, seq: in
     # fused kernel) reproduces the cold run, and logits match the reference. bf16 here measured 2x faster but
     # moved prompt logprobs by up to 0.13 nats on the tiny test models.
     dt = torch.float32
+    if bias_q is not None:
+        # Key centring's bias as extra score terms: [q, bias_q / scale] . [k, table[p // 16]] (SDPA scales both).
+        chunk = table[torch.arange(length) // 16]  # (length, D)
+        q_rot = torch.cat([q_rot, bias_q[q0:q1].index_select(1, qidx) / scale], -1)
+        k_rot = torch.cat([k_rot, chunk.expand(gh, -1, -1)], -1)
     q4 = q_rot.transpose(0, 1).unsqueeze(0).to(dt)
     k4, v4 = k_rot.unsqueeze(0).to(dt), v_rot.unsqueeze(0).to(dt)
     if ql == length:
