@@ -85,16 +85,33 @@ class KeyRope:
         return m
 
     def bias_query(self, query: torch.Tensor, scale: float) -> torch.Tensor:
-        """(N, Hq, D) float32 with ``bias_query . table[c] = scale * q . m_c`` for every query row."""
+        """(N, Hq, D) float32 with ``bias_query . table[c] = scale * q . m_c`` for every query row.
+
+        [A, B] is linear in q: one batched product with a per-head (D, D) matrix, made once per device (this
+        runs on every attention call of every layer)."""
         n, hq, d = query.shape
         hk = self.mu.shape[0]
-        q = query.float().view(n, hk, hq // hk, d)
-        mu = self._mu_on(query.device)[None, :, None]  # (1, Hk, 1, D)
-        h, r = self.half, self.rot
-        out = torch.zeros(n, hk, hq // hk, d, dtype=torch.float32, device=query.device)
-        out[..., :h] = q[..., :h] * mu[..., :h] + q[..., h:r] * mu[..., h:r]
-        out[..., h:r] = q[..., h:r] * mu[..., :h] - q[..., :h] * mu[..., h:r]
-        return (out * scale).view(n, hq, d)
+        w = self._bias_matrix(query.device)  # (Hk, D, D)
+        g = hq // hk
+        q = query.float().view(n, hk, g, d).transpose(0, 1).reshape(hk, n * g, d)
+        out = torch.bmm(q, w * scale)  # (Hk, N G, D): one product per KV head
+        return out.view(hk, n, g, d).transpose(0, 1).reshape(n, hq, d)
+
+    def _bias_matrix(self, device) -> torch.Tensor:
+        key = "w" + str(device)
+        if key not in self._mu:
+            hk, d = self.mu.shape
+            h, r = self.half, self.rot
+            mu = self.mu.double()
+            w = torch.zeros(hk, d, d, dtype=torch.float64)
+            i = torch.arange(h)
+            # A_i = q_i mu_i + q_{i+h} mu_{i+h};  B_i = q_{i+h} mu_i - q_i mu_{i+h}
+            w[:, i, i] = mu[:, :h]
+            w[:, i + h, i] = mu[:, h:r]
+            w[:, i + h, i + h] = mu[:, :h]
+            w[:, i, i + h] = -mu[:, h:r]
+            self._mu[key] = w.float().to(device)
+        return self._mu[key]
 
 
 def rotate(x: torch.Tensor,  # (..., N, D)
