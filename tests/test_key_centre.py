@@ -53,6 +53,8 @@ def test_bias_query_dot_table_is_query_dot_centre(gen, rot):
             assert got == pytest.approx(want, rel=1e-4, abs=1e-3)
     # the mean is constant within a 16-position chunk and turns between chunks
     assert torch.equal(kr.centre(torch.tensor([16]))[0], kr.centre(torch.tensor([31]))[0])
+    # a host-side bound (what ops.store passes) gives the same numbers as reading the positions
+    assert torch.equal(kr.centre(pos, 70000 + 500), centre)
     assert not torch.allclose(kr.centre(torch.tensor([0]))[0], kr.centre(torch.tensor([16]))[0])
     # unrotated channels keep the fixed mean; pairs turning more than 1.1 rad per chunk keep none
     if rot < 64:

@@ -49,7 +49,7 @@ class KeyRope:
         # Rotary channels of fast pairs get no mean; channels past the rotary ones keep their fixed mean.
         self.mu = (mu.float().cpu() * torch.cat([keep, keep, torch.ones(d - self.rot)])).contiguous()
         self._tables: dict[str, torch.Tensor] = {}
-        self._mu: dict[str, torch.Tensor] = {}
+        self._on_device: dict[str, torch.Tensor] = {}  # mu and the bias matrix, per device
 
     def table(self, chunks: int, device) -> torch.Tensor:
         """(>= chunks, D) float32: row c = [cos(16 c freq), sin(16 c freq), 0 for unrotated channels]."""
@@ -66,16 +66,20 @@ class KeyRope:
         return t
 
     def _mu_on(self, device) -> torch.Tensor:
-        key = str(device)
-        if key not in self._mu:
-            self._mu[key] = self.mu.to(device)
-        return self._mu[key]
+        key = "mu" + str(device)
+        if key not in self._on_device:
+            self._on_device[key] = self.mu.to(device)
+        return self._on_device[key]
 
-    def centre(self, positions: torch.Tensor) -> torch.Tensor:
+    def centre(self, positions: torch.Tensor, max_position: int | None = None) -> torch.Tensor:
         """(N, Hk, D) float32 mean of the keys at ``positions`` (N,): ``R_{16 c} mu`` plus the unrotated
-        channels' fixed mean."""
+        channels' fixed mean. ``max_position``: a host-side bound of the positions (the store passes the
+        cache's capacity), so the vLLM hot path reads no device value back (CUDA graphs capture the store);
+        None reads the largest position."""
         pos = positions.long()
-        rows = self.table(int(pos.max()) // CHUNK + 1 if pos.numel() else 1, pos.device)[pos // CHUNK]  # (N, D)
+        if max_position is None:
+            max_position = int(pos.max()) if pos.numel() else 0
+        rows = self.table(max_position // CHUNK + 1, pos.device)[pos // CHUNK]  # (N, D)
         h, r = self.half, self.rot
         cos, sin = rows[:, None, :h], rows[:, None, h:r]
         mu = self._mu_on(pos.device)[None]  # (1, Hk, D)
@@ -99,7 +103,7 @@ class KeyRope:
 
     def _bias_matrix(self, device) -> torch.Tensor:
         key = "w" + str(device)
-        if key not in self._mu:
+        if key not in self._on_device:
             hk, d = self.mu.shape
             h, r = self.half, self.rot
             mu = self.mu.double()
@@ -110,8 +114,8 @@ class KeyRope:
             w[:, i + h, i] = mu[:, h:r]
             w[:, i + h, i + h] = mu[:, :h]
             w[:, i, i + h] = -mu[:, h:r]
-            self._mu[key] = w.float().to(device)
-        return self._mu[key]
+            self._on_device[key] = w.float().to(device)
+        return self._on_device[key]
 
 
 def rotate(x: torch.Tensor,  # (..., N, D)

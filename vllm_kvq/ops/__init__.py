@@ -150,7 +150,8 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
         if positions is None or positions.shape != (n,):
             raise ValueError(f"format {fmt.name!r} centres keys by position (calibrated with rope_freq): store needs "
                              f"positions of shape ({n},), got {None if positions is None else tuple(positions.shape)}")
-        key = key.float() - fmt.key_rope.centre(positions)
+        # every position has a slot in this cache: its capacity bounds them without reading the device
+        key = key.float() - fmt.key_rope.centre(positions, cache.shape[0] * cache.shape[2] - 1)
     _pick("store", impl, cache.device, fmt, False)(key, value, cache, slot_mapping, fmt)
 
 
