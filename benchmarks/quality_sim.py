@@ -33,7 +33,8 @@ Variant grammar (``--variants`` takes names from VARIANTS or specs ``K=..;V=..;s
   config=PATH      a YAML config as it is (e.g. from `vllm-kvq calibrate --budget`); only sink= beside it
   sink=N[:spec]    proto: the first N tokens of each sequence stored with spec (default bf16) instead
   window=W         proto: each query reads its W most recent positions at bf16 (KIVI/OSCAR recent window;
-                   its bytes, W bf16 slots per sequence, are not in the per-token bytes)
+                   its bytes, W bf16 slots per sequence, are not in the per-token bytes). window=1 is the
+                   package's ``exact_self: true`` (a YAML with it runs so), which costs no bytes
 """
 
 from __future__ import annotations
@@ -234,7 +235,9 @@ class SimRun:
         quantizer, avg_bytes, max_bytes, cfg = self.build(var)
         nll, ref_nll, kl, top1 = [], [], [], []
         t0 = time.time()
-        with fake_quant.quantized(self.model, quantizer, recent_window=var.window):
+        # a YAML's exact_self (each query's own token at full precision) is the one-token window
+        window = max(var.window, 1 if cfg.exact_self else 0)
+        with fake_quant.quantized(self.model, quantizer, recent_window=window):
             for w, ref in zip(self.wins, self.ref):
                 r = fake_quant.score(self.model, self.ids[w.begin:w.end], score_from=w.score_from - w.begin,
                                      ref_top=ref["top"])

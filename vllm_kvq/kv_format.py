@@ -72,7 +72,8 @@ class KVFormat:
                  k_shift: torch.Tensor | None = None,  # (Hk, D)
                  v_shift: torch.Tensor | None = None,  # (Hk, D)
                  k_scale: torch.Tensor | None = None,  # (Hk, D), > 0
-                 k_rope_freq: torch.Tensor | None = None):  # (R/2,): k_shift is the pre-RoPE key mean
+                 k_rope_freq: torch.Tensor | None = None,  # (R/2,): k_shift is the pre-RoPE key mean
+                 exact_self: bool = False):
         """``k_rope_freq``: position-aware key centring (``vllm_kvq.key_centre``): ``k_shift`` is then the mean
         of the keys before RoPE, turned to each key's position by ``ops.store`` and added back as a score
         bias by attention, instead of a fixed shift bound to the key codecs."""
@@ -99,6 +100,8 @@ class KVFormat:
         if v_shift is not None:
             values = [c.bind(shift=v_shift[h]) for h, c in enumerate(values)]
         self.name = name
+        # attention reads each row's own position from the step's exact K/V, not the cache (vllm_kvq.ops)
+        self.exact_self = bool(exact_self)
         self.head_size = head_size
         self.num_kv_heads = hk
         self.keys, self.values = list(keys), list(values)
@@ -133,7 +136,7 @@ class KVFormat:
     def with_block_size(self, block_size: int, pad_to: int | None = None) -> "KVFormat":
         """The same format for another block size (the sink area depends on it)."""
         f = KVFormat(self.head_size, self.keys, self.values, name=self.name, pad_to=pad_to,
-                     sink_tokens=self.sink_tokens, block_size=block_size)
+                     sink_tokens=self.sink_tokens, block_size=block_size, exact_self=self.exact_self)
         f.key_rope = self.key_rope
         return f
 
@@ -236,7 +239,7 @@ def formats_from_config(cfg: "_config.KVQConfig", *, num_layers: int, num_kv_hea
         keys = [k.build(head_size, cfg.seed) for k, _ in row]
         values = [v.build(head_size, cfg.seed) for _, v in row]
         fmts.append(KVFormat(head_size, keys, values, name=f"{cfg.name}[layer {layer}]",
-                             sink_tokens=cfg.sink_tokens, block_size=block_size,
+                             sink_tokens=cfg.sink_tokens, block_size=block_size, exact_self=cfg.exact_self,
                              **_layer_calibration(cfg, stats, layer)))
     if uniform_slot:
         pad = max(f.slot_bytes for f in fmts)
@@ -276,4 +279,4 @@ def kv_format(spec: "str | Path | _config.KVQConfig", head_size: int, num_kv_hea
     values = [v.build(head_size, cfg.seed) for _, v in row]
     name = cfg.name if num_layers is None else f"{cfg.name}[layer {layer}]"
     return KVFormat(head_size, keys, values, name=name, pad_to=pad_to, sink_tokens=cfg.sink_tokens,
-                    block_size=block_size, **_layer_calibration(cfg, stats, layer))
+                    block_size=block_size, exact_self=cfg.exact_self, **_layer_calibration(cfg, stats, layer))

@@ -13,6 +13,8 @@
                                   # `model`: the served model's own (MODEL_DIR/kvq/calibration.safetensors)
     smooth_keys: true             # with calibration: also apply its per-channel key scales
     sink_tokens: 1                # optional: every block keeps its first tokens at bf16 (attention sinks)
+    exact_self: true              # optional: each query attends its own token at full precision (the step's
+                                  # K/V, not the cache's copy; no cache bytes)
 
 Unknown keys, wrong types and unknown codecs are errors that name the key path, the value and what is
 allowed (``ConfigError``).
@@ -141,6 +143,8 @@ class KVQConfig(BaseModel):
     calibration: StrictStr | None = None
     smooth_keys: StrictBool = True
     sink_tokens: StrictInt = Field(0, ge=0, le=16)
+    # attention reads each query's own token from the step's exact K/V instead of the cache (no cache bytes)
+    exact_self: StrictBool = False
 
     _codec = field_validator("key", "value", mode="before")(lambda cls, v: parse_codec(v))
 

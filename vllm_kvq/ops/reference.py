@@ -114,12 +114,15 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
             kv_len: torch.Tensor,  # (S,) context length
             cache: torch.Tensor, block_table: torch.Tensor, fmt: KVFormat, scale: float,
             key_bias: tuple[torch.Tensor, torch.Tensor] | None = None,  # ((S, Lq, Hq, D), (C, D))
-            ) -> torch.Tensor:
+            exclude_self: bool = False,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (S, Lq, Hq, D), log-sum-exp of each row's scores (S, Lq, Hq); -inf where a row has no keys)."""
     s, lq, hq, d = q.shape
     hk = fmt.num_kv_heads
     group = hq // hk
     t = cache.shape[2]
     out = torch.zeros(s, lq, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((s, lq, hq), -math.inf, dtype=torch.float32, device=q.device)
     max_len = int(kv_len.max())
     chunk_blocks = max(1, CHUNK_TOKENS // t)
     for g in fmt.groups:
@@ -149,7 +152,8 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
             if bq is not None:  # position-aware key centring: q . (the key mean at each key's chunk)
                 rows = key_bias[1][pos.clamp(max=key_bias[1].shape[0] * key_centre.CHUNK - 1) // key_centre.CHUNK]
                 scores = scores + torch.einsum("sqhgd,ld->sqhgl", bq, rows)
-            ok = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < kv_len[:, None, None])
+            visible = pos[None, None, :] < q_pos[:, :, None] if exclude_self else pos[None, None, :] <= q_pos[:, :, None]
+            ok = visible & (pos[None, None, :] < kv_len[:, None, None])
             scores = scores.masked_fill(~ok[:, :, None, None, :], -math.inf)
             m_new = torch.maximum(m, scores.amax(-1))
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -161,8 +165,10 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
         o_rot = acc / l.clamp(min=1e-30)[..., None]
         o = g.value.unrotate(o_rot.reshape(-1, d)).reshape(s, lq, gh, group, d)
         o = _per_head(o.transpose(-2, -3), g.values, "output_transform").transpose(-2, -3)
-        out.view(s, lq, hk, group, d)[:, :, heads] = o
-    return out
+        empty = l == 0  # a row with no keys (exclude_self at position 0): output 0, lse -inf
+        out.view(s, lq, hk, group, d)[:, :, heads] = o.masked_fill(empty[..., None], 0.0)
+        lse.view(s, lq, hk, group)[:, :, heads] = torch.where(empty, -math.inf, m + torch.log(l.clamp(min=1e-30)))
+    return out, lse
 
 
 def paged_attention(query: torch.Tensor,  # (N, Hq, D)
@@ -171,13 +177,23 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     seq_lens: torch.Tensor,  # (S,) context length including this step's tokens
                     query_start_loc: torch.Tensor,  # (S + 1,) int, cumulative query lengths
                     fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
-                    key_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    key_bias: tuple[torch.Tensor, torch.Tensor] | None = None, exclude_self: bool = False,
+                    lse: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole (packed) context -> (N, Hq, D).
     ``max_seq_len`` is a hint for the kernels' work split; the reference reads ``seq_lens``. ``key_bias``
     ((N, Hq, D), (C, D)): add ``key_bias[0][row] . key_bias[1][p // 16]`` to the score of the key at position p
-    (position-aware key centring, ``vllm_kvq.key_centre``)."""
+    (position-aware key centring, ``vllm_kvq.key_centre``).
+
+    ``exclude_self``: a row at position p attends to positions j < p only (its own key and value are merged in
+    exactly by ``vllm_kvq.ops``); a row with no keys gets output 0. ``lse`` (N, Hq) float32: filled with each
+    row's natural-log log-sum-exp of the scores it attended (scale * q . k in the codec domain plus the key
+    bias), -inf for rows with no keys."""
     n, hq, d = query.shape
     out = torch.zeros(n, hq, d, dtype=query.dtype, device=query.device)
+    if lse is not None:
+        if lse.shape != (n, hq) or lse.dtype != torch.float32:
+            raise ValueError(f"lse: expected float32 ({n}, {hq}), got {lse.dtype} {tuple(lse.shape)}")
+        lse.fill_(-math.inf)
     if n == 0 or seq_lens.numel() == 0:
         return out
     qsl = query_start_loc.tolist()
@@ -191,15 +207,21 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         rows = torch.tensor([qsl[i] for i in decode], device=query.device)
         kv = seq_lens.to(query.device)[idx].long()
         kb = None if bq is None else (bq[rows][:, None], table)
-        o = _attend(qf[rows][:, None], (kv - 1)[:, None], kv, cache, block_table[idx], fmt, scale, kb)
+        o, ls = _attend(qf[rows][:, None], (kv - 1)[:, None], kv, cache, block_table[idx], fmt, scale, kb,
+                        exclude_self)
         out[rows] = o[:, 0].to(query.dtype)
+        if lse is not None:
+            lse[rows] = ls[:, 0]
     for i, ql in enumerate(q_lens):
         if ql <= 1:
             continue
         kv = torch.tensor([lens[i]], device=query.device)
         pos = torch.arange(lens[i] - ql, lens[i], device=query.device)[None]
         kb = None if bq is None else (bq[qsl[i]:qsl[i + 1]][None], table)
-        o = _attend(qf[qsl[i]:qsl[i + 1]][None], pos, kv, cache, block_table[i:i + 1], fmt, scale, kb)
+        o, ls = _attend(qf[qsl[i]:qsl[i + 1]][None], pos, kv, cache, block_table[i:i + 1], fmt, scale, kb,
+                        exclude_self)
         out[qsl[i]:qsl[i + 1]] = o[0].to(query.dtype)
+        if lse is not None:
+            lse[qsl[i]:qsl[i + 1]] = ls[0]
     return out
 

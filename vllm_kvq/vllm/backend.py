@@ -296,9 +296,18 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
+        fmt = self._format(layer, kv_cache)
+        self_kv = None
+        if fmt.exact_self:  # each row's own token from this step's exact K/V
+            if key is None or value is None:
+                raise ValueError(f"vllm_kvq: {fmt.name} attends each token's own key and value exactly (exact_self), "
+                                 f"but vLLM passed no key/value to this layer's forward")
+            self_kv = (key[:n].view(n, self.num_kv_heads, self.head_size),
+                       value[:n].view(n, self.num_kv_heads, self.head_size),
+                       token_positions(attn_metadata) if fmt.key_rope is not None else None)
         out = ops.paged_attention(q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                                  attn_metadata.query_start_loc, self._format(layer, kv_cache),
-                                  scale=self.scale, max_seq_len=replay_safe_max_seq_len(query, attn_metadata))
+                                  attn_metadata.query_start_loc, fmt, scale=self.scale,
+                                  max_seq_len=replay_safe_max_seq_len(query, attn_metadata), self_kv=self_kv)
         flat = output.view(num_tokens, -1)
         flat[:n] = out.reshape(n, -1).to(output.dtype)
         if n < num_tokens:

@@ -87,7 +87,8 @@ class ServedFormats:
         self.layers = [_take_heads(f, heads, f.slot_bytes) for f in full]
         k, v = cfg.key.build(shape.head_size, cfg.seed), cfg.value.build(shape.head_size, cfg.seed)
         self.default = KVFormat(shape.head_size, [k] * len(heads), [v] * len(heads),
-                                name=f"{cfg.name}[default]", sink_tokens=cfg.sink_tokens, block_size=block_size)
+                                name=f"{cfg.name}[default]", sink_tokens=cfg.sink_tokens, block_size=block_size,
+                                exact_self=cfg.exact_self)
         self._padded: dict[tuple[int, int], KVFormat] = {}
 
     def layer_slot(self, index: int) -> int:
@@ -122,5 +123,6 @@ def _take_heads(fmt: KVFormat, heads: list[int], pad_to: int) -> KVFormat:
     # key mean is the format's, so this rank's heads of it are passed on.
     rope = {} if fmt.key_rope is None else {"k_shift": fmt.key_rope.mu[heads], "k_rope_freq": fmt.key_rope.freq.float()}
     return KVFormat(fmt.head_size, [fmt.keys[h] for h in heads], [fmt.values[h] for h in heads],
-                    name=fmt.name, pad_to=pad_to, sink_tokens=fmt.sink_tokens, block_size=fmt.block_size, **rope)
+                    name=fmt.name, pad_to=pad_to, sink_tokens=fmt.sink_tokens, block_size=fmt.block_size,
+                    exact_self=fmt.exact_self, **rope)
 
