@@ -95,9 +95,12 @@ def test_cli_budget_writes_a_config_that_meets_it(tiny, tmp_path, capsys):
     assert f"wrote {cfg_path}" in printed and "chosen K" in printed and "K tq2" in printed
     data = yaml.safe_load(cfg_path.read_text())
     assert data["calibration"] == "tiny.safetensors" and data["smooth_keys"] is True  # beside the YAML
+    # the default recipe: one sink token per block (its area paid from the budget at 128-token blocks) and
+    # each query's own token exact
+    assert data["sink_tokens"] == 1 and data["exact_self"] is True
     cfg = config.load(cfg_path)
-    fmts = formats_from_config(cfg, num_layers=3, num_kv_heads=2, head_size=64)
-    assert all(f.calibrated for f in fmts)
+    fmts = formats_from_config(cfg, num_layers=3, num_kv_heads=2, head_size=64, block_size=128)
+    assert all(f.calibrated and f.exact_self and f.sink_bytes == 2 for f in fmts)
     assert max(f.slot_bytes for f in fmts) <= 3.25 * 2 * 64 / 8  # uniform slot: every layer within 52 B
     # a saved measurement serves a second budget without measuring again, and refuses other candidates
     sens_file = tmp_path / "sens.json"
@@ -108,9 +111,18 @@ def test_cli_budget_writes_a_config_that_meets_it(tiny, tmp_path, capsys):
     assert cli.main(args + ["--budget", "2.5", "--config-out", str(tmp_path / "b25.yaml")]) == 0
     assert "sensitivities from" in capsys.readouterr().err
     assert {f.slot_bytes for f in formats_from_config(config.load(tmp_path / "b25.yaml"), num_layers=3,
-                                                      num_kv_heads=2, head_size=64)} == {36}  # 2 bits K and V
+                                                      num_kv_heads=2, head_size=64, block_size=128)} == {38}
+    # 2 bits K and V (36 B) + the sink area (2 B): 40 B allowed
     with pytest.raises(ValueError, match="holds sensitivities for"):
         budget.load_sensitivity(sens_file, ["turboquant2"], 3)
+    with pytest.raises(SystemExit, match="measured with"):  # another recipe needs its own measurement
+        cli.main(args + ["--budget", "2.5", "--sink-tokens", "0", "--no-exact-self"])
+    # without sinks the whole budget buys codes: 2.5 bits = 40 B -> no sink area, no exact_self key
+    plain = tmp_path / "plain.yaml"
+    assert cli.main(args[:-4] + ["--out", str(out), "--budget", "2.5", "--sink-tokens", "0", "--no-exact-self",
+                                 "--config-out", str(plain)]) == 0
+    data = yaml.safe_load(plain.read_text())
+    assert "sink_tokens" not in data and "exact_self" not in data
     with pytest.raises(SystemExit, match="unknown codecs"):
         cli.main(["calibrate", str(tiny), "--budget", "3", "--candidates", "tq9", "--out", str(out)])
     with pytest.raises(SystemExit, match="below the cheapest pair"):

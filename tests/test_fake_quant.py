@@ -23,23 +23,32 @@ def _ids(tok, n=96):
     return tok(models.TINY_TEXT)["input_ids"][:n]
 
 
-@pytest.mark.parametrize("calibrated", [False, True])
-def test_roundtrip_is_what_reference_attention_reads(calibrated, gen):
+@pytest.mark.parametrize("kind", ["plain", "calibrated", "calibrated-sink", "rope-sink"])
+def test_roundtrip_is_what_reference_attention_reads(kind, gen):
+    from vllm_kvq import ops
+    from tests.test_key_centre import _freq
+
     hk, hq, n, d = 2, 6, 45, 64
     c = codecs.get("turboquant3", head_dim=d)
     cal = dict(k_shift=torch.randn(hk, d, generator=gen), v_shift=torch.randn(hk, d, generator=gen),
-               k_scale=torch.rand(hk, d, generator=gen) + 0.5) if calibrated else {}
-    fmt = KVFormat(d, [c] * hk, [c] * hk, **cal)
+               k_scale=torch.rand(hk, d, generator=gen) + 0.5) if kind != "plain" else {}
+    if kind == "rope-sink":
+        cal["k_rope_freq"] = _freq(d)
+    sink = dict(sink_tokens=1, block_size=16) if kind.endswith("sink") else {}
+    fmt = KVFormat(d, [c] * hk, [c] * hk, **cal, **sink)
     q = torch.randn(n, hq, d, generator=gen)
     k, v = torch.randn(n, hk, d, generator=gen) * 3, torch.randn(n, hk, d, generator=gen)
+    k[::16] *= 5  # block starts far off: the sink records matter
     cache = fmt.allocate(3, 16)
-    reference.store(k, v, cache, torch.arange(n), fmt)
-    want = reference.paged_attention(q, cache, torch.arange(3)[None], torch.tensor([n]), torch.tensor([0, n]), fmt,
-                                     scale=d ** -0.5)
+    ops.store(k, v, cache, torch.arange(n), fmt, impl="reference", positions=torch.arange(n))
+    want = ops.paged_attention(q, cache, torch.arange(3)[None], torch.tensor([n]), torch.tensor([0, n]), fmt,
+                               scale=d ** -0.5, impl="reference")
     kq, vq = fake_quant.roundtrip(fmt, k.transpose(0, 1), v.transpose(0, 1))
     got = fake_quant._attend(q.transpose(0, 1), kq, vq, d ** -0.5, hq // hk).transpose(0, 1)
     assert (got - want).abs().max() < 1e-4
     assert (kq - k.transpose(0, 1)).abs().max() > 0.01  # the codec is in the path
+    if sink:  # the sink rows are near-exact (bf16), the others are not
+        assert (kq[:, ::16] - k[::16].transpose(0, 1)).abs().max() < 0.1
 
 
 def test_bf16_cache_matches_the_plain_model(tiny):

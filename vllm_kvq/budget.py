@@ -15,6 +15,9 @@
      layer's own slot (the adapter gives every layer's spec its own size; vLLM keeps the layers in one
      KV-cache group whose block holds one page per layer), so a mixed choice costs its average bytes in
      vLLM's KV-token count, not its largest layer's (``VLLM_KVQ_PADDED_SLOTS=1`` shows the padded count).
+   With ``--sink-tokens`` (default 1) every slot also carries the sink area (``sink_area_bytes`` at the
+   cache's block size), which the budget pays first; sensitivities are measured with the sinks and, with
+   ``--exact-self`` (default), each query's own token exact, as the written YAML serves them.
    Per-head choices are not made: a layer's slot is as large as its largest head, so mixing codecs across
    heads of a layer buys nothing unless their K+V bytes are equal.
 3. The YAML: the most common (K, V) pair as the default, one override per differing layer, the calibration
@@ -48,6 +51,7 @@ class Sensitivity:
     loss: list[dict[str, dict[str, float]]]  # [layer] -> {"K": {codec: kl}, "V": {...}}
     head_loss: list[list[float]] | None = None  # [layer][head]: K and V of that head at the cheapest codec
     tokens: int = 0
+    recipe: dict = field(default_factory=dict)  # what else the runs had: sink_tokens, block_size, exact_self
 
 
 @dataclass
@@ -76,9 +80,12 @@ class Choice:
 
 def measure(model, prompts: list[list[int]], *, num_layers: int, num_kv_heads: int, head_dim: int,
             calibration_stats=None, smooth_keys: bool = True, candidates=DEFAULT_CANDIDATES,
-            head_sensitivity: bool = False, progress: bool = True) -> Sensitivity:
+            head_sensitivity: bool = False, progress: bool = True, sink_tokens: int = 0,
+            block_size: int | None = None, exact_self: bool = False) -> Sensitivity:
     """Quantize one (layer, side) at a time with each candidate (and, if asked, one KV head at a time at the
-    cheapest candidate); loss = mean KL against the bf16 cache over the prompts' tokens."""
+    cheapest candidate); loss = mean KL against the bf16 cache over the prompts' tokens. ``sink_tokens`` (with
+    the cache's ``block_size``) and ``exact_self`` measure with the recipe's sinks and exact own token, which
+    change how much each codec costs (a centred key cache loses most at the sink tokens)."""
     from tqdm import tqdm
 
     cands = [codecs.get(c, head_dim=head_dim) for c in candidates]
@@ -88,14 +95,16 @@ def measure(model, prompts: list[list[int]], *, num_layers: int, num_kv_heads: i
     def fmt(layer, kc, vc, heads=None):
         keys = [kc if heads is None or h in heads else bf16 for h in range(num_kv_heads)]
         vals = [vc if heads is None or h in heads else bf16 for h in range(num_kv_heads)]
-        return KVFormat(head_dim, keys, vals, **calibration_kwargs(calibration_stats, layer, smooth_keys))
+        return KVFormat(head_dim, keys, vals, sink_tokens=sink_tokens, block_size=block_size if sink_tokens else None,
+                        **calibration_kwargs(calibration_stats, layer, smooth_keys))
 
     with fake_quant.quantized(model, None):
         refs = [fake_quant.score(model, p, keep_top=64) for p in prompts]
     tokens = sum(r["nll"].numel() for r in refs)
 
     def loss_of(layer, f) -> float:
-        with fake_quant.quantized(model, fake_quant.formats_quantizer({layer: f}, only={layer})):
+        with fake_quant.quantized(model, fake_quant.formats_quantizer({layer: f}, only={layer}),
+                                  recent_window=1 if exact_self else 0):
             kl = [fake_quant.score(model, p, ref_top=r["top"])["kl"] for p, r in zip(prompts, refs)]
         return torch.cat(kl).double().mean().item()
 
@@ -113,7 +122,12 @@ def measure(model, prompts: list[list[int]], *, num_layers: int, num_kv_heads: i
         hjobs = [(layer, h) for layer in range(num_layers) for h in range(num_kv_heads)]
         for layer, h in tqdm(hjobs, desc="head sensitivity", unit="run", file=sys.stderr, disable=not progress):
             head_loss[layer][h] = loss_of(layer, fmt(layer, cands[cheap], cands[cheap], heads={h}))
-    return Sensitivity(list(candidates), nbytes, loss, head_loss, tokens)
+    return Sensitivity(list(candidates), nbytes, loss, head_loss, tokens,
+                       recipe=recipe_of(sink_tokens, block_size, exact_self))
+
+
+def recipe_of(sink_tokens: int, block_size: int | None, exact_self: bool) -> dict:
+    return {"sink_tokens": sink_tokens, "block_size": block_size if sink_tokens else None, "exact_self": exact_self}
 
 
 def save_sensitivity(sens: Sensitivity, path) -> None:
@@ -123,14 +137,19 @@ def save_sensitivity(sens: Sensitivity, path) -> None:
     Path(path).write_text(json.dumps(dataclasses.asdict(sens)))
 
 
-def load_sensitivity(path, candidates: list[str], num_layers: int) -> Sensitivity:
-    """A saved measurement; ValueError when it was made for other candidates or another layer count."""
+def load_sensitivity(path, candidates: list[str], num_layers: int, recipe: dict | None = None) -> Sensitivity:
+    """A saved measurement; ValueError when it was made for other candidates, another layer count or (when
+    ``recipe`` is given) another recipe of sinks and exact own token."""
     import json
 
     d = json.loads(Path(path).read_text())
     if d["candidates"] != list(candidates) or len(d["loss"]) != num_layers:
         raise ValueError(f"{path} holds sensitivities for {d['candidates']} over {len(d['loss'])} layers, not "
                          f"{list(candidates)} over {num_layers}: delete it or pass another --sensitivity file")
+    d.setdefault("recipe", {})
+    if recipe is not None and d["recipe"] != recipe:
+        raise ValueError(f"{path} was measured with {d['recipe'] or 'no sinks and no exact own token'}, not {recipe}: "
+                         f"delete it or pass another --sensitivity file")
     return Sensitivity(**d)
 
 
@@ -146,14 +165,18 @@ def _best_pair(sens: Sensitivity, layer: int, max_bytes: float) -> tuple[float, 
     return best
 
 
-def choose(sens: Sensitivity, budget_bytes: float, slot: str = "uniform") -> Choice:
+def choose(sens: Sensitivity, budget_bytes: float, slot: str = "uniform", overhead: int = 0) -> Choice:
     """The (K, V) codec of every layer with the least summed loss whose bytes meet ``budget_bytes`` per token
-    per KV head: in every layer (``uniform``) or on average over layers (``mixed``)."""
+    per KV head: in every layer (``uniform``) or on average over layers (``mixed``). ``overhead``: bytes every
+    slot carries beside the codes (a sink area, ``sink_area_bytes``), counted in the budget."""
     n = len(sens.loss)
     cheapest = 2 * min(sens.nbytes.values())
+    total_budget_bytes, budget_bytes = budget_bytes, budget_bytes - overhead
     if budget_bytes < cheapest:
-        raise ValueError(f"budget of {budget_bytes:.1f} bytes per token per KV head is below the cheapest pair of "
-                         f"candidates ({cheapest} bytes: {min(sens.nbytes, key=sens.nbytes.get)} for K and V)")
+        raise ValueError(f"budget of {total_budget_bytes:.1f} bytes per token per KV head"
+                         + (f" ({budget_bytes:.1f} after the {overhead} B sink area)" if overhead else "")
+                         + f" is below the cheapest pair of candidates ({cheapest} bytes: "
+                         f"{min(sens.nbytes, key=sens.nbytes.get)} for K and V)")
     if slot == "uniform":
         picks = [_best_pair(sens, layer, budget_bytes) for layer in range(n)]
         per_layer = [(k, v) for _, k, v in picks]
@@ -183,12 +206,21 @@ def choose(sens: Sensitivity, budget_bytes: float, slot: str = "uniform") -> Cho
         total, per_layer = min(best.values(), key=lambda t: t[0])
     else:
         raise ValueError(f"slot must be 'uniform' or 'mixed', got {slot!r}")
-    bpl = [sens.nbytes[k] + sens.nbytes[v] for k, v in per_layer]
-    return Choice(per_layer, bpl, total, budget_bytes, slot)
+    bpl = [sens.nbytes[k] + sens.nbytes[v] + overhead for k, v in per_layer]
+    return Choice(per_layer, bpl, total, total_budget_bytes, slot)
+
+
+def sink_area_bytes(sink_tokens: int, head_dim: int, block_size: int) -> int:
+    """Bytes per slot of the per-block sink area (``kv_format``: bf16 K and V of each sink token spread over
+    the block's slots, rounded to even)."""
+    if not sink_tokens:
+        return 0
+    b = -(-sink_tokens * 4 * head_dim // block_size)
+    return b + b % 2
 
 
 def to_yaml_dict(choice: Choice, *, name: str, calibration_file: str | None, smooth_keys: bool,
-                 budget_bits: float, head_dim: int) -> dict:
+                 budget_bits: float, head_dim: int, sink_tokens: int = 0, exact_self: bool = False) -> dict:
     common = max(set(choice.per_layer), key=choice.per_layer.count)
     d = {"name": name,
          "description": (f"chosen by `vllm-kvq calibrate --budget {budget_bits:g}` ({choice.slot} slot): "
@@ -203,6 +235,10 @@ def to_yaml_dict(choice: Choice, *, name: str, calibration_file: str | None, smo
     if calibration_file:
         d["calibration"] = calibration_file
         d["smooth_keys"] = smooth_keys
+    if sink_tokens:
+        d["sink_tokens"] = sink_tokens
+    if exact_self:
+        d["exact_self"] = True
     return d
 
 

@@ -66,6 +66,15 @@ def add_parser(sub, name, help_):
     b.add_argument("--sensitivity", default=None,
                    help="JSON file of measured sensitivities: read if it exists (same model and candidates), "
                         "else written, so several budgets share one measurement")
+    b.add_argument("--sink-tokens", type=int, default=1,
+                   help="attention-sink tokens kept at bf16 per block (default 1; 0: none); their area counts in "
+                        "the budget at --block-size")
+    b.add_argument("--block-size", type=_positive, default=128,
+                   help="the cache's block size, which sizes the sink area (default 128, vLLM-CPU's; vLLM on "
+                        "CUDA uses 16)")
+    b.add_argument("--exact-self", action=argparse.BooleanOptionalAction, default=True,
+                   help="each query attends its own token at full precision (exact_self; no cache bytes; "
+                        "default on)")
     b.add_argument("--config-out", default=None, help="the YAML to write (default: --out with .yaml)")
     b.add_argument("--name", default=None, help="config name (default: the YAML's file stem)")
     p.set_defaults(run=run)
@@ -93,6 +102,9 @@ def run(args) -> int:
     say(f"loading {args.model}")
     if args.budget is not None:  # fail before the slow part
         from vllm_kvq import budget as _budget
+
+        if not 0 <= args.sink_tokens <= 16 or args.sink_tokens > args.block_size:
+            raise SystemExit(f"--sink-tokens must be in 0..16 and at most --block-size, got {args.sink_tokens}")
 
         cands = [c for c in args.candidates.split(",") if c]
         unknown = [c for c in cands if c not in _budget.codecs.names()]
@@ -150,16 +162,22 @@ def _allocate(args, model, all_ids, stats, calib_path: Path, cands: list[str], s
     smooth = args.smooth_alpha > 0
     say(f"sensitivity: {L} layers x K/V x {len(cands)} codecs on {args.prompts} x {args.prompt_tokens} tokens")
     cache = Path(args.sensitivity) if args.sensitivity else None
-    sens = budget.load_sensitivity(cache, cands, L) if cache and cache.exists() else None
+    recipe = budget.recipe_of(args.sink_tokens, args.block_size, args.exact_self)
+    try:
+        sens = budget.load_sensitivity(cache, cands, L, recipe) if cache and cache.exists() else None
+    except ValueError as e:
+        raise SystemExit(f"--sensitivity: {e}") from None
     if sens is None:
         sens = budget.measure(model, prompts, num_layers=L, num_kv_heads=H, head_dim=D, calibration_stats=stats,
-                              smooth_keys=smooth, candidates=cands, head_sensitivity=args.head_sensitivity)
+                              smooth_keys=smooth, candidates=cands, head_sensitivity=args.head_sensitivity,
+                              sink_tokens=args.sink_tokens, block_size=args.block_size, exact_self=args.exact_self)
         if cache:
             budget.save_sensitivity(sens, cache)
     else:
         say(f"sensitivities from {cache}")
     try:
-        choice = budget.choose(sens, target, args.slot)
+        choice = budget.choose(sens, target, args.slot,
+                               overhead=budget.sink_area_bytes(args.sink_tokens, D, args.block_size))
     except ValueError as e:
         raise SystemExit(f"--budget {args.budget:g}: {e}") from None
     cfg_path = Path(args.config_out or calib_path.with_suffix(".yaml"))
@@ -170,7 +188,8 @@ def _allocate(args, model, all_ids, stats, calib_path: Path, cands: list[str], s
     except ValueError:
         pass
     data = budget.to_yaml_dict(choice, name=args.name or cfg_path.stem, calibration_file=str(rel),
-                               smooth_keys=smooth, budget_bits=args.budget, head_dim=D)
+                               smooth_keys=smooth, budget_bits=args.budget, head_dim=D,
+                               sink_tokens=args.sink_tokens, exact_self=args.exact_self)
     cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
     config.load(cfg_path)  # what we wrote must load, with its calibration file
     print(f"\nKL per layer (nats/token, only that layer's K or V quantized; bf16 elsewhere):")

@@ -121,21 +121,23 @@ def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
 
     The bytes are the package's own (the reference store defines them). A calibrated format's key shift is
     added back: attention ignores it (it moves all of a query's scores equally), and adding it keeps the
-    result comparable with the input."""
+    result comparable with the input. A format with sinks gives the positions whose block offset (at
+    ``fmt.block_size``) is below ``fmt.sink_tokens`` back from their bf16 records, as the paged attention reads
+    them."""
     from vllm_kvq.ops import reference
 
-    if getattr(fmt, "sink_tokens", 0):
-        # Sink records live in a per-block area that only the paged attention reads; decoding slot by slot
-        # would miss them. The simulator prototypes sinks itself (quality_sim sink=N).
-        raise ValueError(f"format {fmt.name!r} has sink_tokens={fmt.sink_tokens}: fake_quant.roundtrip decodes "
-                         f"codes slot by slot and cannot read sink records; drop sink_tokens from the config "
-                         f"and use quality_sim's sink=N")
     hk, n, d = k.shape
-    cache = fmt.allocate(n, 1, device=k.device)  # one token per block: slot i is token i
+    sinks = getattr(fmt, "sink_tokens", 0)
+    store_fmt = fmt
+    if sinks:  # the codes of every token; the sink rows are replaced by their records below
+        from vllm_kvq.kv_format import KVFormat
+
+        store_fmt = KVFormat(fmt.head_size, fmt.keys, fmt.values, name=fmt.name)
+    cache = store_fmt.allocate(n, 1, device=k.device)  # one token per block: slot i is token i
     # Position-aware key centring: the tokens are positions 0..n-1 of one sequence.
     centre = fmt.key_rope.centre(torch.arange(n, device=k.device)).transpose(0, 1) if fmt.key_rope else None
     ks = k if centre is None else k - centre
-    reference.store(ks.transpose(0, 1), v.transpose(0, 1), cache, torch.arange(n, device=k.device), fmt)
+    reference.store(ks.transpose(0, 1), v.transpose(0, 1), cache, torch.arange(n, device=k.device), store_fmt)
     slots = cache[:, :, 0]  # (N, Hk, C)
     k_hat = torch.empty(hk, n, d, device=k.device)
     v_hat = torch.empty(hk, n, d, device=k.device)
@@ -153,7 +155,23 @@ def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
         k_hat = k_hat + centre
     if fmt.v_shift is not None:
         v_hat = v_hat + fmt.v_shift[:, None]
+    if sinks:
+        sink = torch.arange(n, device=k.device) % fmt.block_size < sinks
+        for h in range(hk):
+            k_hat[h, sink] = sink_roundtrip(fmt.keys[h], ks[h, sink])
+            v_hat[h, sink] = sink_roundtrip(fmt.values[h], v[h, sink])
+        if centre is not None:
+            k_hat[:, sink] += centre[:, sink]
     return k_hat, v_hat
+
+
+def sink_roundtrip(codec, x: torch.Tensor) -> torch.Tensor:
+    """(M, D) rows -> what a sink record gives back: the codec's state transform and rotation, bf16 rounding,
+    and back (``kv_format``: sink records hold bf16 rotated K and V)."""
+    y = codec.unrotate(codec.rotate(codec.store_transform(x.float())).to(torch.bfloat16).float())
+    if codec.scale is not None:
+        y = y * codec.scale
+    return y + (codec.shift if codec.shift is not None else 0)
 
 
 def formats_quantizer(fmts: list, *, only: set[int] | None = None) -> Quantizer:

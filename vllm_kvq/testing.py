@@ -151,6 +151,8 @@ def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor,
     """k, v (L, Hk, D) -> what the format's cache gives back, per head (float32): the codecs' quantize +
     dequantize, except, for a format with sinks, rows whose ``block_offsets`` (L,) are below
     ``fmt.sink_tokens``: those are the bf16 records (rotated, rounded, rotated back, state undone)."""
+    from vllm_kvq import fake_quant
+
     kh, vh = torch.empty(k.shape), torch.empty(v.shape)
     sink = None
     if getattr(fmt, "sink_tokens", 0):
@@ -161,10 +163,7 @@ def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor,
         for x, out, c in ((k, kh, fmt.keys[h]), (v, vh, fmt.values[h])):
             out[:, h] = c.dequantize(c.quantize(x[:, h]))
             if sink is not None and bool(sink.any()):
-                y = c.unrotate(c.rotate(c.store_transform(x[sink, h].float())).to(torch.bfloat16).float())
-                if c.scale is not None:
-                    y = y * c.scale
-                out[sink, h] = y + (c.shift if c.shift is not None else 0)
+                out[sink, h] = fake_quant.sink_roundtrip(c, x[sink, h])
     return kh, vh
 
 
