@@ -64,6 +64,8 @@ FORMATS = {
         name="cal-sink", k_shift=torch.randn(2, 64, generator=gen) * 3, v_shift=torch.randn(2, 64, generator=gen),
         k_scale=torch.rand(2, 64, generator=gen) + 0.5, sink_tokens=1, block_size=16),
     "rope-centred": lambda gen: _rope_format(gen, 2, 64),
+    # channels past the rotary ones keep a fixed mean, which the scores leave out
+    "partial-rotary": lambda gen: _rope_format(gen, 2, 64, rot=32),
 }
 
 
@@ -79,9 +81,11 @@ def test_reference_lse_and_exclusion_match_dense(gen, name, exclude):
     kb = None
     if fmt.key_rope is not None:
         kb = (fmt.key_rope.bias_query(q, scale), fmt.key_rope.table(64, "cpu"))
-    # lse is over the scores as the implementations form them: scale * q . (k - fixed key mean) (+ the bias,
-    # which adds back the position-aware mean): a fixed mean changes every score of a row alike
-    k_lse = k_hat - fmt.k_shift if fmt.k_shift is not None else k_hat
+    # lse is over the scores as the implementations form them: scale * q . (k - fixed key mean) (the bias adds
+    # the position-aware mean's rotary part back; the channels past the rotary ones keep a fixed mean): a fixed
+    # mean changes every score of a row alike
+    fixed = fmt.key_rope.fixed_mean("cpu") if fmt.key_rope is not None else fmt.k_shift
+    k_lse = k_hat - fixed if fixed is not None else k_hat
     out = reference.paged_attention(q, cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt,
                                     scale=scale, key_bias=kb, exclude_self=exclude, lse=lse)
     qsl = batch.query_start_loc.tolist()
@@ -113,13 +117,12 @@ def test_exact_self_merge_equals_dense_with_exact_own_token(gen, name):
     batch, k, v, cache, q = _setup(gen, fmt, [37, 1, 50, 20], [37, 1, 9, 1])
     k_hat, v_hat = _decoded(fmt, k, v, batch)
     idx = batch.new_token_index()
-    pos = batch.query_positions()
     scale = 1 / math.sqrt(64)
     with pytest.raises(ValueError, match="self_kv"):
         ops.paged_attention(q, cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt, scale=scale,
                             impl="reference")
     out = ops.paged_attention(q, cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt, scale=scale,
-                              impl="reference", self_kv=(k[idx], v[idx], pos))
+                              impl="reference", self_kv=(k[idx], v[idx]))
     plain = ops.paged_attention(q, cache, batch.block_table, batch.seq_lens, batch.query_start_loc, base,
                                 scale=scale, impl="reference")
     qsl = batch.query_start_loc.tolist()

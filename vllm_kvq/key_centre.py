@@ -65,6 +65,19 @@ class KeyRope:
             self._tables[key] = t
         return t
 
+    def fixed_mean(self, device) -> torch.Tensor | None:
+        """(Hk, D) the part of the mean that attention does not add back (its channels past the rotary ones,
+        zeros on the rotary ones); None for a fully rotary head. Scores, and so exact_self's own-token score,
+        leave it out: it shifts every score of a query alike."""
+        if self.rot == self.head_dim:
+            return None
+        key = "fixed" + str(device)
+        if key not in self._on_device:
+            m = self.mu.clone()
+            m[:, :self.rot] = 0
+            self._on_device[key] = m.to(device)
+        return self._on_device[key]
+
     def _mu_on(self, device) -> torch.Tensor:
         key = "mu" + str(device)
         if key not in self._on_device:

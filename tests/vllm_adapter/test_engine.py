@@ -86,8 +86,18 @@ def results(tiny_model, tiny_model_128, tiny_model_48, tiny_sliding_window_model
     jobs[("error", "no-calibration")] = _job(tiny_model_128, "k3v3-cal-sink")
     explicit = tmp / "explicit.yaml"
     explicit.write_text(f"name: explicit\nkey: turboquant3\nvalue: turboquant3\nsmooth_keys: true\nsink_tokens: 1\n"
-                        f"calibration: {tiny_model}/kvq/calibration.safetensors\n")
+                        f"exact_self: true\ncalibration: {tiny_model}/kvq/calibration.safetensors\n")
     jobs[("explicit", "k3v3-cal-sink")] = _job(tiny_model, "kvq", mixed=str(explicit))
+    # the recipe (each query's own token exact): prefix-cache hit == cold run, chunked == one chunk; and
+    # without the exact own token
+    exact = explicit
+    quantized_self = tmp / "quantized-self.yaml"
+    quantized_self.write_text(explicit.read_text().replace("exact_self: true\n", ""))
+    jobs[("all", "quantized-self")] = _job(tiny_model, "kvq", mixed=str(quantized_self))
+    jobs[("prefix", "exact-self")] = _job(tiny_model, "kvq", mixed=str(exact), repeat=2, prompt_logprobs=False,
+                                          llm={"enable_prefix_caching": True})
+    jobs[("chunked", "exact-self")] = _job(tiny_model, "kvq", mixed=str(exact), max_tokens=2,
+                                           llm={"enable_chunked_prefill": True, "max_num_batched_tokens": 32})
     keys = list(jobs)
     out = run_probe([jobs[k] for k in keys], tmp)
     return dict(zip(keys, out))
@@ -130,19 +140,29 @@ def test_capacity_from_vllm_block_counts(results, model, dtype):
 
 
 def test_prefix_cache_hit_equals_cold_run(results):
-    for d in ("auto", "turboquant3"):
+    for d in ("auto", "turboquant3", "exact-self"):
         cold, warm = (run[0] for run in _ok(results[("prefix", d)])["runs"])
         assert cold["num_cached_tokens"] == 0 and warm["num_cached_tokens"] >= 128, (d, warm["num_cached_tokens"])
         assert warm["token_ids"] == cold["token_ids"], d
         assert max(abs(a - b) for a, b in zip(warm["logprobs"], cold["logprobs"])) < 1e-3, d
 
 
-def test_chunked_prefill_equals_one_chunk(results):
-    chunked = _ok(results[("chunked", "turboquant3")])
+@pytest.mark.parametrize("dtype", ["turboquant3", "exact-self"])
+def test_chunked_prefill_equals_one_chunk(results, dtype):
+    chunked = _ok(results[("chunked", dtype)])
     assert chunked["max_num_batched_tokens"] == 32  # the 150-token prompt really ran in 5 chunks
-    whole = _ok(results[("all", "turboquant3")])
+    whole = _ok(results[("all", dtype) if dtype != "exact-self" else ("explicit", "k3v3-cal-sink")])
     a, b = chunked["runs"][0][0]["prompt_logprobs"][1:], whole["runs"][0][0]["prompt_logprobs"][1:]
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+
+
+def test_exact_self_moves_logprobs_towards_bf16(results):
+    """Each query's own token exact (the step's K/V, not the cache's 3-bit copy): prompt logprobs closer to the
+    bf16 cache's than the same recipe without it."""
+    base = _ok(results[("all", "auto")])
+    exact = _mean_abs_diff(_ok(results[("explicit", "k3v3-cal-sink")]), base)
+    quant = _mean_abs_diff(_ok(results[("all", "quantized-self")]), base)
+    assert exact < quant, (exact, quant)
 
 
 @pytest.mark.parametrize("case,needles", [

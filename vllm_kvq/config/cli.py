@@ -61,6 +61,11 @@ def show(cfg: _config.KVQConfig, layers: int, kv_heads: int, head_size: int, lay
                   else "keys centred by a fixed mean")
         out.append(f"calibration: {path}: {centre}, values centred"
                    + (", key channels smoothed" if cfg.smooth_keys else ""))
+    if cfg.sink_tokens:
+        out.append(f"sinks: the first {cfg.sink_tokens} token(s) of every block at bf16 ({fmts[0].sink_bytes} B per "
+                   f"slot at {block_size}-token blocks)")
+    if cfg.exact_self:
+        out.append("exact_self: each query attends its own token with the step's exact key and value (no cache bytes)")
     out.append("")
     # The resolved specs, not codec.name: a preset with a changed parameter keeps its codec name
     # ("turboquant3" with scale_mode=norm), and the table must show what will actually run.

@@ -9,7 +9,7 @@ and ``paged_attention`` hands the implementation ``key_bias=(bias_query (N, Hq, 
 products ``bias_query[row] . table[p // 16]`` it adds to the score of every key at position p.
 
 Formats with ``exact_self`` (YAML ``exact_self: true``) let every query row attend to its own position with the
-exact key and value the model produced (``self_kv``: the step's keys, values and positions) instead of the
+exact key and value the model produced (``self_kv``: the step's keys and values) instead of the
 cache's quantized copy: the implementation attends the other positions (``exclude_self=True``) and returns each
 row's log-sum-exp (``lse``), and ``_merge_self`` adds the exact term. A row's own K/V are in every step's inputs,
 so a prefix-cache hit and a chunked prefill see exactly what a cold single-chunk run sees.
@@ -168,13 +168,12 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
 def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
                     impl: str | None = None,
-                    self_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+                    self_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal paged attention over the packed cache for a batch mixing prefills and decodes -> (N, Hq, D).
 
     ``max_seq_len``: an upper bound of ``seq_lens`` known on the host (vLLM's metadata has it); the GPU
     kernels size split-K from it instead of from the block table's width. ``self_kv`` = (key (N, Hk, D),
-    value (N, Hk, D), positions (N,) or None): this step's keys and values, needed by formats with
-    ``exact_self`` (positions too when the format centres keys by position)."""
+    value (N, Hk, D)): this step's keys and values, needed by formats with ``exact_self``."""
     fmt.check_cache(cache)
     if query.dim() != 3 or query.shape[2] != fmt.head_size or query.shape[1] % fmt.num_kv_heads:
         raise ValueError(f"query: expected (N, Hq, {fmt.head_size}) with Hq a multiple of {fmt.num_kv_heads}, "
@@ -195,42 +194,35 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
                   max_seq_len=max_seq_len, **extra)
     if self_kv is None:
         raise ValueError(f"format {fmt.name!r} attends each row's own token exactly (exact_self): paged_attention "
-                         f"needs self_kv=(key, value, positions) of this step")
-    key, value, positions = self_kv
+                         f"needs self_kv=(key, value) of this step")
+    key, value = self_kv
     n = query.shape[0]
     _check_kv("self_kv key", key, n, fmt)
     _check_kv("self_kv value", value, n, fmt)
-    if fmt.key_rope is not None and (positions is None or positions.shape != (n,)):
-        raise ValueError(f"format {fmt.name!r} centres keys by position: self_kv needs positions of shape ({n},)")
     lse = torch.empty(n, query.shape[1], dtype=torch.float32, device=query.device)
     out = fn(query, cache, block_table[:s], seq_lens, query_start_loc, fmt, scale=scale, max_seq_len=max_seq_len,
              exclude_self=True, lse=lse, **extra)
-    return _merge_self(out, lse, query, key, value, positions, fmt, scale, extra.get("key_bias"),
-                       cache.shape[0] * cache.shape[2] - 1)
+    return _merge_self(out, lse, query, key, value, fmt, scale)
 
 
 def _merge_self(out: torch.Tensor,  # (N, Hq, D): attention over every position but the row's own
                 lse: torch.Tensor,  # (N, Hq) its log-sum-exp, in the implementation's score convention
-                query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor | None,
-                fmt: KVFormat, scale: float, key_bias: tuple[torch.Tensor, torch.Tensor] | None,
-                max_position: int) -> torch.Tensor:
+                query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fmt: KVFormat,
+                scale: float) -> torch.Tensor:
     """Adds each row's own (exact) key and value to attention computed without it: a two-part softmax merge.
 
-    The implementations' scores are ``scale * q . (k - centre)`` plus the key bias (the codecs see centred,
-    smoothed keys; smoothing cancels in the product), so the exact self score is formed the same way; the part
-    of ``q . centre`` that the bias does not add back is the same for every key of a row and cancels."""
+    The implementations' scores are ``scale * q . (k - centre)`` plus the key bias, which adds the centre's
+    rotary part back (position-aware centring), i.e. ``scale * q . (k - fixed)`` with ``fixed`` the fixed key
+    mean (a fixed-mean calibration) or its channels past the rotary ones (position-aware): the self score is
+    formed the same way (key smoothing cancels in the product), so both parts share one convention."""
     n, hq, d = query.shape
     hk = fmt.num_kv_heads
     g = hq // hk
     k = key.float()
-    if fmt.key_rope is not None:
-        k = k - fmt.key_rope.centre(positions, max_position)
-    elif fmt.k_shift is not None:
-        k = k - fmt.k_shift.to(k.device)
+    fixed = fmt.key_rope.fixed_mean(k.device) if fmt.key_rope is not None else fmt.k_shift
+    if fixed is not None:
+        k = k - fixed.to(k.device)
     s_self = scale * torch.einsum("nhgd,nhd->nhg", query.float().view(n, hk, g, d), k).reshape(n, hq)
-    if key_bias is not None:
-        bias_q, table = key_bias
-        s_self = s_self + torch.einsum("nhd,nd->nh", bias_q.float(), table[positions.long() // key_centre.CHUNK])
     m = torch.maximum(lse, s_self)  # s_self is finite: a row with no other key (lse = -inf) gets weight 0 there
     a, b = torch.exp(lse - m), torch.exp(s_self - m)
     v = value.float().view(n, hk, 1, d).expand(n, hk, g, d).reshape(n, hq, d)

@@ -303,8 +303,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
                 raise ValueError(f"vllm_kvq: {fmt.name} attends each token's own key and value exactly (exact_self), "
                                  f"but vLLM passed no key/value to this layer's forward")
             self_kv = (key[:n].view(n, self.num_kv_heads, self.head_size),
-                       value[:n].view(n, self.num_kv_heads, self.head_size),
-                       token_positions(attn_metadata) if fmt.key_rope is not None else None)
+                       value[:n].view(n, self.num_kv_heads, self.head_size))
         out = ops.paged_attention(q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
                                   attn_metadata.query_start_loc, fmt, scale=self.scale,
                                   max_seq_len=replay_safe_max_seq_len(query, attn_metadata), self_kv=self_kv)
