@@ -72,9 +72,13 @@ def check_cache(fmt, x_k, x_v, slots, got, want):
         assert torch.equal(gk[:, kn + vn:], wk[:, kn + vn:]), "padding bytes differ"
 
 
-def lowp_attention(q, k_deq, v_deq, batch, scale, dtype=torch.bfloat16):
-    """The low-precision PyTorch run: dense causal attention with every operand and result in ``dtype``."""
+def lowp_attention(q, k_deq, v_deq, batch, scale, dtype=torch.bfloat16, *, exclude_self=False, lse=None):
+    """The low-precision PyTorch run: dense causal attention with every operand and result in ``dtype``.
+    ``exclude_self``: each row sees the positions before its own only (a row that sees none gets 0). ``lse``
+    (N, Hq) float32: filled with each row's log-sum-exp of its ``dtype`` scores (-inf for a row with none)."""
     out = torch.zeros(q.shape, dtype=dtype)
+    if lse is not None:
+        lse.fill_(float("-inf"))
     qsl = batch.query_start_loc.tolist()
     g = q.shape[1] // k_deq.shape[1]
     for i, s in enumerate(batch.seq_lens.tolist()):
@@ -85,7 +89,10 @@ def lowp_attention(q, k_deq, v_deq, batch, scale, dtype=torch.bfloat16):
         k = k_deq[c0:c0 + s].to(dtype).repeat_interleave(g, 1)
         v = v_deq[c0:c0 + s].to(dtype).repeat_interleave(g, 1)
         sc = torch.einsum("nhd,lhd->hnl", q[q0:q1].to(dtype), k) * scale
-        pos = torch.arange(s - (q1 - q0), s)
+        pos = torch.arange(s - (q1 - q0), s) - int(exclude_self)  # the last position each row sees
         sc = sc.masked_fill(torch.arange(s)[None, None, :] > pos[None, :, None], float("-inf"))
-        out[q0:q1] = torch.einsum("hnl,lhd->nhd", torch.softmax(sc, -1), v)
+        seen = pos >= 0  # (rows,): a row before position 0 sees no key; its softmax would be NaN
+        out[q0:q1][seen] = torch.einsum("hnl,lhd->nhd", torch.softmax(sc[:, seen], -1), v)
+        if lse is not None:
+            lse[q0:q1] = torch.logsumexp(sc.float(), -1).T
     return out

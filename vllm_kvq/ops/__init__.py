@@ -86,7 +86,8 @@ def _table() -> dict[str, Impl]:
     except ModuleNotFoundError:
         pass
     else:
-        table["triton"] = Impl("triton", _triton.store, _triton.paged_attention, _triton.why_not, key_rope=True)
+        table["triton"] = Impl("triton", _triton.store, _triton.paged_attention, _triton.why_not, key_rope=True,
+                               exact_self=True)
     from vllm_kvq.kernels import cuda as _cuda
     if _cuda.available():
         table["cuda"] = Impl("cuda", _cuda.store, _cuda.paged_attention, _cuda.why_not)

@@ -81,7 +81,9 @@ def _recording(out: list):
 
 def capture(fmt: KVFormat, num_q_heads: int, dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
     """The launches of one store, one split-K decode step, one unsplit decode step, one batch of short queries
-    (speculative-decoding verification: decode tiles' split-K with prefill tiles) and one chunked prefill."""
+    (speculative-decoding verification: decode tiles' split-K with prefill tiles) and one chunked prefill,
+    each with the arguments ``ops.paged_attention`` adds for the format (the score bias of position-aware key
+    centring; ``exclude_self`` and ``lse`` for ``exact_self``)."""
     import vllm_kvq.kernels.triton as kt
 
     d, hk = fmt.head_size, fmt.num_kv_heads
@@ -98,6 +100,8 @@ def capture(fmt: KVFormat, num_q_heads: int, dtype: torch.dtype = torch.bfloat16
             extra = {}
             if fmt.key_rope is not None:  # position-aware key centring: the score-bias variant
                 extra["key_bias"] = (fmt.key_rope.bias_query(q, 0.1), fmt.key_rope.table(bt.shape[1] * t // 16, "cpu"))
+            if fmt.exact_self:
+                extra.update(exclude_self=True, lse=torch.empty(q.shape[:2]))
             kt.paged_attention(q, cache, bt, torch.tensor([40, 9], dtype=torch.int32), qsl, fmt, scale=0.1,
                                num_splits=splits, **extra)
     return out
@@ -171,12 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=0)
     ap.add_argument("--num-layers", type=int, default=None)
     ap.add_argument("--capability", type=int, default=90)
+    ap.add_argument("--exact-self", action="store_true",
+                    help="compile the exact_self variants (exclude_self, lse), as a format with exact_self runs")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                     help="query and K/V dtype of the captured launches")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         ap.error("unset TRITON_INTERPRET: this compiles the kernels")
     fmt = kv_format(a.spec, a.head_size, a.kv_heads, layer=a.layer, num_layers=a.num_layers)
+    if a.exact_self:
+        fmt.exact_self = True
     bad = 0
     for c in compile_launches(capture(fmt, a.q_heads, getattr(torch, a.dtype)), a.capability):
         bad += bool(c.spill_bytes)

@@ -19,6 +19,10 @@ whole group and the QK^T and PV products are ``tl.dot`` calls (tensor cores for 
 - Position-aware key centring (``KB``, ``vllm_kvq.key_centre``) adds ``bias_query[row] . table[p // 16]`` to
   every score: per context tile, the table rows of its ``BN / 16`` chunks are reduced against the bias queries
   in float32 (the bias can be tens of logits, beyond what a 16-bit dot keeps).
+- Formats with ``exact_self`` (``vllm_kvq.ops`` merges each row's exact own term): ``EXCL`` makes the mask
+  strictly causal (a row at position p sees j < p; a row that sees nothing is left at the launcher's zeros)
+  and ``LSE`` stores each row's natural-log log-sum-exp, the merged one under split-K. Both are constexpr, so
+  a format without them compiles the kernel it always did.
 """
 
 from __future__ import annotations
@@ -176,13 +180,13 @@ def _key_bias(b_rows, rmask, tab_ptr, n_tab, n0, D, DP: tl.constexpr, RC: tl.con
 @triton.jit(do_not_specialize=["S", "N"])
 def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
                  cache_ptr, sB, sH, sT, sC, bt_ptr, sbt, seqlen_ptr, qsl_ptr, heads_ptr,
-                 kb_q, skbn, skbh, kb_tab, n_tab,
+                 kb_q, skbn, skbh, kb_tab, n_tab, lse_ptr, sln, slh,
                  k_rt, k_tab0, k_tab1, k_sub, k_fac, v_rt, v_tab0, v_tab1, v_sub, v_fac, part_ptr, ml_ptr,
                  S, N, HQ, qscale,
                  D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                  BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NUM_SPLITS: tl.constexpr,
                  VOFF: tl.constexpr, DOT: tl.constexpr, RC: tl.constexpr, KB: tl.constexpr,
-                 SINK: tl.constexpr, SOFF: tl.constexpr, SB: tl.constexpr,
+                 SINK: tl.constexpr, SOFF: tl.constexpr, SB: tl.constexpr, EXCL: tl.constexpr, LSE: tl.constexpr,
                  K_PREP: tl.constexpr, K_DEC: tl.constexpr, K_P: tl.constexpr, K_ROT: tl.constexpr,
                  K_SUB: tl.constexpr, K_FAC: tl.constexpr,
                  V_PREP: tl.constexpr, V_DEC: tl.constexpr, V_P: tl.constexpr, V_ROT: tl.constexpr,
@@ -220,6 +224,8 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
     q = q * qscale
 
     kv_end = ctx - q_len + tl.minimum(t0 + BQ, q_len)
+    if EXCL:  # the tile's last row sees up to its own position, exclusive
+        kv_end -= 1
     # Each sequence splits its own context (whole tiles per split): the host's split count is a launch
     # parameter only, so a CUDA graph captured at short contexts stays exact when it replays at long ones.
     split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BN) * BN
@@ -250,7 +256,10 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
         sc = _mm(q, tl.trans(kv), DOT) * ks[None, :]
         if KB:  # sinks included: their records hold centred keys too
             sc += kb
-        ok = (pos[None, :] <= qpos[:, None]) & nmask[None, :]
+        if EXCL:
+            ok = (pos[None, :] < qpos[:, None]) & nmask[None, :]
+        else:
+            ok = (pos[None, :] <= qpos[:, None]) & nmask[None, :]
         sc = tl.where(ok, sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -267,7 +276,11 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
 
     if NUM_SPLITS == 1:
         o = acc / tl.maximum(l, 1e-30)[:, None]
-        _store_out(o, o_ptr + qtok[:, None] * son + qh[:, None] * soh, rmask, v_rt, v_sub + gh * D, v_fac + gh * D,
+        # a row that sees no key keeps its zeros (the value codec's output transform would add its shift)
+        omask = rmask & (l > 0) if EXCL else rmask
+        if LSE:
+            tl.store(lse_ptr + qtok * sln + qh * slh, _lse(m, l), mask=rmask)
+        _store_out(o, o_ptr + qtok[:, None] * son + qh[:, None] * soh, omask, v_rt, v_sub + gh * D, v_fac + gh * D,
                    D, DP, RC, V_ROT, V_SUB, V_FAC, DOT)
     else:
         row = (split * N + qtok) * HQ + qh  # partials are (NUM_SPLITS, N, HQ, ...)
@@ -277,11 +290,18 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
 
 
 @triton.jit
-def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, v_sub, v_fac, N, HQ,
+def _lse(m, l):
+    """Natural-log log-sum-exp of scores in exp2 units with running max m and sum l; -inf where l == 0."""
+    return tl.where(l > 0, (m + tl.log2(tl.maximum(l, 1e-30))) * 0.6931471805599453, float("-inf"))
+
+
+@triton.jit
+def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, v_sub, v_fac, lse_ptr, sln, slh, N, HQ,
                   D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, V_ROT: tl.constexpr, V_SUB: tl.constexpr, V_FAC: tl.constexpr,
-                  DOT: tl.constexpr, RC: tl.constexpr):
-    """One program per (query token, KV head): merges the splits of the group's query heads."""
+                  DOT: tl.constexpr, RC: tl.constexpr, EXCL: tl.constexpr, LSE: tl.constexpr):
+    """One program per (query token, KV head): merges the splits of the group's query heads. A split with
+    nothing to attend (past the context, or emptied by ``EXCL``) holds (-inf, 0, 0) and weighs 0."""
     n = tl.program_id(0).to(tl.int64)
     gh = tl.program_id(1)
     kvh = tl.load(heads_ptr + gh)
@@ -305,8 +325,11 @@ def _merge_kernel(o_ptr, son, soh, part_ptr, ml_ptr, heads_ptr, vrt_ptr, v_sub, 
         l = l * alpha + l_j * beta
         acc = acc * alpha[:, None] + a_j * beta[:, None]
         m = m_new
+    if LSE:
+        tl.store(lse_ptr + n * sln + qh * slh, _lse(m, l), mask=gm)
     o = acc / tl.maximum(l, 1e-30)[:, None]
-    _store_out(o, o_ptr + n * son + qh[:, None] * soh, gm, vrt_ptr, v_sub + gh * D, v_fac + gh * D, D, DP, RC,
+    omask = gm & (l > 0) if EXCL else gm  # a row with nothing to attend keeps its zeros
+    _store_out(o, o_ptr + n * son + qh[:, None] * soh, omask, vrt_ptr, v_sub + gh * D, v_fac + gh * D, D, DP, RC,
                V_ROT, V_SUB, V_FAC, DOT)
 
 
@@ -319,10 +342,12 @@ class Tile(NamedTuple):
 
 
 def launch_config(dp: int, gp: int, decode: bool, fp32: bool = False, split: bool = False,
-                  biased_sinks: bool = False) -> Tile:
+                  biased_sinks: bool = False, biased_excl: bool = False) -> Tile:
     """Tile shape for padded head size ``dp``, padded GQA group ``gp``, float32 (else 16-bit) queries,
-    split-K (``split``: decode steps and short-query batches) and ``biased_sinks`` (a format with sink records
-    and position-aware key centring's score bias: at head size 128 its 128-row tiles spill, so it takes 64).
+    split-K (``split``: decode steps and short-query batches), ``biased_sinks`` (a format with sink records
+    and position-aware key centring's score bias: at head size 128 its 128-row tiles spill, so it takes 64) and
+    ``biased_excl`` (the score bias with exact_self's exclusion and log-sum-exp: at head size 128 its 128-row
+    tiles sit at 255 registers and TurboQuant 2.5 spilled with the lse store placed otherwise, so it takes 64).
 
     Prefill and chunked-prefill tiles hold 128 rows of (query token, GQA head) pairs, so one decoded K/V tile
     serves 128 query rows (32 tokens of a group of 4), and two warpgroups each own Hopper's 64-row wgmma
@@ -337,7 +362,7 @@ def launch_config(dp: int, gp: int, decode: bool, fp32: bool = False, split: boo
     bn = 32 if dp <= (64 if fp32 else 128) else 16
     if decode:
         return Tile(1, max(16, gp), bn, 8, 3)
-    rows = 16 if fp32 or dp > 128 else 64 if (split or biased_sinks) and dp > 64 else 128
+    rows = 16 if fp32 or dp > 128 else 64 if (split or biased_sinks or biased_excl) and dp > 64 else 128
     bn = 32 if dp <= 64 else 16
     bq = max(1, rows // gp)
     return Tile(bq, max(16, bq * gp), bn, 8, 3)
@@ -373,6 +398,8 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
                     num_splits: int | None = None,
                     key_bias: tuple[torch.Tensor, torch.Tensor] | None = None,  # ((N, Hq, D), (C, D)) float32
+                    exclude_self: bool = False,
+                    lse: torch.Tensor | None = None,  # (N, Hq) float32, filled
                     ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its packed context -> (N, Hq, D) in query's dtype.
 
@@ -382,10 +409,19 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     overrides the heuristic (any batch); tests use it on CPU. ``key_bias`` (position-aware key centring, see
     ``ops.paged_attention``): ``key_bias[0][row] . key_bias[1][p // 16]`` is added to the score of the key at
     position p; the table must cover every position the block table addresses.
+
+    ``exclude_self`` and ``lse`` (formats with ``exact_self``, see ``reference.paged_attention``): a row at
+    position p attends j < p only (a row with none gets output 0), and ``lse`` receives each row's natural-log
+    log-sum-exp of the scores it attended (-inf for a row with none).
     """
     n, hq, d = query.shape
     s = seq_lens.shape[0]
     out = torch.zeros(n, hq, d, dtype=query.dtype, device=query.device)
+    if lse is not None:
+        if lse.shape != (n, hq) or lse.dtype != torch.float32 or lse.device != query.device:
+            raise ValueError(f"lse: expected float32 ({n}, {hq}) on {query.device}, got {lse.dtype} "
+                             f"{tuple(lse.shape)} on {lse.device}")
+        lse.fill_(-math.inf)  # rows no tile covers (past query_start_loc[-1]: padding) read as in the reference
     if n == 0 or s == 0:
         return out
     if query.stride(-1) != 1:
@@ -400,7 +436,9 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     decode = n == s
     fp32 = query.dtype == torch.float32
     biased_sinks = key_bias is not None and fmt.sink_tokens > 0
-    bq, bm, bn, warps, stages = launch_config(dp, gp, decode, fp32, biased_sinks=biased_sinks)
+    biased_excl = key_bias is not None and exclude_self
+    bq, bm, bn, warps, stages = launch_config(dp, gp, decode, fp32, biased_sinks=biased_sinks,
+                                              biased_excl=biased_excl)
     max_ctx = block_table.shape[1] * t
     if max_seq_len is not None:
         max_ctx = max(1, min(max_ctx, int(max_seq_len)))
@@ -413,7 +451,8 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     elif decode or n <= SHORT_QUERY * s:
         splits = _num_splits(query.device, triton.cdiv(n, bq) * hk, max_ctx, bn)
     if splits > 1 and not decode:
-        bq, bm, bn, warps, stages = launch_config(dp, gp, decode, fp32, split=True, biased_sinks=biased_sinks)
+        bq, bm, bn, warps, stages = launch_config(dp, gp, decode, fp32, split=True, biased_sinks=biased_sinks,
+                                                  biased_excl=biased_excl)
     if splits > 1:  # short splits use short tiles, so every split gets work
         bn = max(16, min(bn, triton.next_power_of_2(triton.cdiv(max_ctx, splits))))
     # Every context tile starts at a multiple of BN (splits hold whole tiles), so a tile spans whole chunks.
@@ -429,6 +468,8 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         ml = torch.empty(splits, n, hq, 2, dtype=torch.float32, device=query.device)
     else:
         part = ml = out
+    lse_t = out if lse is None else lse  # a placeholder when LSE is off (unread)
+    lse_st = (0, 0) if lse is None else (lse.stride(0), lse.stride(1))
     for g in fmt.groups:
         kp, kc, kh = side_args(g, "k", cache.device)
         vp, vc, vh = side_args(g, "v", cache.device)
@@ -436,14 +477,15 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
         _attn_kernel[(n if bq == 1 else n // bq + s, len(g.heads), splits)](
             query, query.stride(0), query.stride(1), out, out.stride(0), out.stride(1),
             cache, *cache.stride(), bt, bt.stride(0), seq_lens, qsl, heads,
-            kb_q, kb_q.stride(0), kb_q.stride(1), kb_tab, kb_tab.shape[0], *kp, *vp, part, ml, s, n, hq, scale * LOG2E,
+            kb_q, kb_q.stride(0), kb_q.stride(1), kb_tab, kb_tab.shape[0], lse_t, *lse_st, *kp, *vp, part, ml, s, n, hq,
+            scale * LOG2E,
             D=d, DP=dp, T=t, G=grp, GP=gp, BQ=bq, BM=bm, BN=bn, NUM_SPLITS=splits,
             VOFF=g.key.nbytes, DOT=dot, RC=min(32, dp), KB=key_bias is not None, SINK=fmt.sink_tokens, SOFF=fmt.sink_offset,
-            SB=max(1, fmt.sink_bytes), K_PREP=kh.prep, K_DEC=kh.decode, **kc,
+            SB=max(1, fmt.sink_bytes), EXCL=exclude_self, LSE=lse is not None, K_PREP=kh.prep, K_DEC=kh.decode, **kc,
             V_PREP=vh.prep, V_DEC=vh.decode, **vc, num_warps=warps, num_stages=stages)
         if splits > 1:
             _merge_kernel[(n, len(g.heads))](
-                out, out.stride(0), out.stride(1), part, ml, heads, vp[0], vp[3], vp[4], n, hq,
+                out, out.stride(0), out.stride(1), part, ml, heads, vp[0], vp[3], vp[4], lse_t, *lse_st, n, hq,
                 D=d, DP=dp, G=grp, BM=max(16, gp), NUM_SPLITS=splits, V_ROT=vc["V_ROT"], V_SUB=vc["V_SUB"],
-                V_FAC=vc["V_FAC"], DOT=dot, RC=min(32, dp))
+                V_FAC=vc["V_FAC"], DOT=dot, RC=min(32, dp), EXCL=exclude_self, LSE=lse is not None)
     return out
