@@ -14,7 +14,7 @@ serve: setup
 	$(PY) -m vllm_kvq.cli serve-demo --host $(HOST) --port $(PORT) --kv-cache-dtype $(DTYPE)
 
 test: setup
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)

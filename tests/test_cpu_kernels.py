@@ -40,6 +40,21 @@ ISAS = [pytest.param("avx512", marks=pytest.mark.skipif(not kc.available() or kc
         pytest.param("avx2", marks=pytest.mark.skipif(not kc.available() or not kc.has_isa("avx2"),
                                                       reason="no AVX2/FMA/F16C")), "portable"]
 
+def test_isa_knob_sets_the_default(monkeypatch):
+    """VLLM_KVQ_CPU_ISA (read once) makes isa="best" run another build, e.g. AVX2's inside an engine on an
+    AVX-512 machine; a name that is not an ISA is refused with the allowed ones."""
+    for value, want in (("portable", kc.ISAS["portable"]), ("", kc.ISAS["best"])):
+        monkeypatch.setenv("VLLM_KVQ_CPU_ISA", value)
+        kc._default_isa.cache_clear()
+        assert kc._isa("best") == want and kc._isa("avx2") == kc.ISAS["avx2"]
+    monkeypatch.setenv("VLLM_KVQ_CPU_ISA", "sse9")
+    kc._default_isa.cache_clear()
+    with pytest.raises(ValueError, match="VLLM_KVQ_CPU_ISA='sse9'.*allowed: best, portable, avx512, avx2"):
+        kc._isa("best")
+    monkeypatch.delenv("VLLM_KVQ_CPU_ISA")
+    kc._default_isa.cache_clear()
+
+
 # The shared matrix (tests/codec_cases.py): every case the CPU kernels must run, state-bound ones included.
 CODECS = codec_cases.ids("cpu")
 

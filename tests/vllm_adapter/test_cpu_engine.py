@@ -34,7 +34,10 @@ def _job(model, dtype, **kw):
 def results(tiny_model, tiny_model_128, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cpu_engine")
     jobs = {("d64", d): _job(tiny_model, d) for d in (*DTYPES, CALIBRATED)}
-    jobs[("d128", "turboquant3")] = _job(tiny_model_128, "turboquant3")
+    # float32: the head-size-128 tiny model amplifies bf16 rounding flips anywhere in the model (bf16 runs of the
+    # native and reference paths differed by 0.025 nats here and 0.061 on a CI machine without AVX-512, while
+    # float32 ones agree to 2e-6 on the AVX2 kernels, 0.011 on AVX-512's bf16 prefill tiles)
+    jobs[("d128", "turboquant3")] = _job(tiny_model_128, "turboquant3", llm={"block_size": 32, "dtype": "float32"})
     jobs[("prefix", "turboquant3")] = _job(tiny_model, "turboquant3", repeat=2, prompt_logprobs=False,
                                            llm={"block_size": 32, "enable_prefix_caching": True})
     return run_probe_per_env(jobs, tmp, {"native": {}, "reference": {"VLLM_KVQ_IMPL": "reference"}})

@@ -88,8 +88,8 @@ def results(tiny_model, tiny_model_128, tiny_model_48, tiny_sliding_window_model
     explicit.write_text(f"name: explicit\nkey: turboquant3\nvalue: turboquant3\nsmooth_keys: true\nsink_tokens: 1\n"
                         f"exact_self: true\ncalibration: {tiny_model}/kvq/calibration.safetensors\n")
     jobs[("explicit", "k3v3-cal-sink")] = _job(tiny_model, "kvq", mixed=str(explicit))
-    # the recipe (each query's own token exact): prefix-cache hit == cold run, chunked == one chunk; and
-    # without the exact own token
+    # the recipe (each query's own token exact): prefix-cache hit == cold run, chunked == one chunk; and the
+    # same without the exact own token
     exact = explicit
     quantized_self = tmp / "quantized-self.yaml"
     quantized_self.write_text(explicit.read_text().replace("exact_self: true\n", ""))
@@ -156,13 +156,17 @@ def test_chunked_prefill_equals_one_chunk(results, dtype):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
 
 
-def test_exact_self_moves_logprobs_towards_bf16(results):
-    """Each query's own token exact (the step's K/V, not the cache's 3-bit copy): prompt logprobs closer to the
-    bf16 cache's than the same recipe without it."""
-    base = _ok(results[("all", "auto")])
-    exact = _mean_abs_diff(_ok(results[("explicit", "k3v3-cal-sink")]), base)
-    quant = _mean_abs_diff(_ok(results[("all", "quantized-self")]), base)
-    assert exact < quant, (exact, quant)
+def test_exact_self_reads_each_tokens_own_kv_exactly(results):
+    """The first prompt positions see only the sink token (bf16) and themselves: with exact_self they are the
+    bf16 cache's in every layer, so the next-token logprobs they give match bf16's to rounding; without it
+    (the same recipe, own token from the 3-bit cache) they move, and the rest of the prompt differs too."""
+    lp = {k: _ok(results[k])["runs"][0][0]["prompt_logprobs"]
+          for k in (("all", "auto"), ("explicit", "k3v3-cal-sink"), ("all", "quantized-self"))}
+    base, exact, quant = lp[("all", "auto")], lp[("explicit", "k3v3-cal-sink")], lp[("all", "quantized-self")]
+    head_exact = max(abs(exact[i] - base[i]) for i in (1, 2))
+    head_quant = max(abs(quant[i] - base[i]) for i in (1, 2))
+    assert head_exact < 0.01 and head_quant > 3 * head_exact, (head_exact, head_quant)
+    assert exact[3:] != quant[3:]
 
 
 @pytest.mark.parametrize("case,needles", [

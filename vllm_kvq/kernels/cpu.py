@@ -13,7 +13,8 @@ codes into float tiles instead (the table would cost more than it saves).
 
 The extension picks its ISA at run time: the hand-written AVX-512 build when the CPU has F/BW/VL/DQ/VBMI, else
 the portable C++ compiled for AVX2 + FMA + F16C, else the portable C++ for the baseline ISA; ``isa=`` forces
-one (tests run all three). Threads come from ``at::parallel_for``, i.e. the
+one (tests run all three), and the debug knob ``VLLM_KVQ_CPU_ISA`` (avx512, avx2 or portable) sets the default,
+e.g. to run a CPU without AVX-512's code path inside an engine. Threads come from ``at::parallel_for``, i.e. the
 OpenMP threads torch (and vLLM-CPU's thread binding) set up.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 import weakref
 
 import torch
@@ -204,9 +206,23 @@ def _fmt_args(fmt: KVFormat) -> tuple[torch.Tensor | None, list[int]]:
 
 
 def _isa(isa: str) -> int:
+    if isa == "best":
+        isa = _default_isa()
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}; allowed: {', '.join(ISAS)}")
     return ISAS[isa]
+
+
+@functools.lru_cache(maxsize=None)
+def _default_isa() -> str:
+    """"best", or what the debug knob VLLM_KVQ_CPU_ISA names (read once; the kernel refuses an ISA this CPU
+    lacks)."""
+    isa = os.environ.get("VLLM_KVQ_CPU_ISA") or "best"
+    if isa not in ISAS:
+        raise ValueError(f"VLLM_KVQ_CPU_ISA={isa!r} is not an ISA of the CPU kernels; allowed: {', '.join(ISAS)}")
+    if isa != "best":
+        logger.info("vllm_kvq: CPU kernels forced to ISA %s (VLLM_KVQ_CPU_ISA)", isa)
+    return isa
 
 
 def _refuse(op: str, fmt: KVFormat, why: str):
