@@ -257,7 +257,7 @@ AOT_FORMATS = (("turboquant3", True, 0), ("turboquant3", True, 4), ("turboquant2
 def test_exact_self_kernels_compile_for_sm90_without_spills():
     """Every attention variant (decode, split-K and its merge, short-query split, prefill) of exact_self formats
     compiles for sm_90 without register spills at head sizes 64 and 128, and prefill tiles keep >= 64 rows."""
-    from tests.test_triton_kernels import _compile_for_sm90, _spills
+    from tests.test_triton_kernels import _assert_prefill_rows_and_no_spills, _compile_for_sm90
 
     code = ["from tests import codec_cases",
             f"for cid, rope, sinks in {AOT_FORMATS!r}:",
@@ -275,11 +275,4 @@ def test_exact_self_kernels_compile_for_sm90_without_spills():
     rows = _compile_for_sm90("\n".join(code) + "\n")
     assert {tuple(r[:4]) for r in rows} == {(c, str(r), str(s), str(d)) for c, r, s in AOT_FORMATS for d in (64, 128)}
     assert {"_attn_kernel", "_merge_kernel"} <= {r[4] for r in rows}
-    for r in rows:
-        tile = dict(f.split("=") for f in r[5:] if "=" in f and not f.startswith(("shared", "registers", "spills")))
-        if r[4] == "_attn_kernel" and int(tile["BQ"]) > 1:
-            assert int(tile["BM"]) >= 64, " ".join(r)
-    if any(_spills(r) == "None" for r in rows):
-        pytest.skip("no ptxas that reads Triton's PTX: spills not measured")
-    bad = [" ".join(r) for r in rows if _spills(r) != "0"]
-    assert not bad, "register spills:\n" + "\n".join(bad)
+    _assert_prefill_rows_and_no_spills(rows, 4)

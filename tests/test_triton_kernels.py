@@ -364,6 +364,20 @@ def _spills(row: list[str]) -> str:
     return next(f.split("=")[1] for f in row if f.startswith("spills="))
 
 
+def _assert_prefill_rows_and_no_spills(rows: list[list[str]], name_at: int) -> None:
+    """``rows``: describe() lines behind ``name_at`` label fields. Every prefill tile (BQ > 1) of the attention
+    kernel holds >= 64 rows, and no variant spills (skipped where no ptxas measures spills)."""
+    for r in rows:
+        tile = dict(f.split("=") for f in r[name_at + 1:]
+                    if "=" in f and not f.startswith(("shared", "registers", "spills")))
+        if r[name_at] == "_attn_kernel" and int(tile["BQ"]) > 1:
+            assert int(tile["BM"]) >= 64, " ".join(r)
+    if any(_spills(r) == "None" for r in rows):
+        pytest.skip("no ptxas that reads Triton's PTX: spills not measured")
+    bad = [" ".join(r) for r in rows if _spills(r) != "0"]
+    assert not bad, "register spills:\n" + "\n".join(bad)
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter accepts code the GPU compiler rejects (it caught non-constexpr globals here once):

@@ -150,7 +150,7 @@ def test_biased_kernels_compile_for_sm90_without_spills():
     """Every attention variant (decode, split-K, short-query split, prefill) of rope-centred formats compiles
     for sm_90 without register spills at head sizes 64 and 128, and prefill tiles keep >= 64 rows. The store
     is not biased (it is the same kernel as without centring) and is left to test_triton_kernels."""
-    from tests.test_triton_kernels import _compile_for_sm90, _spills
+    from tests.test_triton_kernels import _assert_prefill_rows_and_no_spills, _compile_for_sm90
 
     code = ["from tests import codec_cases",
             f"for cid, sinks in {AOT_FORMATS!r}:",
@@ -162,11 +162,4 @@ def test_biased_kernels_compile_for_sm90_without_spills():
             "                print(cid, sinks, d, c.describe())"]
     rows = _compile_for_sm90("\n".join(code) + "\n")
     assert {(r[0], r[1], r[2]) for r in rows} == {(c, str(s), str(d)) for c, s in AOT_FORMATS for d in (64, 128)}
-    for r in rows:
-        tile = dict(f.split("=") for f in r[4:] if "=" in f and not f.startswith(("shared", "registers", "spills")))
-        if r[3] == "_attn_kernel" and int(tile["BQ"]) > 1:
-            assert int(tile["BM"]) >= 64, " ".join(r)
-    if any(_spills(r) == "None" for r in rows):
-        pytest.skip("no ptxas that reads Triton's PTX: spills not measured")
-    bad = [" ".join(r) for r in rows if _spills(r) != "0"]
-    assert not bad, "register spills:\n" + "\n".join(bad)
+    _assert_prefill_rows_and_no_spills(rows, 3)
