@@ -190,3 +190,16 @@ def test_ops_merge_on_cpu_equals_reference(name, gen):
     plain = ops.paged_attention(q, cache, batch.block_table, batch.seq_lens, batch.query_start_loc, base,
                                 scale=scale, impl="cpu")
     assert (got - plain).abs().max() > 1e-2
+
+
+def test_opcheck_exclude_self_and_lse(gen):
+    """The schema declares lse as mutated (as out is), and the fake kernel holds up with the new arguments."""
+    fmt = uniform_fmt("turboquant3", 64, 2)
+    (heads, vo, _, ks, kt, vs, vt), = kc._group_args(fmt)
+    cache = fmt.allocate(2, 16)
+    kc.store(torch.randn(8, 2, 64, generator=gen), torch.randn(8, 2, 64, generator=gen), cache, torch.arange(8), fmt)
+    q = torch.randn(4, 4, 64, generator=gen)
+    args = (q, torch.zeros_like(q), cache, torch.tensor([[0, 1], [1, 0]], dtype=torch.int32),
+            torch.tensor([5, 3], dtype=torch.int32), torch.tensor([0, 3, 4], dtype=torch.int32), heads, vo, 0.125, ks,
+            kt, vs, vt, None, None, None, [0, 0, 0], 256, 0, 0, 0, None, None, True, torch.zeros(4, 4))
+    torch.library.opcheck(torch.ops.vllm_kvq_cpu.paged_attention.default, args)

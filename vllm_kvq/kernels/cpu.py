@@ -2,8 +2,9 @@
 ``store`` and ``paged_attention`` with the reference signatures, for every codec the package registers
 (TurboQuant at integer and fractional rates, FibQuant, uniform, raw bf16/fp16), mixed per-head formats (one
 call per head group), codecs bound to per-head state (key shift and scale, value shift and scale) and
-per-block sink records, and position-aware key centring (``key_bias``: a score bias per query row and
-16-position key chunk, csrc/cpu/key_bias.h).
+per-block sink records, position-aware key centring (``key_bias``: a score bias per query row and
+16-position key chunk, csrc/cpu/key_bias.h), and what formats with ``exact_self`` need (``exclude_self``: each
+row attends the positions before its own; ``lse``: each row's log-sum-exp, merged over split contexts).
 
 FibQuant decode: a decode work item over at least ``FIB_LUT_FROM`` context tokens scores keys by table lookups
 (per query row, the rotated query block's inner product with every codeword: D/k x 2^L floats, built once per
