@@ -80,6 +80,11 @@ struct AttnArgs {
                  // and sum FibQuant values as codeword histograms (< 0: never)
   int num_tokens;
   int num_q_heads;
+  // 1: a query row at position p attends positions j < p only (exact_self: vllm_kvq.ops merges its own
+  // token exactly); a row left with no key gets output 0 and lse -inf. 0: j <= p.
+  int exclude_self;
+  float* lse;  // (N, Hq), heads contiguous, or null: each row's log-sum-exp of the scores it attended
+  int64_t slse_n;
   float* partial;  // (splits, N, Hq, D) when splitting
   float* ml;       // (splits, N, Hq, 2): running max and normalizer
   CodecDesc k, v;

@@ -449,6 +449,19 @@ inline void write_output(const AttnArgs& a, int64_t t, int qh, int kvh, const fl
   }
 }
 
+// A row that attended no key (exclude_self at position 0) outputs 0, as the reference does (not the value
+// codec's output transform of a zero vector).
+inline void write_zero(const AttnArgs& a, int64_t t, int qh) {
+  const int64_t base = t * a.son + qh * a.soh;
+  for (int i = 0; i < a.head_dim; ++i) store_elem(a.out, base + i, a.dtype, 0.f);
+}
+
+// Row (t, qh)'s log-sum-exp m + log l when the caller asked for it; -inf for a row that attended no key
+// (l == 0: any attended key adds at least exp(0) = 1).
+inline void write_lse(const AttnArgs& a, int64_t t, int qh, float m, float l) {
+  if (a.lse) a.lse[t * a.slse_n + qh] = l > 0.f ? m + std::log(l) : -INFINITY;
+}
+
 // ----------------------------------------------------------------------------------------------- sinks
 
 // Where byte o of a block's sink area lives: slot o / bytes, slot byte offset + o % bytes.
@@ -610,7 +623,10 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   const int nq = w.q1 - w.q0;
   const int rows = nq * g;
   const int first_pos = len - ql + (w.q0 - q_start);
-  const int c_end = w.c1 < first_pos + nq ? w.c1 : first_pos + nq;
+  // Keys the item's first row sees: positions [0, vis0) (its own included unless exclude_self); row qi sees
+  // [0, vis0 + qi). Decode items (one row) see every key of [c0, c_end).
+  const int vis0 = first_pos + 1 - a.exclude_self;
+  const int c_end = w.c1 < vis0 + nq - 1 ? w.c1 : vis0 + nq - 1;
   const int64_t dp = align16(d);
   const int64_t span = a.value_offset + a.v.nbytes;  // slot bytes attention reads
 #if KVQ_AVX512
@@ -715,7 +731,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
       decode_tile(kd, t.ptrs, n, 0, kt, dp, kscale);
       if (any_sink) patch_sinks(a, t, n, 0, kt, dp, kscale);
       for (int qi = 0; qi < nq; ++qi) {
-        const int nv = first_pos + qi - j0 + 1 < n ? first_pos + qi - j0 + 1 : n;  // causal: keys j <= position
+        const int nv = vis0 + qi - j0 < n ? vis0 + qi - j0 : n;  // causal: the row's visible keys
         if (nv <= 0) continue;
         for (int gi = 0; gi < g; ++gi) {
           float* sr = sc + (qi * g + gi) * kTile;
@@ -753,7 +769,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
       decode_tile(vd, t.ptrs, n, a.value_offset, vt, dp, vscale);
       if (any_sink) patch_sinks(a, t, n, 1, vt, dp, vscale);
       for (int qi = 0; qi < nq; ++qi) {
-        const int nv = first_pos + qi - j0 + 1 < n ? first_pos + qi - j0 + 1 : n;
+        const int nv = vis0 + qi - j0 < n ? vis0 + qi - j0 : n;
         if (nv <= 0) continue;
         for (int gi = 0; gi < g; ++gi) {
           const int r = qi * g + gi;
@@ -778,6 +794,11 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
         std::memcpy(a.partial + at * d, acc + r * dp, sizeof(float) * d);
         a.ml[2 * at] = mrow[r];
         a.ml[2 * at + 1] = lrow[r];
+        continue;
+      }
+      write_lse(a, t_row, qh, mrow[r], lrow[r]);
+      if (lrow[r] == 0.f) {
+        write_zero(a, t_row, qh);
         continue;
       }
       const float inv = 1.f / (lrow[r] > 1e-30f ? lrow[r] : 1e-30f);
@@ -842,6 +863,12 @@ void merge_splits(const AttnArgs& a, int splits, const int32_t* tok_rows, int64_
       l += wgt * a.ml[2 * at + 1];
       const float* p = a.partial + at * d;
       for (int k = 0; k < d; ++k) o[k] += wgt * p[k];
+    }
+    // A split whose keys exclude_self removed (or that lies past the sequence) has m = -inf: it adds nothing.
+    write_lse(a, t, qh, mx, l);
+    if (l == 0.f) {
+      write_zero(a, t, qh);
+      continue;
     }
     const float inv = 1.f / (l > 1e-30f ? l : 1e-30f);
     for (int k = 0; k < d; ++k) o[k] *= inv;

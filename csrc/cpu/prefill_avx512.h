@@ -106,6 +106,9 @@ inline void softmax_lanes(float* st, int64_t ls, int n, int j0, const float* ksc
   const __m512 m_new = _mm512_max_ps(m_old, mt);
   // A row that sees no key of this tile keeps its state exactly (factor 1, not exp(0) of a polynomial).
   const __mmask16 same = _mm512_cmp_ps_mask(m_new, m_old, _CMP_EQ_OQ);
+  // A row that has seen no key yet (exclude_self at position 0) keeps m = -inf: its weights are taken
+  // against 0 (exp512(-inf - -inf) would be NaN, clamped to exp(88)), so they stay exactly 0.
+  const __m512 m_sub = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
   // The rescaling factor scales every earlier tile's sums: libm's exp (16 calls a tile), not the polynomial.
   alignas(64) float d_m[16];
   _mm512_store_ps(d_m, _mm512_sub_ps(m_old, m_new));
@@ -114,7 +117,7 @@ inline void softmax_lanes(float* st, int64_t ls, int n, int j0, const float* ksc
   // Two chains (even and odd keys) for the tile's normalizer, added at the end.
   __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int jj = 0; jj < n; ++jj) {
-    const __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(st + jj * ls), m_new));  // hidden keys: exactly 0
+    const __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(st + jj * ls), m_sub));  // hidden keys: exactly 0
     sum[jj & 1] = _mm512_add_ps(sum[jj & 1], p);
     _mm512_store_ps(st + jj * ls, _mm512_mul_ps(p, _mm512_set1_ps(vscale[jj])));
   }
@@ -123,7 +126,8 @@ inline void softmax_lanes(float* st, int64_t ls, int n, int j0, const float* ksc
   _mm512_store_ps(alpha, al);
 }
 
-// Query tokens [w.q0, w.q1) of one KV head against context [0, their positions]; w.split < 0, w.c0 == 0.
+// Query tokens [w.q0, w.q1) of one KV head against context [0, their positions] ([0, position) with
+// exclude_self); w.split < 0, w.c0 == 0.
 void attend_prefill_item(const AttnArgs& a, const WorkItem& w) {
   const int d = a.head_dim, g = a.group;
   const int s = w.seq;
@@ -136,7 +140,8 @@ void attend_prefill_item(const AttnArgs& a, const WorkItem& w) {
   const int nr = (rows + 15) / 16;
   const int64_t lp = 16 * nr;  // lanes, padded
   const int first_pos = len - ql + (w.q0 - q_start);
-  const int c_end = first_pos + nq;
+  const int last_seen = first_pos - a.exclude_self;  // the first row's last visible key (-1: none)
+  const int c_end = last_seen + nq;
   const int64_t dp = align16(d);
   const int64_t span = a.value_offset + a.v.nbytes;
 
@@ -177,7 +182,7 @@ void attend_prefill_item(const AttnArgs& a, const WorkItem& w) {
   for (int r = 0; r < lp; ++r) {
     mrow[r] = -INFINITY;
     lrow[r] = 0.f;
-    pos[r] = r < rows ? first_pos + r / g : c_end;
+    pos[r] = r < rows ? last_seen + r / g : c_end;
   }
   for (int r = 0; r < rows; ++r) {
     const int64_t qb = static_cast<int64_t>(w.q0 + r / g) * a.sqn + static_cast<int64_t>(h * g + r % g) * a.sqh;
@@ -225,6 +230,11 @@ void attend_prefill_item(const AttnArgs& a, const WorkItem& w) {
   }
 
   for (int r = 0; r < rows; ++r) {
+    write_lse(a, w.q0 + r / g, h * g + r % g, mrow[r], lrow[r]);
+    if (lrow[r] == 0.f) {
+      write_zero(a, w.q0 + r / g, h * g + r % g);
+      continue;
+    }
     const float l = lrow[r] > 1e-30f ? lrow[r] : 1e-30f;
     for (int i = 0; i < d; ++i) q[i] = acc[i * lp + r] / l;  // one rounding (the reference divides too)
     write_output(a, w.q0 + r / g, h * g + r % g, h, q, tmp);

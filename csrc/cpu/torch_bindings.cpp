@@ -254,7 +254,8 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
                      at::IntArrayRef v_spec, at::TensorList v_tabs, const c10::optional<at::Tensor>& k_scale,
                      const c10::optional<at::Tensor>& v_shift, const c10::optional<at::Tensor>& v_scale,
                      at::IntArrayRef sinks, int64_t lut_from, int64_t num_splits, int64_t skip_from, int64_t isa,
-                     const c10::optional<at::Tensor>& bias_q, const c10::optional<at::Tensor>& bias_table) {
+                     const c10::optional<at::Tensor>& bias_q, const c10::optional<at::Tensor>& bias_table,
+                     bool exclude_self, const c10::optional<at::Tensor>& lse) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && out.sizes() == query.sizes() && out.stride(2) == 1 &&
                   out.scalar_type() == query.scalar_type() && query.device().is_cpu(),
               "vllm_kvq_cpu::paged_attention: query/out must be CPU (N, Hq, D) of one dtype, last dim contiguous");
@@ -313,6 +314,18 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
     a.sbq_h = bias_q->stride(1);
     a.bias_table = bias_table->data_ptr<float>();
     bias_chunks = bias_table->size(0);
+  }
+  // The dense long-prefill path (skip_from) attends its rows in Python without exclusion or lse.
+  TORCH_CHECK(skip_from <= 0 || (!exclude_self && !lse.has_value()),
+              "vllm_kvq_cpu::paged_attention: skip_from does not combine with exclude_self or lse");
+  a.exclude_self = exclude_self ? 1 : 0;
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->device().is_cpu() && lse->dim() == 2 &&
+                    lse->size(0) == query.size(0) && lse->size(1) == hq && lse->stride(1) == 1,
+                "vllm_kvq_cpu::paged_attention: lse must be CPU float32 (", query.size(0), ", ", hq,
+                ") with contiguous heads, got ", lse->scalar_type(), " ", lse->sizes());
+    a.lse = lse->data_ptr<float>();
+    a.slse_n = lse->stride(0);
   }
   a.lut_from = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(lut_from, INT32_MAX)));
   a.num_tokens = static_cast<int>(query.size(0));
@@ -482,7 +495,8 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
       "paged_attention(Tensor query, Tensor(a!) out, Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor query_start_loc, Tensor heads, int value_offset, float scale, int[] k_spec, Tensor[] k_tabs, "
       "int[] v_spec, Tensor[] v_tabs, Tensor? k_scale, Tensor? v_shift, Tensor? v_scale, int[] sinks, int lut_from, "
-      "int num_splits, int skip_from, int isa, Tensor? bias_q=None, Tensor? bias_table=None) -> ()");
+      "int num_splits, int skip_from, int isa, Tensor? bias_q=None, Tensor? bias_table=None, bool exclude_self=False, "
+      "Tensor(b!)? lse=None) -> ()");
   m.def(
       "decode_context(Tensor cache, Tensor block_table, int seq, int length, Tensor heads, int value_offset, "
       "int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, int[] sinks, Tensor(a!) k_out, Tensor(b!) v_out, "

@@ -2,8 +2,9 @@
 ``store`` and ``paged_attention`` with the reference signatures, for every codec the package registers
 (TurboQuant at integer and fractional rates, FibQuant, uniform, raw bf16/fp16), mixed per-head formats (one
 call per head group), codecs bound to per-head state (key shift and scale, value shift and scale) and
-per-block sink records, and position-aware key centring (``key_bias``: a score bias per query row and
-16-position key chunk, csrc/cpu/key_bias.h).
+per-block sink records, position-aware key centring (``key_bias``: a score bias per query row and
+16-position key chunk, csrc/cpu/key_bias.h), and what formats with ``exact_self`` need (``exclude_self``: each
+row attends the positions before its own; ``lse``: each row's log-sum-exp, merged over split contexts).
 
 FibQuant decode: a decode work item over at least ``FIB_LUT_FROM`` context tokens scores keys by table lookups
 (per query row, the rotated query block's inner product with every codeword: D/k x 2^L floats, built once per
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 import os
 import weakref
 
@@ -259,12 +261,17 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     query_start_loc: torch.Tensor,  # (S + 1,)
                     fmt: KVFormat, *, scale: float, max_seq_len: int | None = None,
                     num_splits: int | None = None, isa: str = "best",
-                    key_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    key_bias: tuple[torch.Tensor, torch.Tensor] | None = None, exclude_self: bool = False,
+                    lse: torch.Tensor | None = None) -> torch.Tensor:
     """Decode, prefill and chunked prefill in one call -> (N, Hq, D) in the query's dtype. ``num_splits``
     fixes how many context splits a decode sequence gets (None: enough to keep every thread busy);
     ``max_seq_len`` is accepted for the ops signature (the CPU kernels read ``seq_lens``). ``key_bias``
     (bias_query (N, Hq, D), table (C, D)), required by ``fmt.key_rope``: the score of the key at position p
-    gains ``bias_query[row] . table[p // 16]`` (``vllm_kvq.ops``)."""
+    gains ``bias_query[row] . table[p // 16]`` (``vllm_kvq.ops``).
+
+    ``exclude_self``: a row at position p attends positions j < p only (a row with none outputs 0); ``lse``
+    (N, Hq) float32: filled with each row's log-sum-exp of the scores it attended (split contexts merged),
+    -inf for rows with no key; both as the reference defines them (formats with ``exact_self``)."""
     why = why_not(fmt)
     if why is not None:
         _refuse("paged_attention", fmt, why)
@@ -272,13 +279,20 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     query = query if query.stride(-1) == 1 else query.contiguous()
     bias_q, table = _key_bias_args(key_bias, query, fmt)
     out = torch.zeros(query.shape, dtype=query.dtype)
+    if lse is not None:
+        if lse.shape != query.shape[:2] or lse.dtype != torch.float32 or lse.device.type != "cpu" or \
+                lse.stride(-1) != 1:
+            raise ValueError(f"lse: expected CPU float32 {tuple(query.shape[:2])} with contiguous heads, got "
+                             f"{lse.device.type} {lse.dtype} {tuple(lse.shape)} strides {lse.stride()}")
+        lse.fill_(-math.inf)  # rows no sequence owns (padding) keep it
     if query.shape[0] == 0 or seq_lens.numel() == 0:
         return out
     bt = block_table if block_table.dtype == torch.int32 and block_table.stride(1) == 1 else \
         block_table.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     qsl = query_start_loc.to(torch.int32).contiguous()
-    threshold = DENSE_PREFILL_FROM
+    # The dense path computes neither the exclusion nor lse: those calls keep every row in the fused kernel.
+    threshold = DENSE_PREFILL_FROM if not exclude_self and lse is None else None
     dense = []
     if threshold is not None:
         q_lens = qsl[1:] - qsl[:-1]
@@ -290,7 +304,7 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     for g, (heads, vo, _, ks, kt, vs, vt) in zip(fmt.groups, _group_args(fmt)):
         torch.ops.vllm_kvq_cpu.paged_attention(query, out, cache, bt, seq_lens, qsl, heads, vo, float(scale), ks, kt,
                                                vs, vt, fmt.k_scale, fmt.v_shift, v_scale, sinks, lut_from,
-                                               num_splits or 0, skip_from, code, bias_q, table)
+                                               num_splits or 0, skip_from, code, bias_q, table, exclude_self, lse)
         for s in dense:
             _dense_prefill(query, out, cache, bt, int(seq_lens[s]), int(qsl[s]), int(qsl[s + 1]), s, g,
                            (heads, vo, ks, kt, vs, vt), fmt, scale, code, bias_q, table)

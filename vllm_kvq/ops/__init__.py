@@ -93,7 +93,8 @@ def _table() -> dict[str, Impl]:
         table["cuda"] = Impl("cuda", _cuda.store, _cuda.paged_attention, _cuda.why_not)
     from vllm_kvq.kernels import cpu as _cpu
     if _cpu.available():
-        table["cpu"] = Impl("cpu", _cpu.store, _cpu.paged_attention, _cpu.why_not, key_rope=True)
+        table["cpu"] = Impl("cpu", _cpu.store, _cpu.paged_attention, _cpu.why_not, key_rope=True,
+                            exact_self=True)
     return table
 
 
