@@ -99,10 +99,11 @@ def _vllm_bf16_attention(hq, hk, d, batch, ctx, gen):
     if ops is None:
         return None
     vops, get_isa = ops
-    nb = batch * (ctx // BLOCK)
+    per_seq = -(-ctx // BLOCK)  # the last block partly filled when BLOCK does not divide ctx (e.g. 3000)
+    nb = batch * per_seq
     kv = torch.randn(nb, hk, 2 * BLOCK, d, generator=gen).to(torch.bfloat16)
     key_cache, value_cache = kv.chunk(2, dim=2)
-    bt = torch.arange(nb, dtype=torch.int32).reshape(batch, ctx // BLOCK)
+    bt = torch.arange(nb, dtype=torch.int32).reshape(batch, per_seq)
     lens = torch.full((batch,), ctx, dtype=torch.int32)
     qsl = torch.arange(batch + 1, dtype=torch.int32)
     q = torch.randn(batch, hq, d, generator=gen).to(torch.bfloat16)
@@ -285,8 +286,9 @@ def prefill(a) -> None:
 def _decode_batch(batch: int, ctx: int, hq: int, d: int, gen):
     """(blocks, block table, seq lens, query start locations, bf16 queries) of a decode step over contiguous
     blocks."""
-    nb = batch * (ctx // BLOCK)
-    bt = torch.arange(nb, dtype=torch.int32).reshape(batch, ctx // BLOCK)
+    per_seq = -(-ctx // BLOCK)
+    nb = batch * per_seq
+    bt = torch.arange(nb, dtype=torch.int32).reshape(batch, per_seq)
     lens = torch.full((batch,), ctx, dtype=torch.int32)
     qsl = torch.arange(batch + 1, dtype=torch.int32)
     return nb, bt, lens, qsl, torch.randn(batch, hq, d, generator=gen).to(torch.bfloat16)

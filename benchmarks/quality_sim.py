@@ -161,11 +161,13 @@ class Variant:
 class SimRun:
     """Model, text windows, calibration and the bf16 reference, shared by every variant of a run."""
 
-    def __init__(self, model_dir, text: str, calib_text: str, context: int, windows: int, work: Path):
+    def __init__(self, model_dir, text: str, calib_text: str, context: int, windows: int, work: Path,
+                 dtype: torch.dtype = torch.float32):
         from vllm_kvq.eval.data import load_text
         from vllm_kvq.eval.ppl import sliding_windows
 
-        self.tok, self.model = fake_quant.load_model(model_dir)
+        self.tok, self.model = fake_quant.load_model(model_dir, dtype=dtype)
+        self.model_dir = str(model_dir)
         cfg = self.model.config
         self.n_layers, self.n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -200,7 +202,9 @@ class SimRun:
         """(quantizer, K+V bytes per token per KV head averaged over layers, largest layer's bytes)."""
         calib = self.calib_file(var.smooth or 0.0) if var.center else None
         cfg = config.load(var.config_path) if var.config_path else config.from_dict(var.yaml_dict(calib))
-        fmts = formats_from_config(cfg, num_layers=self.n_layers, num_kv_heads=self.n_kv, head_size=self.head_dim)
+        # block_size: vLLM-CPU's 128-token blocks size a config's sink area (each block's first tokens)
+        fmts = formats_from_config(cfg, num_layers=self.n_layers, num_kv_heads=self.n_kv, head_size=self.head_dim,
+                                   block_size=128 if cfg.sink_tokens else None, model=self.model_dir)
         protos: dict[tuple[int, int], object] = {}
         layer_bytes = []
         for i, (ks, vs) in enumerate(var.per_layer):
@@ -328,6 +332,8 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the model's dtype (bfloat16: activations as vLLM serves them; attention stays float32)")
     p.add_argument("--sensitivity", default=None, help="codec spec: quantize one layer at a time")
     p.add_argument("--work", default="/tmp/kvq_sim", help="calibration files go here")
     p.add_argument("--out", default=None, help="append JSON lines here")
@@ -352,7 +358,7 @@ def main(argv=None):
         a.model = str(prepare_smollm2())
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    run = SimRun(a.model, a.text, a.calib_text, a.context, a.windows, work)
+    run = SimRun(a.model, a.text, a.calib_text, a.context, a.windows, work, dtype=getattr(torch, a.dtype))
     specs = ([(f"{a.sensitivity} only layer {i}", f"K={a.sensitivity};only={i}") for i in range(run.n_layers)]
              if a.sensitivity else [(v, VARIANTS.get(v, v)) for v in a.variants.split(",") if v])
     print(f"ctx {a.context}, {len(run.wins)} windows, bf16 ppl {math.exp(torch.cat([r['nll'] for r in run.ref]).mean()):.4f}")
@@ -361,7 +367,7 @@ def main(argv=None):
     for name, spec in specs:
         try:
             var = Variant(spec, run.n_layers)
-            r = {"variant": name, "context": a.context, **run.evaluate(var)}
+            r = {"variant": name, "context": a.context, "dtype": a.dtype, **run.evaluate(var)}
         except (ValueError, KeyError) as e:  # a bad spec in a long list: say so and measure the rest
             print(f"{name[:44]:44s} ERROR {e}", flush=True)
             continue

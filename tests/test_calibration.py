@@ -204,6 +204,45 @@ def test_dispatch_skips_impls_that_decline_a_format(gen, monkeypatch):
         ops.store(k, k, cache, torch.arange(3), cal, impl="fast")
 
 
+def test_dispatch_choice_is_made_per_call_shape(gen, monkeypatch):
+    """The hot path remembers its choice per format, op, decode-or-not and query heads per KV head: a
+    format's decode call and prefill call still go where each is taken."""
+    calls = []
+
+    def why_not(fmt, op, decode, group):
+        return None if decode and group == 2 else "decode steps of 2 query heads per KV head only"
+
+    def fast(query, *a, **k):
+        calls.append(query.shape[0])
+        return torch.zeros(query.shape, dtype=query.dtype)
+
+    fast_impl = ops.Impl("fast", None, fast, why_not)
+    table = ops._table()
+    monkeypatch.setattr(ops, "_table", lambda: {**table, "fast": fast_impl})
+    monkeypatch.setitem(ops.ORDER, "cpu", ("fast", "reference"))
+    tq3 = codecs.get("turboquant3", head_dim=64)
+    fmt = KVFormat(64, [tq3], [tq3])
+    cache = fmt.allocate(2, 16)
+    ops.store(torch.randn(20, 1, 64, generator=gen), torch.randn(20, 1, 64, generator=gen), cache,
+              torch.arange(20), fmt)
+    bt, lens = torch.tensor([[0, 1]]), torch.tensor([20])
+
+    def attend(n, hq):
+        return ops.paged_attention(torch.randn(n, hq, 64, generator=gen), cache, bt, lens, torch.tensor([0, n]), fmt,
+                                   scale=0.125)
+
+    for _ in range(2):
+        attend(1, 2)  # decode, group 2: fast
+        ref = attend(4, 2)  # a prefill chunk: the reference
+        attend(1, 3)  # decode, group 3: the reference
+    assert calls == [1, 1]
+    assert ref.abs().sum() > 0  # the reference attended (fast would give zeros)
+    # a new dispatch order is a new choice
+    monkeypatch.setitem(ops.ORDER, "cpu", ("reference",))
+    attend(1, 2)
+    assert calls == [1, 1]
+
+
 def test_format_validates_calibration_tensors():
     tq3 = codecs.get("turboquant3", head_dim=64)
     with pytest.raises(ValueError, match=r"k_shift: expected \(2, 64\), got \(2, 32\)"):

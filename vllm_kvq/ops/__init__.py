@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -115,21 +116,20 @@ def plan(fmt: KVFormat, device: torch.device | str, op: str = "paged_attention",
 
 def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat, decode: bool,
           group: int = 1) -> Callable:
+    if impl is None and _FORCED_IMPL is None:
+        # vLLM's per-layer hot path: the choice depends only on these arguments (and the dispatch order), so
+        # it is made once per format.
+        picked = _PICKED.get(fmt)
+        if picked is None:
+            picked = _PICKED[fmt] = {}
+        key = (op, device.type, decode, group, ORDER.get(device.type))
+        fn = picked.get(key)
+        if fn is None:
+            fn = picked[key] = _choose(op, device, fmt, decode, group)
+        return fn
     table = _table()
-    if impl is None and _FORCED_IMPL is not None:
-        impl = _FORCED_IMPL
     if impl is None:
-        reasons = plan(fmt, device, op, decode, group)
-        name = next(n for n, why in reasons.items() if why is None)
-        _used.add((op, name))
-        key = (op, name, fmt.name)
-        if key not in _announced:
-            _announced.add(key)
-            skipped = "; ".join(f"{n}: {why}" for n, why in reasons.items() if n != name and why is not None
-                                and list(reasons).index(n) < list(reasons).index(name))
-            logger.info("vllm_kvq: %s of %s runs the %s implementation on %s%s", op, fmt.name, name, device.type,
-                        f" ({skipped})" if skipped else "")
-        return getattr(table[name], op)
+        impl = _FORCED_IMPL
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; allowed: {', '.join(IMPLS)}")
     if impl not in table:
@@ -139,6 +139,26 @@ def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat, decode
         raise ValueError(f"impl {impl!r} cannot run {op} for format {fmt.name!r}: {why}")
     _used.add((op, impl))
     return getattr(table[impl], op)
+
+
+# fmt -> {(op, device type, decode, group): the implementation's op}: ``_pick``'s choices without a forced impl.
+_PICKED: "weakref.WeakKeyDictionary[KVFormat, dict]" = weakref.WeakKeyDictionary()
+
+
+def _choose(op: str, device: torch.device, fmt: KVFormat, decode: bool, group: int) -> Callable:
+    """The first implementation in ``ORDER`` that takes the call; logs the choice (and why faster ones
+    declined) once per (op, implementation, format)."""
+    reasons = plan(fmt, device, op, decode, group)
+    name = next(n for n, why in reasons.items() if why is None)
+    _used.add((op, name))
+    key = (op, name, fmt.name)
+    if key not in _announced:
+        _announced.add(key)
+        skipped = "; ".join(f"{n}: {why}" for n, why in reasons.items() if n != name and why is not None
+                            and list(reasons).index(n) < list(reasons).index(name))
+        logger.info("vllm_kvq: %s of %s runs the %s implementation on %s%s", op, fmt.name, name, device.type,
+                    f" ({skipped})" if skipped else "")
+    return getattr(_table()[name], op)
 
 
 def _check_kv(name, t, n, fmt):
