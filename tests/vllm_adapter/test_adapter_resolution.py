@@ -399,3 +399,16 @@ def test_no_host_context_bound_is_baked_into_a_captured_graph(monkeypatch):
     assert replay_safe_max_seq_len(cuda_query, md) is None
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert replay_safe_max_seq_len(cuda_query, md) == 300  # eager steps keep the tighter split-K sizing
+
+
+def test_cpu_backends_store_inside_forward():
+    """On vLLM-CPU the backend stores the step's K/V in ``forward`` (vLLM then skips its separate
+    ``unified_kv_cache_update`` op: one custom-op dispatch less per layer); elsewhere vLLM calls
+    ``do_kv_cache_update`` first. The engine tests check the outputs of this path."""
+    from vllm.platforms import current_platform
+
+    from vllm_kvq.vllm.backend import backend_for
+
+    cls = backend_for("turboquant3", _config.load("turboquant3"))
+    assert current_platform.is_cpu()
+    assert cls.forward_includes_kv_cache_update is True and cls.get_impl_cls().store_in_forward is True

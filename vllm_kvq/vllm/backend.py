@@ -9,9 +9,12 @@ its layer's spec that layer's own slot (``KVQAttentionImpl.kv_cache_spec``, reac
 count (see ``formats``). ``customize_spec``, which vLLM calls without naming a layer, gives the config's
 largest slot (``formats.slot_bytes``). No process-wide "last model seen".
 
-Prefill reads the cache it has just written (``forward_includes_kv_cache_update = False``: vLLM calls
-``do_kv_cache_update`` first), so a prefix-cache hit, a chunked prefill and a cold run see the same
-quantized K/V, and prompt-logprob perplexity measures the codec.
+Prefill reads the cache it has just written (the step's K/V are stored before attention), so a prefix-cache
+hit, a chunked prefill and a cold run see the same quantized K/V, and prompt-logprob perplexity measures the
+codec. On GPUs vLLM calls ``do_kv_cache_update`` first (``forward_includes_kv_cache_update = False``, what
+its CUDA-graph slot-mapping padding expects); on CPUs ``forward`` stores first itself
+(``STORE_IN_FORWARD``): vLLM's separate ``unified_kv_cache_update`` op costs a second custom-op dispatch
+and context lookup per layer, ~2-3 ms of a ~45 ms SmolLM2 decode step on the 2-vCPU development machine.
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ KERNEL_BLOCK_MULTIPLE = 16
 # Debug knob (read once, like ops' VLLM_KVQ_IMPL): "1" gives every layer the config's largest slot, as before
 # per-layer pages, to compare block counts and outputs with the per-layer path in one run.
 PADDED_SLOTS = os.environ.get("VLLM_KVQ_PADDED_SLOTS", "0") not in ("", "0")
+
+
+def _store_in_forward() -> bool:
+    """True where ``forward`` stores the step's K/V itself (vLLM-CPU), False where vLLM's own
+    ``unified_kv_cache_update`` calls ``do_kv_cache_update`` first (CUDA and every other platform)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def _digest(cfg: _config.KVQConfig) -> str:
@@ -162,6 +173,8 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
     kvq_config: ClassVar[_config.KVQConfig | None] = None
     # Formats per model shape, for this class's config only (every layer of a model asks for the same).
     _served: ClassVar[dict[ModelShape, ServedFormats]] = {}
+    # forward stores the step's K/V before attending (the backend's forward_includes_kv_cache_update)
+    store_in_forward: ClassVar[bool] = False
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
@@ -275,12 +288,19 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
             return
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
+        self._store(layer, k, v, kv_cache, slot_mapping, None)
+
+    def _store(self, layer, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+               md: KVQMetadata | None) -> None:
+        """k, v (N, Hk, D) into the N slots; ``md``: the step's metadata when the caller has it (forward)."""
         fmt = self._format(layer, kv_cache)
         positions = None
         if fmt.key_rope is not None:  # position-aware key centring needs each token's position
-            from vllm.model_executor.layers.attention.attention import get_attention_context
+            if md is None:
+                from vllm.model_executor.layers.attention.attention import get_attention_context
 
-            md = get_attention_context(layer.layer_name)[0]
+                md = get_attention_context(layer.layer_name)[0]
+            n = k.shape[0]
             positions = token_positions(md)[:n] if md is not None else torch.arange(n, device=k.device)
         ops.store(k, v, kv_cache, slot_mapping, fmt, positions=positions)
 
@@ -295,6 +315,10 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         if attn_metadata is None:  # the profiling run: no cache yet
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
+        if self.store_in_forward and key is not None and value is not None and n and kv_cache.numel():
+            self._store(layer, key[:n].view(n, self.num_kv_heads, self.head_size),
+                        value[:n].view(n, self.num_kv_heads, self.head_size), kv_cache,
+                        attn_metadata.slot_mapping[:n], attn_metadata)
         q = query[:n].view(n, self.num_heads, self.head_size)
         fmt = self._format(layer, kv_cache)
         self_kv = None
@@ -371,10 +395,13 @@ def backend_for(dtype: str, cfg: _config.KVQConfig) -> type[KVQAttentionBackend]
     name = class_name(dtype, cfg)
     cls = globals().get(name)
     if cls is None:
+        in_forward = _store_in_forward()
         impl = type(name + "Impl", (KVQAttentionImpl,), {"kvq_config": cfg, "_served": {}, "__module__": __name__,
-                                                         "__qualname__": name + "Impl"})
+                                                         "__qualname__": name + "Impl",
+                                                         "store_in_forward": in_forward})
         cls = type(name, (KVQAttentionBackend,), {"kvq_dtype": dtype, "kvq_config": cfg, "_impl": impl,
                                                   "supported_kv_cache_dtypes": [dtype],
+                                                  "forward_includes_kv_cache_update": in_forward,
                                                   "__module__": __name__, "__qualname__": name})
         globals()[name] = cls
         globals()[name + "Impl"] = impl
