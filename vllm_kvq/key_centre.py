@@ -108,14 +108,12 @@ class KeyRope:
         runs on every attention call of every layer)."""
         n, hq, d = query.shape
         hk = self.mu.shape[0]
-        w = self._bias_matrix(query.device)  # (Hk, D, D)
-        g = hq // hk
-        q = query.float().view(n, hk, g, d).transpose(0, 1).reshape(hk, n * g, d)
-        out = torch.bmm(q, w * scale)  # (Hk, N G, D): one product per KV head
-        return out.view(hk, n, g, d).transpose(0, 1).reshape(n, hq, d)
+        w = self._bias_matrix(query.device, scale)  # (Hk, D, D), scaled
+        # (N, Hk, G, D) @ (Hk, D, D): one product per KV head, broadcast over tokens; no transposed copies
+        return torch.matmul(query.float().view(n, hk, hq // hk, d), w).view(n, hq, d)
 
-    def _bias_matrix(self, device) -> torch.Tensor:
-        key = "w" + str(device)
+    def _bias_matrix(self, device, scale: float = 1.0) -> torch.Tensor:
+        key = f"w{device}/{scale!r}"
         if key not in self._on_device:
             hk, d = self.mu.shape
             h, r = self.half, self.rot
@@ -127,7 +125,7 @@ class KeyRope:
             w[:, i + h, i] = mu[:, h:r]
             w[:, i + h, i + h] = mu[:, :h]
             w[:, i, i + h] = -mu[:, h:r]
-            self._on_device[key] = w.float().to(device)
+            self._on_device[key] = (w * scale).float().to(device)
         return self._on_device[key]
 
 

@@ -244,12 +244,13 @@ def _merge_self(out: torch.Tensor,  # (N, Hq, D): attention over every position 
     fixed = fmt.key_rope.fixed_mean(k.device) if fmt.key_rope is not None else fmt.k_shift
     if fixed is not None:
         k = k - fixed.to(k.device)
-    s_self = scale * torch.einsum("nhgd,nhd->nhg", query.float().view(n, hk, g, d), k).reshape(n, hq)
-    m = torch.maximum(lse, s_self)  # s_self is finite: a row with no other key (lse = -inf) gets weight 0 there
-    a, b = torch.exp(lse - m), torch.exp(s_self - m)
-    v = value.float().view(n, hk, 1, d).expand(n, hk, g, d).reshape(n, hq, d)
-    merged = (a[..., None] * out.float() + b[..., None] * v) / (a + b)[..., None]
-    return merged.to(out.dtype)
+    # Few, fused ops (this runs per layer and step): s_self (N, Hk, G, 1); the own term's share of the softmax,
+    # exp(s_self) / (exp(lse) + exp(s_self)) = sigmoid(s_self - lse), is 1 for a row with no other key
+    # (lse = -inf, its partial output 0).
+    s_self = torch.matmul(query.float().view(n, hk, g, d), k.unsqueeze(-1)).mul_(scale)
+    w = torch.sigmoid(s_self.sub_(lse.view(n, hk, g, 1)))
+    merged = torch.lerp(out.float().view(n, hk, g, d), value.float().unsqueeze(2), w)
+    return merged.view(n, hq, d).to(out.dtype)
 
 
 __all__ = ["store", "paged_attention", "plan", "used", "IMPLS", "ORDER", "reference"]
