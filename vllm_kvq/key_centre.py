@@ -78,12 +78,6 @@ class KeyRope:
             self._on_device[key] = m.to(device)
         return self._on_device[key]
 
-    def _mu_on(self, device) -> torch.Tensor:
-        key = "mu" + str(device)
-        if key not in self._on_device:
-            self._on_device[key] = self.mu.to(device)
-        return self._on_device[key]
-
     def centre(self, positions: torch.Tensor, max_position: int | None = None) -> torch.Tensor:
         """(N, Hk, D) float32 mean of the keys at ``positions`` (N,): ``R_{16 c} mu`` plus the unrotated
         channels' fixed mean. ``max_position``: a host-side bound of the positions (the store passes the
@@ -92,14 +86,36 @@ class KeyRope:
         pos = positions.long()
         if max_position is None:
             max_position = int(pos.max()) if pos.numel() else 0
-        rows = self.table(max_position // CHUNK + 1, pos.device)[pos // CHUNK]  # (N, D)
-        h, r = self.half, self.rot
-        cos, sin = rows[:, None, :h], rows[:, None, h:r]
-        mu = self._mu_on(pos.device)[None]  # (1, Hk, D)
-        m = mu.expand(pos.shape[0], -1, -1).clone()
-        m[..., :h] = mu[..., :h] * cos - mu[..., h:r] * sin
-        m[..., h:r] = mu[..., h:r] * cos + mu[..., :h] * sin
-        return m
+        # m = mu * [cos, cos, 1] + [-mu_b, mu_a, 0] * [sin, sin, 0]: the rotate-half turn of every pair
+        # (a, b) by the chunk's angle, the unrotated channels' fixed mean kept; three ops on the hot path
+        cs = self._turn_table(max_position // CHUNK + 1, pos.device)[pos // CHUNK]  # (N, 2, D)
+        mu, mu_turned = self._turn_factors(pos.device)  # (Hk, D) each
+        return mu * cs[:, None, 0] + mu_turned * cs[:, None, 1]
+
+    def _turn_table(self, chunks: int, device) -> torch.Tensor:
+        """(>= chunks, 2, D) float32: [cos, cos, 1 ...] and [sin, sin, 0 ...] of each chunk's angles (the
+        numbers of ``table``)."""
+        key = "turn" + str(device)
+        t = self._tables.get(key)
+        if t is None or t.shape[0] < chunks:
+            base = self.table(chunks, device)
+            h, r = self.half, self.rot
+            t = torch.zeros(base.shape[0], 2, self.head_dim, dtype=torch.float32, device=base.device)
+            t[:, 0, :h] = t[:, 0, h:r] = base[:, :h]
+            t[:, 0, r:] = 1
+            t[:, 1, :h] = t[:, 1, h:r] = base[:, h:r]
+            self._tables[key] = t
+        return t
+
+    def _turn_factors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = "turn" + str(device)
+        if key not in self._on_device:
+            h, r = self.half, self.rot
+            turned = torch.zeros_like(self.mu)
+            turned[:, :h] = -self.mu[:, h:r]
+            turned[:, h:r] = self.mu[:, :h]
+            self._on_device[key] = (self.mu.to(device), turned.to(device))
+        return self._on_device[key]
 
     def bias_query(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """(N, Hq, D) float32 with ``bias_query . table[c] = scale * q . m_c`` for every query row.
