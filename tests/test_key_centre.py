@@ -51,6 +51,9 @@ def test_bias_query_dot_table_is_query_dot_centre(gen, rot):
             want = 0.5 * float(q[i, h, :rot] @ centre[i, h // 3, :rot])
             got = float(bq[i, h] @ table[p // 16])
             assert got == pytest.approx(want, rel=1e-4, abs=1e-3)
+    # independently: the kept mean RoPE-turned to the start of each key's chunk (key_centre.rotate)
+    turned = key_centre.rotate(kr.mu[:, None, :].expand(-1, pos.numel(), -1), pos // 16 * 16, kr.freq)
+    torch.testing.assert_close(centre, turned.transpose(0, 1), rtol=1e-5, atol=1e-5)
     # the mean is constant within a 16-position chunk and turns between chunks
     assert torch.equal(kr.centre(torch.tensor([16]))[0], kr.centre(torch.tensor([31]))[0])
     # a host-side bound (what ops.store passes) gives the same numbers as reading the positions

@@ -13,7 +13,7 @@ Prefill reads the cache it has just written (the step's K/V are stored before at
 hit, a chunked prefill and a cold run see the same quantized K/V, and prompt-logprob perplexity measures the
 codec. On GPUs vLLM calls ``do_kv_cache_update`` first (``forward_includes_kv_cache_update = False``, what
 its CUDA-graph slot-mapping padding expects); on CPUs ``forward`` stores first itself
-(``STORE_IN_FORWARD``): vLLM's separate ``unified_kv_cache_update`` op costs a second custom-op dispatch
+(``KVQAttentionImpl.store_in_forward``): vLLM's separate ``unified_kv_cache_update`` op costs a second custom-op dispatch
 and context lookup per layer, ~2-3 ms of a ~45 ms SmolLM2 decode step on the 2-vCPU development machine.
 """
 
@@ -315,19 +315,18 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         if attn_metadata is None:  # the profiling run: no cache yet
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
-        if self.store_in_forward and key is not None and value is not None and n and kv_cache.numel():
-            self._store(layer, key[:n].view(n, self.num_kv_heads, self.head_size),
-                        value[:n].view(n, self.num_kv_heads, self.head_size), kv_cache,
-                        attn_metadata.slot_mapping[:n], attn_metadata)
+        step_kv = None if key is None or value is None else (key[:n].view(n, self.num_kv_heads, self.head_size),
+                                                              value[:n].view(n, self.num_kv_heads, self.head_size))
+        if self.store_in_forward and step_kv is not None and n and kv_cache.numel():
+            self._store(layer, *step_kv, kv_cache, attn_metadata.slot_mapping[:n], attn_metadata)
         q = query[:n].view(n, self.num_heads, self.head_size)
         fmt = self._format(layer, kv_cache)
         self_kv = None
         if fmt.exact_self:  # each row's own token from this step's exact K/V
-            if key is None or value is None:
+            if step_kv is None:
                 raise ValueError(f"vllm_kvq: {fmt.name} attends each token's own key and value exactly (exact_self), "
                                  f"but vLLM passed no key/value to this layer's forward")
-            self_kv = (key[:n].view(n, self.num_kv_heads, self.head_size),
-                       value[:n].view(n, self.num_kv_heads, self.head_size))
+            self_kv = step_kv
         out = ops.paged_attention(q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
                                   attn_metadata.query_start_loc, fmt, scale=self.scale,
                                   max_seq_len=replay_safe_max_seq_len(query, attn_metadata), self_kv=self_kv)
