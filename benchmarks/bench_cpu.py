@@ -15,7 +15,7 @@ bandwidth for that working set). Columns: milliseconds (median), our time / bf16
 reads per second and that rate as a share of the plain read's.
 
 kernel --key-rope: per (model, batch x context, codec): our decode attention over one cache read as the plain
-format and as the same format with position-aware key centring (the per-(row, 16-position chunk) score bias,
+format and as the same format with position-aware key centring (the per-(row, key position) score bias,
 its bias query computed in the call as ops.paged_attention does, and precomputed: the kernels' own cost), run
 interleaved; medians and their ratios to the plain format.
 
@@ -184,7 +184,7 @@ def _kernel_key_rope(a) -> None:
                 rope = _key_rope_fmt(c, hk, d)
                 cache = _filled_cache(plain, hk, d, nb, gen)  # same slot layout: one cache serves both
                 scale = d ** -0.5
-                table = rope.key_rope.table(bt.shape[1] * BLOCK // 16, "cpu")
+                table = rope.key_rope.table(bt.shape[1] * BLOCK, "cpu")
                 kb = (rope.key_rope.bias_query(q, scale), table)
                 med = _interleaved_medians({
                     "plain": lambda: kc.paged_attention(q, cache, bt, lens, qsl, plain, scale=scale),
@@ -266,7 +266,7 @@ def prefill(a) -> None:
                     kc.store(k, v, cache, torch.arange(n), fmt)
                     before, kc.DENSE_PREFILL_FROM = kc.DENSE_PREFILL_FROM, dense
                     kb = None if rope is None else (rope.key_rope.bias_query(q, d ** -0.5),
-                                                    rope.key_rope.table(bt.shape[1] * BLOCK // 16, "cpu"))
+                                                    rope.key_rope.table(bt.shape[1] * BLOCK, "cpu"))
                     try:
                         kc.paged_attention(q, cache, bt, lens, qsl, rope or fmt, scale=d ** -0.5, key_bias=kb)
                     finally:

@@ -256,4 +256,4 @@ def test_cli_show_with_a_model_reads_its_shape_and_calibration(capsys, tmp_path)
     CalibrationStats(torch.zeros(3, 2, 64), torch.zeros(3, 2, 64), torch.ones(3, 2, 64),
                      rope_freq=1e4 ** (-torch.arange(32) / 32)).save(path)
     assert cli.main(["config", "show", "k3v3-cal-sink", "--model", str(model), "--block-size", "16"]) == 0
-    assert "mean that follows RoPE positions" in capsys.readouterr().out
+    assert "mean that follows each key's RoPE position" in capsys.readouterr().out

@@ -49,7 +49,7 @@ def _case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", num_splits=None, t=16, 
     scale = d ** -0.5
     kb = None
     if fmt.key_rope is not None:
-        kb = (fmt.key_rope.bias_query(q, scale), fmt.key_rope.table(batch.block_table.shape[1] * t // 16 + 1, "cpu"))
+        kb = (fmt.key_rope.bias_query(q, scale), fmt.key_rope.table(batch.block_table.shape[1] * t, "cpu"))
     args = (cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt)
     outs = {}
     for exclude in (False, True):

@@ -152,7 +152,7 @@ def _attn_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="cont
     k_ctx[:, :, :2] *= 4  # outlier channels, as real keys have
     v_ctx = torch.randn(total, hk, d, generator=gen)
     # Position-aware key centring: keys carry the mean turned to their position; the cache holds them minus
-    # the mean of their 16-position chunk (as ops.store writes them).
+    # that mean (as ops.store writes them).
     centre = 0
     if fmt.key_rope is not None:
         centre = fmt.key_rope.centre(torch.cat([torch.arange(s) for s in batch.seq_lens.tolist()]))
@@ -190,7 +190,7 @@ def _key_bias(fmt: KVFormat, q: torch.Tensor, scale: float, positions: int):
     """The ``key_bias`` ops.paged_attention hands the kernels for a key-centring format, else None."""
     if fmt.key_rope is None:
         return None
-    return fmt.key_rope.bias_query(q, scale), fmt.key_rope.table(-(-positions // 16), "cpu")
+    return fmt.key_rope.bias_query(q, scale), fmt.key_rope.table(positions, "cpu")
 
 
 def _strided(x: torch.Tensor) -> torch.Tensor:
@@ -490,8 +490,10 @@ def test_key_bias_dispatch_and_checks(gen):
     with pytest.raises(ValueError, match="key_bias"):
         kc.paged_attention(*args, scale=0.125)
     kb = _key_bias(fmt, q, 0.125, 48)
-    with pytest.raises(RuntimeError, match="key-centring table"):
-        kc.paged_attention(*args, scale=0.125, key_bias=(kb[0], kb[1][:2]))
+    with pytest.raises(RuntimeError, match="key-centring table's 20 positions"):
+        kc.paged_attention(*args, scale=0.125, key_bias=(kb[0], kb[1][:20]))
+    with pytest.raises(RuntimeError, match="not a key-centring position table"):
+        kc.paged_attention(*args, scale=0.125, key_bias=(kb[0], torch.rand(64, 64, generator=gen)))
     with pytest.raises(ValueError, match="key_bias"):
         kc.paged_attention(*args, scale=0.125, key_bias=(kb[0][:, :3], kb[1]))
 

@@ -47,8 +47,11 @@ def test_roundtrip_is_what_reference_attention_reads(kind, gen):
     got = fake_quant._attend(q.transpose(0, 1), kq, vq, d ** -0.5, hq // hk).transpose(0, 1)
     assert (got - want).abs().max() < 1e-4
     assert (kq - k.transpose(0, 1)).abs().max() > 0.01  # the codec is in the path
-    if sink:  # the sink rows are near-exact (bf16), the others are not
-        assert (kq[:, ::16] - k[::16].transpose(0, 1)).abs().max() < 0.1
+    if sink:  # the sink rows are near-exact (bf16: 8 significant bits, here 2-3e-3 of the largest key), the others
+        # are not (3-bit codes: 0.07-0.08 of it)
+        err_sink = (kq[:, ::16] - k[::16].transpose(0, 1)).abs().max() / k[::16].abs().max()
+        err_rest = (kq - k.transpose(0, 1)).abs().amax((0, 2))[torch.arange(n) % 16 != 0].max() / k.abs().max()
+        assert err_sink < 8e-3 < 0.03 < err_rest
 
 
 def test_bf16_cache_matches_the_plain_model(tiny):

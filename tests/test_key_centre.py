@@ -44,27 +44,27 @@ def test_bias_query_dot_table_is_query_dot_centre(gen, rot):
     q = torch.randn(pos.numel(), 6, 64, generator=gen)
     centre = kr.centre(pos)  # (N, Hk, D)
     bq = kr.bias_query(q, 0.5)
-    table = kr.table(70000 // 16 + 1, "cpu")
+    table = kr.table(70000 + 1, "cpu")
     for i, p in enumerate(pos.tolist()):
         for h in range(6):
             # the unrotated channels' fixed mean adds the same to every score of a query: softmax ignores it
             want = 0.5 * float(q[i, h, :rot] @ centre[i, h // 3, :rot])
-            got = float(bq[i, h] @ table[p // 16])
+            got = float(bq[i, h] @ table[p])
             assert got == pytest.approx(want, rel=1e-4, abs=1e-3)
-    # independently: the kept mean RoPE-turned to the start of each key's chunk (key_centre.rotate)
-    turned = key_centre.rotate(kr.mu[:, None, :].expand(-1, pos.numel(), -1), pos // 16 * 16, kr.freq)
+    # independently: the whole mean RoPE-turned to each key's own position (key_centre.rotate)
+    turned = key_centre.rotate(kr.mu[:, None, :].expand(-1, pos.numel(), -1), pos, kr.freq)
     torch.testing.assert_close(centre, turned.transpose(0, 1), rtol=1e-5, atol=1e-5)
-    # the mean is constant within a 16-position chunk and turns between chunks
-    assert torch.equal(kr.centre(torch.tensor([16]))[0], kr.centre(torch.tensor([31]))[0])
+    # the mean turns with every position, every pair keeps its mean (the fastest one included)
+    assert not torch.allclose(kr.centre(torch.tensor([16]))[0], kr.centre(torch.tensor([17]))[0])
+    assert centre[:, :, 0].abs().min() > 0
     # a host-side bound (what ops.store passes) gives the same numbers as reading the positions
     assert torch.equal(kr.centre(pos, 70000 + 500), centre)
-    assert not torch.allclose(kr.centre(torch.tensor([0]))[0], kr.centre(torch.tensor([16]))[0])
-    # unrotated channels keep the fixed mean; pairs turning more than 1.1 rad per chunk keep none
+    # unrotated channels keep the fixed mean
     if rot < 64:
         assert torch.equal(centre[:, :, rot:], kr.mu[None, :, rot:].expand(pos.numel(), -1, -1))
-    fast = kr.freq * key_centre.CHUNK > key_centre.MAX_CHUNK_TURN
-    assert fast.any() and (~fast).any()
-    assert centre[:, :, :rot // 2][:, :, fast].abs().max() == 0
+    # one table per (frequencies, head size, device), shared by every layer's KeyRope
+    other = _rope_format(gen, rot=rot, codec="turboquant4").key_rope
+    assert other.table(100, "cpu").data_ptr() == table.data_ptr()
 
 
 def test_rotate_inverts():

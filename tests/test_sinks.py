@@ -70,8 +70,10 @@ def test_block_bytes_depend_only_on_their_tokens(gen):
 
 
 @pytest.mark.parametrize("d,t,sinks,want", [(64, 16, 1, 52 + 16), (64, 128, 1, 52 + 2), (64, 128, 4, 52 + 8),
+                                             (64, 256, 1, 52 + 1), (64, 512, 3, 52 + 2),
                                              (128, 16, 1, 100 + 32), (128, 128, 1, 100 + 4)])
 def test_capacity_cost(d, t, sinks, want):
+    """Sink records cost ceil(S * 4D / T) bytes per slot, not rounded to even (53 B slots at 256-token blocks)."""
     c = codecs.get("turboquant3", head_dim=d)
     fmt = KVFormat(d, [c], [c], sink_tokens=sinks, block_size=t)
     assert fmt.slot_bytes == want and fmt.sink_bytes == math.ceil(sinks * 4 * d / t)

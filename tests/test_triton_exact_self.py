@@ -59,7 +59,7 @@ def _inputs(fmt, hq, seq_lens, q_lens, gen, t, dtype):
     scale = d ** -0.5
     kb = None
     if fmt.key_rope is not None:
-        chunks = -(-batch.block_table.shape[1] * t // key_centre.CHUNK)
+        chunks = batch.block_table.shape[1] * t  # positions the block table addresses
         kb = (fmt.key_rope.bias_query(q.to(DEV), scale), fmt.key_rope.table(chunks, DEV))
     return batch, k, v, cache, q, scale, kb
 

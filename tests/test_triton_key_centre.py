@@ -36,7 +36,7 @@ def _case(fmt, hq, seq_lens, q_lens, gen, *, num_splits=None, dtype=torch.bfloat
     scale = d ** -0.5
     args = (cache, batch.block_table.to(DEV), batch.seq_lens.to(DEV), batch.query_start_loc.to(DEV), fmt)
     # what ops.paged_attention hands an implementation
-    chunks = -(-batch.block_table.shape[1] * t // key_centre.CHUNK)
+    chunks = batch.block_table.shape[1] * t  # positions the block table addresses
     bias_q, table = fmt.key_rope.bias_query(q.to(DEV), scale), fmt.key_rope.table(chunks, DEV)
     qf = q.float().to(DEV)
     ref = reference.paged_attention(qf, *args, scale=scale, key_bias=(bias_q, table)).cpu()
@@ -117,7 +117,7 @@ def test_key_bias_is_validated(gen):
     q = torch.randn(1, 4, 64, device=DEV)
     args = (q, cache, batch.block_table.to(DEV), batch.seq_lens.to(DEV), batch.query_start_loc.to(DEV), fmt)
     bq = fmt.key_rope.bias_query(q, 0.125)
-    chunks = batch.block_table.shape[1] * 16 // key_centre.CHUNK  # positions the block table addresses
+    chunks = batch.block_table.shape[1] * 16  # positions the block table addresses
     short = torch.zeros(chunks - 1, 64, device=DEV)
     with pytest.raises(ValueError, match=rf"key_bias\[1\]: expected float32 \(>= {chunks}, 64\)"):
         kt.paged_attention(*args, scale=0.125, key_bias=(bq, short))

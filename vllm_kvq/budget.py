@@ -212,11 +212,10 @@ def choose(sens: Sensitivity, budget_bytes: float, slot: str = "uniform", overhe
 
 def sink_area_bytes(sink_tokens: int, head_dim: int, block_size: int) -> int:
     """Bytes per slot of the per-block sink area (``kv_format``: bf16 K and V of each sink token spread over
-    the block's slots, rounded to even)."""
+    the block's slots)."""
     if not sink_tokens:
         return 0
-    b = -(-sink_tokens * 4 * head_dim // block_size)
-    return b + b % 2
+    return -(-sink_tokens * 4 * head_dim // block_size)
 
 
 def to_yaml_dict(choice: Choice, *, name: str, calibration_file: str | None, smooth_keys: bool,

@@ -40,7 +40,7 @@ def add_parser(sub, name, help_):
     p.add_argument("--skip-first", type=int, default=4, help="leading positions left out of the statistics")
     p.add_argument("--key-centre", choices=("auto", "rope", "fixed"), default="auto",
                    help="rope: the key mean follows each key's RoPE position (the mean of the keys before RoPE, "
-                        "turned by the cache per 16-token chunk); fixed: one post-RoPE mean (see --rope-horizon); "
+                        "turned by the cache to each key's position); fixed: one post-RoPE mean (see --rope-horizon); "
                         "auto (default): rope when the model config has a RoPE base, else fixed")
     p.add_argument("--rope-horizon", type=int, default=None,
                    help="--key-centre fixed only: the longest context you will serve (default: the model's "
@@ -69,9 +69,9 @@ def add_parser(sub, name, help_):
     b.add_argument("--sink-tokens", type=int, default=1,
                    help="attention-sink tokens kept at bf16 per block (default 1; 0: none); their area counts in "
                         "the budget at --block-size")
-    b.add_argument("--block-size", type=_positive, default=128,
-                   help="the cache's block size, which sizes the sink area (default 128, vLLM-CPU's; vLLM on "
-                        "CUDA uses 16)")
+    b.add_argument("--block-size", type=_positive, default=256,
+                   help="the cache's block size, which sizes the sink area (default 256: the plugin serves "
+                        "configs with sinks in 256-token blocks unless vLLM gets --block-size)")
     b.add_argument("--exact-self", action=argparse.BooleanOptionalAction, default=True,
                    help="each query attends its own token at full precision (exact_self; no cache bytes; "
                         "default on)")

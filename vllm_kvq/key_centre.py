@@ -6,21 +6,26 @@ the cache keys whose mean at position p is ``R_p mu`` (each rotate-half pair (i,
 in docs/quality.md: retrieval at 4K fell from 8/10 to 4/10 with a mean measured on positions 0-1023), and
 keeping only the pairs that barely turn gives most of the gain away. So the cache stores
 
-    k' = (k - m_c) / s,   m_c = R_{16 c} mu  for the key at position p, c = p // CHUNK,
+    k' = (k - m_p) / s,   m_p = R_p mu   for the key at position p,
 
-with the mean turned to the start of the key's 16-token chunk (a chunk turns a pair by at most 16 * freq;
-the pairs that turn more than ``MAX_CHUNK_TURN`` within a chunk keep no mean: they average out anyway).
-Unlike a fixed mean, ``q . m_c`` differs between chunks, so attention adds it back as a score bias per
-(query row, chunk), computed from two small factors:
+the mean turned to the key's own position (every pair keeps its mean). Unlike a fixed mean, ``q . m_p``
+differs between positions, so attention adds it back as a score bias per (query row, key), computed from two
+small factors:
 
-    q . R_a mu = sum_i A_i cos(a freq_i) + B_i sin(a freq_i),
+    q . R_p mu = sum_i A_i cos(p freq_i) + B_i sin(p freq_i),
     A_i = q_i mu_i + q_{i+h} mu_{i+h},   B_i = q_{i+h} mu_i - q_i mu_{i+h}    (h = R/2)
 
-i.e. ``bias(row, c) = bias_query(row) . table[c]`` with ``table[c] = [cos(16 c freq), sin(16 c freq), 0...]``,
-shared by every layer and head. The store subtracts ``m_c`` computed from the same table row, so the
-shift and its bias are the same numbers and the scores are exact up to the codec's error. Everything
-depends only on a key's position: a prefix-cache hit and a chunked prefill see the cold run's bytes and
-scores. Channels past the rotary ones (partial rotary) keep the fixed mean, which softmax ignores.
+i.e. ``bias(row, p) = bias_query(row) . table[p]`` with ``table[p] = [cos(p freq), sin(p freq), 0...]``,
+shared by every layer and head (and every format with the same frequencies). The store subtracts ``m_p``
+computed from the same table row, so the shift and its bias are the same numbers and the scores are exact up
+to the codec's error at every position. Everything depends only on a key's position: a prefix-cache hit and a
+chunked prefill see the cold run's bytes and scores. Channels past the rotary ones (partial rotary) keep the
+fixed mean, which softmax ignores.
+
+An earlier version turned the mean to the start of each 16-position chunk (one bias per 16 keys, fast pairs
+without a mean); per position measured better through vLLM (docs/quality.md, "Per-position key centring,
+served") at one D-length product per (row, key), which the CPU kernels evaluate 16 keys at a time from one
+table row and the first 16 (angle addition, csrc/cpu/key_bias.h).
 """
 
 from __future__ import annotations
@@ -29,8 +34,25 @@ import math
 
 import torch
 
-CHUNK = 16  # positions per mean step; divides every block size vLLM uses (16, 32, ..., 128)
-MAX_CHUNK_TURN = 1.1  # rad: pairs turning more than this within one chunk keep no mean
+_TABLES: dict[tuple, torch.Tensor] = {}  # (freq bytes, head_dim, device) -> the shared position table
+
+
+def position_table(freq: torch.Tensor, head_dim: int, positions: int, device) -> torch.Tensor:
+    """(>= positions, head_dim) float32: row p = [cos(p freq), sin(p freq), 0 for unrotated channels], from
+    float64 angles; one table per (frequencies, head size, device), grown by powers of two."""
+    f = freq.double().cpu()
+    key = (f.numpy().tobytes(), head_dim, str(device))
+    t = _TABLES.get(key)
+    if t is None or t.shape[0] < positions:
+        n = 1 << max(10, math.ceil(math.log2(max(positions, 1))))
+        half = f.numel()
+        ang = torch.arange(n, dtype=torch.float64)[:, None] * f[None]
+        t = torch.zeros(n, head_dim, dtype=torch.float32)
+        t[:, :half] = torch.cos(ang).float()
+        t[:, half:2 * half] = torch.sin(ang).float()
+        t = t.to(device)
+        _TABLES[key] = t
+    return t
 
 
 class KeyRope:
@@ -45,25 +67,12 @@ class KeyRope:
             raise ValueError(f"rope frequencies: expected (R/2,) with 0 < R <= head_size={d}, got {tuple(freq.shape)}")
         self.freq = freq.double().cpu()
         self.half, self.rot, self.head_dim = half, 2 * half, d
-        keep = (self.freq * CHUNK <= MAX_CHUNK_TURN).float()
-        # Rotary channels of fast pairs get no mean; channels past the rotary ones keep their fixed mean.
-        self.mu = (mu.float().cpu() * torch.cat([keep, keep, torch.ones(d - self.rot)])).contiguous()
-        self._tables: dict[str, torch.Tensor] = {}
+        self.mu = mu.float().cpu().contiguous()
         self._on_device: dict[str, torch.Tensor] = {}  # mu and the bias matrix, per device
 
-    def table(self, chunks: int, device) -> torch.Tensor:
-        """(>= chunks, D) float32: row c = [cos(16 c freq), sin(16 c freq), 0 for unrotated channels]."""
-        key = str(device)
-        t = self._tables.get(key)
-        if t is None or t.shape[0] < chunks:
-            n = 1 << max(10, math.ceil(math.log2(max(chunks, 1))))
-            ang = torch.arange(n, dtype=torch.float64)[:, None] * CHUNK * self.freq[None]
-            t = torch.zeros(n, self.head_dim, dtype=torch.float32)
-            t[:, :self.half] = torch.cos(ang).float()
-            t[:, self.half:self.rot] = torch.sin(ang).float()
-            t = t.to(device)
-            self._tables[key] = t
-        return t
+    def table(self, positions: int, device) -> torch.Tensor:
+        """(>= positions, D) float32: row p = [cos(p freq), sin(p freq), 0 for unrotated channels]."""
+        return position_table(self.freq, self.head_dim, positions, device)
 
     def fixed_mean(self, device) -> torch.Tensor | None:
         """(Hk, D) the part of the mean that attention does not add back (its channels past the rotary ones,
@@ -79,32 +88,31 @@ class KeyRope:
         return self._on_device[key]
 
     def centre(self, positions: torch.Tensor, max_position: int | None = None) -> torch.Tensor:
-        """(N, Hk, D) float32 mean of the keys at ``positions`` (N,): ``R_{16 c} mu`` plus the unrotated
-        channels' fixed mean. ``max_position``: a host-side bound of the positions (the store passes the
-        cache's capacity), so the vLLM hot path reads no device value back (CUDA graphs capture the store);
-        None reads the largest position."""
+        """(N, Hk, D) float32 mean of the keys at ``positions`` (N,): ``R_p mu`` plus the unrotated channels'
+        fixed mean. ``max_position``: a host-side bound of the positions (the store passes one), so the vLLM
+        hot path reads no device value back (CUDA graphs capture the store); None reads the largest position."""
         pos = positions.long()
         if max_position is None:
             max_position = int(pos.max()) if pos.numel() else 0
         # m = mu * [cos, cos, 1] + [-mu_b, mu_a, 0] * [sin, sin, 0]: the rotate-half turn of every pair
-        # (a, b) by the chunk's angle, the unrotated channels' fixed mean kept; three ops on the hot path
-        cs = self._turn_table(max_position // CHUNK + 1, pos.device)[pos // CHUNK]  # (N, 2, D)
+        # (a, b) by the position's angle, the unrotated channels' fixed mean kept
+        cs = self._turn_table(max_position + 1, pos.device)[pos]  # (N, 2, D)
         mu, mu_turned = self._turn_factors(pos.device)  # (Hk, D) each
         return mu * cs[:, None, 0] + mu_turned * cs[:, None, 1]
 
-    def _turn_table(self, chunks: int, device) -> torch.Tensor:
-        """(>= chunks, 2, D) float32: [cos, cos, 1 ...] and [sin, sin, 0 ...] of each chunk's angles (the
-        numbers of ``table``)."""
-        key = "turn" + str(device)
-        t = self._tables.get(key)
-        if t is None or t.shape[0] < chunks:
-            base = self.table(chunks, device)
+    def _turn_table(self, positions: int, device) -> torch.Tensor:
+        """(>= positions, 2, D) float32: [cos, cos, 1 ...] and [sin, sin, 0 ...] of each position's angles (the
+        numbers of ``table``), shared like the table."""
+        base = self.table(positions, device)
+        key = ("turn", base.data_ptr(), base.shape[0], self.half, self.head_dim)
+        t = _TABLES.get(key)
+        if t is None:
             h, r = self.half, self.rot
             t = torch.zeros(base.shape[0], 2, self.head_dim, dtype=torch.float32, device=base.device)
             t[:, 0, :h] = t[:, 0, h:r] = base[:, :h]
             t[:, 0, r:] = 1
             t[:, 1, :h] = t[:, 1, h:r] = base[:, h:r]
-            self._tables[key] = t
+            _TABLES[key] = t
         return t
 
     def _turn_factors(self, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,13 +14,17 @@ domain, in a per-block area spread over ``sink_bytes`` extra bytes at the end of
 
     [ K codes | K meta | V codes | V meta | pad to even ][ sink area: sink_bytes ][ pad to slot_bytes ]
 
+(the sink area is any number of bytes, so a slot with sinks may be odd: every implementation reads fp16
+metadata at any byte offset)
+
 Record j (the token at block offset j < S) is ``bf16(R_K k') ++ bf16(R_V v')`` (4·D bytes, k' and v' after the
 codecs' state transforms); its byte b lies at area offset o = j·4D + b, i.e. in slot o // sink_bytes at byte
 ``sink_offset + o % sink_bytes``. Attention reads a position p from the record when p % T < S: the first S
 tokens of every sequence (the attention sinks, in its first block) are then exact up to bf16, and since every
 block keeps its own records, a block's bytes depend only on its tokens, so a prefix-cache hit and a chunked
 prefill see what a cold single-chunk run sees. Cost: ceil(S·4·D / T) bytes per slot (T = 16: D / 4 per sink
-token, T = 128: D / 32).
+token, T = 128: D / 32, T = 256: D / 64; the plugin serves configs with sinks in 256-token blocks unless
+``--block-size`` says otherwise).
 
 Per-head state (calibrated shifts and channel scales, see ``vllm_kvq.calibration``) is bound to each head's
 codecs (``VectorCodec.bind``) and costs no cache bytes; ``KVFormat(k_shift=, v_shift=, k_scale=)`` is a
@@ -118,7 +122,9 @@ class KVFormat:
                 raise ValueError(f"sink_tokens={sink_tokens} needs the cache's block size (>= sink_tokens) to "
                                  f"size the per-block sink area, got block_size={block_size!r}")
             self.sink_bytes = -(-sink_tokens * self.sink_record_bytes // block_size)
-            need += self.sink_bytes + self.sink_bytes % 2
+            # not rounded to even: every implementation reads fp16 metadata at any byte offset, and at 256-token
+            # blocks one bf16 record of head size 64 costs 1 B per slot (69 B slots: 3.71x bf16, not 3.66x)
+            need += self.sink_bytes
         if pad_to is not None and pad_to < need:
             raise ValueError(f"pad_to={pad_to} is smaller than the {need} bytes this format needs")
         self.slot_bytes = pad_to or need

@@ -70,11 +70,13 @@ struct AttnArgs {
   const float* k_scale;  // (Hk, D) or null: queries are multiplied by it
   const float* v_shift;  // (Hk, D) or null: output rows are o * v_scale + v_shift
   const float* v_scale;  // (Hk, D) or null
-  // Position-aware key centring (key_bias.h), or null: query row (t, qh) adds bias_q[t, qh] . bias_table[p / 16]
+  // Position-aware key centring (key_bias.h), or null: query row (t, qh) adds bias_q[t, qh] . bias_table[p]
   // to its score of the key at position p.
   const float* bias_q;  // (N, Hq, D), last dim contiguous, times the softmax scale
   int64_t sbq_n, sbq_h;
-  const float* bias_table;  // (C, D) contiguous, C * 16 >= every context length
+  const float* bias_table;  // (P, D) contiguous, P >= every context length + 15: [cos(p f), sin(p f), 0...]
+  int bias_half;            // h: rotate-half pairs (the table's nonzero columns are 2h)
+  const float* bias_et;     // (2h, 16), 64-byte aligned: table rows 0..15 transposed
   Sinks sinks;
   int lut_from;  // decode items over >= this many context tokens score FibQuant keys by table lookups
                  // and sum FibQuant values as codeword histograms (< 0: never)
@@ -98,6 +100,8 @@ struct AttnArgs {
   void decode_context(const AttnArgs& a, int s, int hslot, int c0, int c1, float* kout, float* vout); \
   bool supports(const CodecDesc& k, const CodecDesc& v, int head_dim);                        \
   }
+
+constexpr int kMaxBiasHalf = 256;  // rotate-half pairs key centring supports (head size <= 512)
 
 KVQ_DECLARE_ISA(portable)
 KVQ_DECLARE_ISA(avx512)

@@ -1,53 +1,76 @@
 // Position-aware key centring (vllm_kvq/key_centre.py) in the CPU kernels. The cache holds each key minus the
-// key mean turned to its 16-position chunk, so query row (token t, query head qh) adds
-//     bias(t, qh, c) = bias_q[t, qh] . table[c]      (natural-log units: bias_q carries the softmax scale)
-// to its score of every key at a position p with p / 16 == c, sink records included (AttnArgs::bias_q null:
-// no centring). The bias is one dot product per (row, chunk), never per key. It depends only on the row's
-// bias query and the chunk, summed in one fixed order per ISA, so a row's result still depends only on its
-// query and its context (chunked prefill and prefix-cache hits give the cold run's bits).
+// key mean turned to its own position p, so query row (token t, query head qh) adds
+//     bias(t, qh, p) = bias_q[t, qh] . table[p]      (natural-log units: bias_q carries the softmax scale)
+// to its score of the key at p, sink records included (AttnArgs::bias_q null: no centring), where
+// table[p] = [cos(p f), sin(p f), 0...] over the h = bias_half rotate-half pairs.
 //
-// Included by kernels_impl.h inside its ISA namespace; the AVX-512 build has a lane-major form for the
-// prefill kernel (prefill_avx512.h), whose rows sit in vector lanes.
+// Per-row tiles (decode, the generic prefill) evaluate 16 consecutive positions b + r at once from table[b]
+// and the first 16 rows (angle addition): with (A, B) = bias_q's halves and (c, s) = table[b]'s,
+//     bias(b + r) = sum_i w_i cos(r f_i) + w_{h+i} sin(r f_i),   w_i = A_i c_i + B_i s_i,  w_{h+i} = B_i c_i - A_i s_i,
+// i.e. one D-vector w per 16 keys and D multiply-adds of 16 lanes against bias_et (table rows 0..15
+// transposed, (2h, 16)). The lane-major prefill (rows in lanes) takes table[p] per key. Either way a row's bias
+// of a key depends only on its bias query and the key's position, summed in one fixed order per path, so a
+// row's result still depends only on its query and its context (chunked prefill and prefix-cache hits give
+// the cold run's bits).
+//
+// Included by kernels_impl.h inside its ISA namespace.
 #pragma once
 
 namespace {
 
-constexpr int kBiasChunk = 16;  // positions per table row (key_centre.CHUNK)
-
-// bias_q[t, qh] . table[c]
-inline float chunk_bias(const AttnArgs& a, int64_t t, int qh, int c) {
-  const float* x = a.bias_q + t * a.sbq_n + qh * a.sbq_h;
-  const float* y = a.bias_table + static_cast<int64_t>(c) * a.head_dim;
-#if KVQ_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  for (int i = 0; i < a.head_dim; i += 16) {  // head_dim % 16 == 0 in this build (supports())
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-#else
-  float s = 0.f;
-  for (int i = 0; i < a.head_dim; ++i) s += x[i] * y[i];
-  return s;
-#endif
-}
-
 // s[jj] += bias of row (t, qh) for the keys at positions j0 + jj, jj < n: one row's tile of scores.
 inline void add_key_bias(const AttnArgs& a, int64_t t, int qh, int j0, int n, float* s) {
   if (!a.bias_q) return;
-  for (int j = j0; j < j0 + n;) {
-    const int c = j / kBiasChunk;
-    const int e = (c + 1) * kBiasChunk < j0 + n ? (c + 1) * kBiasChunk : j0 + n;
-    const float b = chunk_bias(a, t, qh, c);
-    for (; j < e; ++j) s[j - j0] += b;
+  const float* x = a.bias_q + t * a.sbq_n + qh * a.sbq_h;
+  const int h = a.bias_half;
+  alignas(64) float w[2 * kMaxBiasHalf];
+  for (int g0 = 0; g0 < n; g0 += 16) {
+    const float* tb = a.bias_table + static_cast<int64_t>(j0 + g0) * a.head_dim;
+    int i0 = 0;
+#if KVQ_AVX512
+    for (; i0 + 16 <= h; i0 += 16) {
+      const __m512 A = _mm512_loadu_ps(x + i0), B = _mm512_loadu_ps(x + h + i0);
+      const __m512 c = _mm512_loadu_ps(tb + i0), sn = _mm512_loadu_ps(tb + h + i0);
+      _mm512_store_ps(w + i0, _mm512_fmadd_ps(B, sn, _mm512_mul_ps(A, c)));
+      _mm512_store_ps(w + h + i0, _mm512_fnmadd_ps(A, sn, _mm512_mul_ps(B, c)));
+    }
+#endif
+    for (int i = i0; i < h; ++i) {
+      const float A = x[i], B = x[h + i], c = tb[i], sn = tb[h + i];
+      w[i] = A * c + B * sn;
+      w[h + i] = B * c - A * sn;
+    }
+    const int m = n - g0 < 16 ? n - g0 : 16;
+#if KVQ_AVX512
+    // four independent chains (a single one would wait on each FMA's latency), summed in a fixed order
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const int d2 = 2 * h;
+    int i = 0;
+    for (; i + 4 <= d2; i += 4) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u)
+        acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(w[i + u]), _mm512_load_ps(a.bias_et + (i + u) * 16), acc[u]);
+    }
+    for (; i < d2; ++i) acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(w[i]), _mm512_load_ps(a.bias_et + i * 16), acc[0]);
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    const __mmask16 k = static_cast<__mmask16>((1u << m) - 1u);
+    float* out = s + g0;
+    _mm512_mask_storeu_ps(out, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, out), sum));
+#else
+    float acc[16] = {0.f};
+    for (int i = 0; i < 2 * h; ++i)
+      for (int r = 0; r < 16; ++r) acc[r] += w[i] * a.bias_et[i * 16 + r];
+    for (int r = 0; r < m; ++r) s[g0 + r] += acc[r];
+#endif
   }
 }
 
 #if KVQ_AVX512
-// Lane-major form: out[lanes] = bias of chunk c for every lane, bqt (D, lanes: ls apart, nr <= 4 vectors)
-// holding the lanes' bias queries transposed (zero in padding lanes). Each lane sums over d = 0, 1, ... in
-// order; the NR vectors' chains interleave.
+// Lane-major form: out[lanes] = bias of the key at position p for every lane, bqt (D, lanes: ls apart,
+// nr <= 4 vectors) holding the lanes' bias queries transposed (zero in padding lanes). Each lane sums over
+// d = 0, 1, ... in order; the NR vectors' chains interleave.
 template <int NR>
-inline void lane_chunk_bias_n(const float* y, int d, const float* bqt, int64_t ls, float* out) {
+inline void lane_key_bias_n(const float* y, int d, const float* bqt, int64_t ls, float* out) {
   __m512 acc[NR];
 #pragma GCC unroll 4
   for (int v = 0; v < NR; ++v) acc[v] = _mm512_setzero_ps();
@@ -60,13 +83,14 @@ inline void lane_chunk_bias_n(const float* y, int d, const float* bqt, int64_t l
   for (int v = 0; v < NR; ++v) _mm512_store_ps(out + 16 * v, acc[v]);
 }
 
-inline void lane_chunk_bias(const AttnArgs& a, int nr, const float* bqt, int64_t ls, int c, float* out) {
-  const float* y = a.bias_table + static_cast<int64_t>(c) * a.head_dim;
+inline void lane_key_bias(const AttnArgs& a, int nr, const float* bqt, int64_t ls, int p, float* out) {
+  const float* y = a.bias_table + static_cast<int64_t>(p) * a.head_dim;
+  const int d = 2 * a.bias_half;  // the table is zero past the rotary channels
   switch (nr) {
-    case 1: lane_chunk_bias_n<1>(y, a.head_dim, bqt, ls, out); break;
-    case 2: lane_chunk_bias_n<2>(y, a.head_dim, bqt, ls, out); break;
-    case 3: lane_chunk_bias_n<3>(y, a.head_dim, bqt, ls, out); break;
-    default: lane_chunk_bias_n<4>(y, a.head_dim, bqt, ls, out); break;
+    case 1: lane_key_bias_n<1>(y, d, bqt, ls, out); break;
+    case 2: lane_key_bias_n<2>(y, d, bqt, ls, out); break;
+    case 3: lane_key_bias_n<3>(y, d, bqt, ls, out); break;
+    default: lane_key_bias_n<4>(y, d, bqt, ls, out); break;
   }
 }
 #endif

@@ -88,7 +88,7 @@ inline void lane_scores(int nr, float* s, int64_t ls, const float* kt, int64_t d
 
 // One tile's online softmax for 16 rows: st (keys, lanes) holds the raw scores of keys [j0, j0 + n);
 // afterwards the weights times V's per-key factors. bias (null: none): the lanes' key-centring bias of each
-// 16-position chunk the tile touches (key_bias.h), ls apart. m, l, alpha: the lanes' running max, normalizer
+// key of the tile (key_bias.h), ls apart. m, l, alpha: the lanes' running max, normalizer
 // and the factor the accumulator takes for this tile.
 inline void softmax_lanes(float* st, int64_t ls, int n, int j0, const float* kscale, const float* vscale,
                           const float* bias, __m512i pos, float* m, float* l, float* alpha) {
@@ -96,7 +96,7 @@ inline void softmax_lanes(float* st, int64_t ls, int n, int j0, const float* ksc
   __m512 mt = ninf;
   for (int jj = 0; jj < n; ++jj) {
     __m512 s = _mm512_mul_ps(_mm512_load_ps(st + jj * ls), _mm512_set1_ps(kscale[jj]));
-    if (bias) s = _mm512_add_ps(s, _mm512_load_ps(bias + ((j0 + jj) / kBiasChunk - j0 / kBiasChunk) * ls));
+    if (bias) s = _mm512_add_ps(s, _mm512_load_ps(bias + jj * ls));
     const __mmask16 hidden = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(j0 + jj), pos);  // causal
     s = _mm512_mask_mov_ps(s, hidden, ninf);
     _mm512_store_ps(st + jj * ls, s);
@@ -147,9 +147,8 @@ void attend_prefill_item(const AttnArgs& a, const WorkItem& w) {
 
   // Scratch (floats): Q^T, scores / weights (keys, lanes), acc^T, m, l, alpha, positions (int32), K tile,
   // V tile, per-key factors, two D rows, partial sums, then (key centring) the bias queries transposed and a
-  // tile's chunk biases (lanes), then slot copies.
-  constexpr int kTileChunks = kTile / kBiasChunk + 1;  // chunks a tile touches (tiles start at multiples of kTile)
-  const size_t nbias = a.bias_q ? (static_cast<size_t>(dp) + kTileChunks) * lp : 0;
+  // tile's key biases (keys, lanes), then slot copies.
+  const size_t nbias = a.bias_q ? (static_cast<size_t>(dp) + kTile) * lp : 0;
   const size_t nf = 2 * static_cast<size_t>(dp) * lp + kTile * lp + 4 * lp + 2 * kTile * dp + 2 * kTile + 2 * dp +
                     static_cast<size_t>(score_parts(d)) * kBcast * lp + nbias;
   auto* base = static_cast<float*>(tls_scratch.get(sizeof(float) * nf + kTile * (align16(span) + 64)));
@@ -168,7 +167,7 @@ void attend_prefill_item(const AttnArgs& a, const WorkItem& w) {
   float* q = tmp + dp;
   float* part = q + dp;  // partial score sums (lane_scores), or one block of a tile's weighted values
   float* bqt = part + static_cast<size_t>(score_parts(d)) * kBcast * lp;  // (D, lanes) bias queries
-  float* tbias = bqt + static_cast<size_t>(dp) * lp;                        // (kTileChunks, lanes)
+  float* tbias = bqt + static_cast<size_t>(dp) * lp;                        // (kTile, lanes)
   uint8_t* copies = reinterpret_cast<uint8_t*>(base + nf);
 
   std::memset(qt, 0, sizeof(float) * 2 * dp * lp);  // Q^T (padding lanes: zero queries) and acc^T
@@ -211,8 +210,7 @@ void attend_prefill_item(const AttnArgs& a, const WorkItem& w) {
     // scores are computed and never read.
     for (int jj = 0; jj < n; jj += kBcast) lane_scores(nr, st + jj * lp, lp, kt + jj * dp, dp, qt, d, part);
     if (a.bias_q)
-      for (int c = j0 / kBiasChunk; c <= (j0 + n - 1) / kBiasChunk; ++c)
-        lane_chunk_bias(a, nr, bqt, lp, c, tbias + (c - j0 / kBiasChunk) * lp);
+      for (int jj = 0; jj < n; ++jj) lane_key_bias(a, nr, bqt, lp, j0 + jj, tbias + jj * lp);
     for (int v = 0; v < nr; ++v)
       softmax_lanes(st + 16 * v, lp, n, j0, kscale, vscale, a.bias_q ? tbias + 16 * v : nullptr,
                     _mm512_loadu_si512(pos + 16 * v), mrow + 16 * v, lrow + 16 * v, alpha + 16 * v);

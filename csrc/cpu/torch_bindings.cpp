@@ -297,7 +297,8 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
   a.v_shift = optional_ptr(v_shift, hk, d, "v_shift");
   a.v_scale = optional_ptr(v_scale, hk, d, "v_scale");
   a.sinks = sinks_of(sinks, cache, d);
-  int64_t bias_chunks = 0;  // table rows: every context must lie within them
+  int64_t bias_rows = 0;  // table rows: every context must lie within them
+  std::vector<float> bias_et;  // table rows 0..15 transposed (key_bias.h), 64-byte aligned inside
   TORCH_CHECK(bias_q.has_value() == bias_table.has_value(),
               "vllm_kvq_cpu::paged_attention: key centring needs both bias_q and bias_table");
   if (bias_q.has_value()) {
@@ -306,14 +307,31 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
                 "vllm_kvq_cpu::paged_attention: bias_q must be CPU float32 ", query.sizes(),
                 " with a contiguous last dim, got ", bias_q->scalar_type(), " ", bias_q->sizes());
     TORCH_CHECK(bias_table->scalar_type() == at::kFloat && bias_table->device().is_cpu() && bias_table->is_contiguous() &&
-                    bias_table->dim() == 2 && bias_table->size(1) == d,
-                "vllm_kvq_cpu::paged_attention: bias_table must be contiguous CPU float32 (C, ", d, "), got ",
+                    bias_table->dim() == 2 && bias_table->size(1) == d && bias_table->size(0) >= 16,
+                "vllm_kvq_cpu::paged_attention: bias_table must be contiguous CPU float32 (P >= 16, ", d, "), got ",
                 bias_table->scalar_type(), " ", bias_table->sizes());
     a.bias_q = bias_q->data_ptr<float>();
     a.sbq_n = bias_q->stride(0);
     a.sbq_h = bias_q->stride(1);
     a.bias_table = bias_table->data_ptr<float>();
-    bias_chunks = bias_table->size(0);
+    bias_rows = bias_table->size(0);
+    // The table is key_centre's position table: row 0 = [cos 0 = 1] * h, [sin 0 = 0] * h, 0 past the rotary
+    // channels; h (its rotate-half pairs) is read from it and checked.
+    const float* row0 = a.bias_table;
+    int h = 0;
+    while (h < d && row0[h] == 1.f) ++h;
+    bool zeros = true;
+    for (int64_t i = h; i < d; ++i) zeros = zeros && row0[i] == 0.f;
+    TORCH_CHECK(h >= 1 && 2 * h <= d && h <= kvq::cpu::kMaxBiasHalf && zeros,
+                "vllm_kvq_cpu::paged_attention: bias_table is not a key-centring position table (row 0 must be "
+                "h ones then zeros, 2h <= head size ", d, ")");
+    a.bias_half = h;
+    bias_et.assign(static_cast<size_t>(2 * h) * 16 + 16, 0.f);
+    float* et = bias_et.data();
+    et += (16 - (reinterpret_cast<uintptr_t>(et) / sizeof(float)) % 16) % 16;  // 64-byte aligned
+    for (int i = 0; i < 2 * h; ++i)
+      for (int r = 0; r < 16; ++r) et[i * 16 + r] = a.bias_table[static_cast<int64_t>(r) * d + i];
+    a.bias_et = et;
   }
   // The dense long-prefill path (skip_from) attends its rows in Python without exclusion or lse.
   TORCH_CHECK(skip_from <= 0 || (!exclude_self && !lse.has_value()),
@@ -349,8 +367,8 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
     TORCH_CHECK(ql >= 0 && ql <= len && a.qsl[s + 1] <= a.num_tokens && len <= static_cast<int64_t>(max_blocks) * a.block_size,
                 "vllm_kvq_cpu::paged_attention: sequence ", s, " has ", ql, " new tokens, length ", len,
                 " and room for ", static_cast<int64_t>(max_blocks) * a.block_size);
-    TORCH_CHECK(!a.bias_q || len <= bias_chunks * 16, "vllm_kvq_cpu::paged_attention: sequence ", s, " of length ",
-                len, " lies past the key-centring table's ", bias_chunks, " chunks of 16 positions");
+    TORCH_CHECK(!a.bias_q || len <= bias_rows, "vllm_kvq_cpu::paged_attention: sequence ", s, " of length ",
+                len, " lies past the key-centring table's ", bias_rows, " positions");
     if (ql == 1) {
       decode_rows.push_back(a.qsl[s]);
       max_decode_len = std::max(max_decode_len, len);

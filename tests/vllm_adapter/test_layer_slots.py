@@ -93,11 +93,31 @@ def test_a_tp_rank_sizes_each_layer_by_its_widest_global_head(tmp_path):
 
 def test_sink_slots_follow_the_block_size(tmp_path):
     cfg = _config.load(_yaml(tmp_path, SINK_YAML))
-    for block in (16, 128):
+    for block in (16, 128, 256):
         served = ServedFormats(cfg, ModelShape(6, 2, 64), block)
-        sink = -(-4 * 64 // block)  # one bf16 K+V record spread over the block's slots
-        sink += sink % 2
+        sink = -(-4 * 64 // block)  # one bf16 K+V record spread over the block's slots (1 B at 256: odd slots)
         assert [served.layer_slot(i) for i in range(6)] == [s + sink for s in MIXED_SLOTS]
+
+
+def test_sink_configs_default_to_256_token_blocks(tiny_model_6layers, tmp_path):
+    """vLLM-CPU sets 128-token blocks itself; a config with sink records gets 256 (1 B per slot for its records
+    at head size 64, not 2) unless --block-size says otherwise; other dtypes keep the platform's default."""
+    from vllm.config import CacheConfig, ModelConfig, VllmConfig
+
+    from vllm_kvq.vllm import registration
+
+    registration.register()
+    sink = _yaml(tmp_path, SINK_YAML, "sink.yaml")
+
+    def block(dtype, yaml=None, **cache):
+        vc = VllmConfig(model_config=ModelConfig(model=tiny_model_6layers, dtype="bfloat16"),
+                        cache_config=CacheConfig(cache_dtype=dtype, **cache),
+                        additional_config={"kvq_config": yaml} if yaml else {})
+        return vc.cache_config.block_size
+
+    assert block("kvq", sink) == 256
+    assert block("kvq", sink, block_size=128) == 128  # --block-size wins
+    assert block("turboquant3") == block("auto") == 128  # vLLM-CPU's own default
 
 
 def test_layers_of_other_backends_keep_their_spec():

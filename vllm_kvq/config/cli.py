@@ -30,7 +30,8 @@ def add_parser(sub, name, help_):
                       help="a local model directory: its shape (instead of --layers/--kv-heads/--head-size) and, "
                            "for `calibration: model` configs, its calibration")
     show.add_argument("--block-size", type=_positive, default=None,
-                      help="tokens per cache block, which sizes the sink area (default: vLLM's on this machine)")
+                      help="tokens per cache block, which sizes the sink area (default: the plugin's for configs "
+                           "with sinks, 256)")
     show.set_defaults(run=run_show)
     lst = csub.add_parser("list", help="list the presets")
     lst.set_defaults(run=run_list)
@@ -47,9 +48,9 @@ def run_list(args) -> int:
 def show(cfg: _config.KVQConfig, layers: int, kv_heads: int, head_size: int, layout: bool = False,
          model: str | None = None, block_size: int | None = None) -> str:
     if block_size is None and cfg.sink_tokens:
-        from vllm_kvq.eval.sweep import default_block_size
+        from vllm_kvq.vllm.formats import preferred_block_size
 
-        block_size = default_block_size()
+        block_size = preferred_block_size(cfg)  # what the plugin serves it in without --block-size
     fmts = formats_from_config(cfg, num_layers=layers, num_kv_heads=kv_heads, head_size=head_size,
                                block_size=block_size, model=model)
     out = [f"config {cfg.name!r}: {cfg.description}".rstrip(": "),
@@ -57,7 +58,7 @@ def show(cfg: _config.KVQConfig, layers: int, kv_heads: int, head_size: int, lay
     if cfg.calibration is not None:
         path = (_config.model_calibration_path(model) if cfg.calibration == _config.MODEL_CALIBRATION and model
                 else cfg.calibration)
-        centre = ("keys centred by a mean that follows RoPE positions (16-token chunks)" if fmts[0].key_rope
+        centre = ("keys centred by a mean that follows each key's RoPE position" if fmts[0].key_rope
                   else "keys centred by a fixed mean")
         out.append(f"calibration: {path}: {centre}, values centred"
                    + (", key channels smoothed" if cfg.smooth_keys else ""))

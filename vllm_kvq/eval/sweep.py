@@ -45,7 +45,8 @@ def default_block_size() -> int:
 
 def bytes_per_token(dtype: str, model_dir: str | Path, config: str | None = None, block_size: int | None = None) -> int:
     """KV cache bytes per token, all layers, K and V, as vLLM allocates them (``block_size`` sizes the sink area
-    of configs with ``sink_tokens``; default: vLLM's for this machine)."""
+    of configs with ``sink_tokens``; default: the block size the plugin serves them in, 256 tokens, else
+    vLLM's for this machine)."""
     s = model_shape(model_dir)
     full = 2 * s["head_dim"] * s["kv_heads"] * s["layers"]  # elements per token, K and V
     if dtype in ("auto", "bfloat16", "float16", "half"):
@@ -56,9 +57,12 @@ def bytes_per_token(dtype: str, model_dir: str | Path, config: str | None = None
     from vllm_kvq.kv_format import formats_from_config
     from vllm_kvq.vllm.dtypes import config_for_dtype
 
+    from vllm_kvq.vllm.formats import preferred_block_size
+
     cfg = _config.load(config) if config else config_for_dtype(dtype)
+    block_size = block_size or preferred_block_size(cfg) or default_block_size()
     fmts = formats_from_config(cfg, num_layers=s["layers"], num_kv_heads=s["kv_heads"], head_size=s["head_dim"],
-                               block_size=block_size or default_block_size(), model=str(model_dir))
+                               block_size=block_size, model=str(model_dir))
     return sum(f.bytes_per_token() for f in fmts)
 
 
@@ -105,7 +109,10 @@ def run_sweep(model_dir: str | Path, entries: list[tuple[str, str, str | None]],
     if greedy_prompts and not 0 < greedy_gen < context:
         raise ValueError(f"greedy_gen must be in 1..context-1 ({context - 1}): the prompt is context - greedy_gen tokens")
     need = max([context + 1, *[n + 16 for n in needle_lengths]])
-    max_model_len = max_model_len or need
+    # vLLM's logged capacity is whole blocks per max-length request: a length just past a block multiple
+    # (2049 = 2048 + 1) would charge 128-token blocks 6 % and 256-token ones 11 % of waste; a multiple of
+    # 256 charges neither, so the capacity column compares the formats' bytes
+    max_model_len = max_model_len or -(-need // 256) * 256
     results = []
     for i, (label, dtype, config) in enumerate(entries):
         path = out_dir / f"{label}.json"

@@ -2,8 +2,8 @@
 ``store`` and ``paged_attention`` with the reference signatures, for every codec the package registers
 (TurboQuant at integer and fractional rates, FibQuant, uniform, raw bf16/fp16), mixed per-head formats (one
 call per head group), codecs bound to per-head state (key shift and scale, value shift and scale) and
-per-block sink records, position-aware key centring (``key_bias``: a score bias per query row and
-16-position key chunk, csrc/cpu/key_bias.h), and what formats with ``exact_self`` need (``exclude_self``: each
+per-block sink records, position-aware key centring (``key_bias``: a score bias per query row and key
+position, csrc/cpu/key_bias.h), and what formats with ``exact_self`` need (``exclude_self``: each
 row attends the positions before its own; ``lse``: each row's log-sum-exp, merged over split contexts).
 
 FibQuant decode: a decode work item over at least ``FIB_LUT_FROM`` context tokens scores keys by table lookups
@@ -267,7 +267,7 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     fixes how many context splits a decode sequence gets (None: enough to keep every thread busy);
     ``max_seq_len`` is accepted for the ops signature (the CPU kernels read ``seq_lens``). ``key_bias``
     (bias_query (N, Hq, D), table (C, D)), required by ``fmt.key_rope``: the score of the key at position p
-    gains ``bias_query[row] . table[p // 16]`` (``vllm_kvq.ops``).
+    gains ``bias_query[row] . table[p]`` (``vllm_kvq.ops``).
 
     ``exclude_self``: a row at position p attends positions j < p only (a row with none outputs 0); ``lse``
     (N, Hq) float32: filled with each row's log-sum-exp of the scores it attended (split contexts merged),
@@ -312,14 +312,14 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
 
 
 def _key_bias_args(key_bias, query: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(bias_q (N, Hq, D) float32 with a contiguous last dim, table (C, D) contiguous float32), or Nones."""
+    """(bias_q (N, Hq, D) float32 with a contiguous last dim, table (P, D) contiguous float32), or Nones."""
     if key_bias is None:
         if fmt.key_rope is not None:  # the cache holds position-centred keys: scores without the bias are wrong
             raise ValueError(f"format {fmt.name!r} centres keys by position: paged_attention needs key_bias")
         return None, None
     bias_q, table = key_bias
     if bias_q.shape != query.shape or table.dim() != 2 or table.shape[1] != query.shape[2]:
-        raise ValueError(f"key_bias: expected bias_query {tuple(query.shape)} and table (C, {query.shape[2]}), got "
+        raise ValueError(f"key_bias: expected bias_query {tuple(query.shape)} and table (P, {query.shape[2]}), got "
                          f"{tuple(bias_q.shape)} and {tuple(table.shape)}")
     bias_q = bias_q.float()
     return (bias_q if bias_q.stride(-1) == 1 else bias_q.contiguous()), table.float().contiguous()
@@ -363,8 +363,8 @@ def _dense_prefill(query, out, cache, bt, length: int, q0: int, q1: int, seq: in
     # moved prompt logprobs by up to 0.13 nats on the tiny test models.
     dt = torch.float32
     if bias_q is not None:
-        # Key centring's bias as extra score terms: [q, bias_q / scale] . [k, table[p // 16]] (SDPA scales both).
-        chunk = table[torch.arange(length) // 16]  # (length, D)
+        # Key centring's bias as extra score terms: [q, bias_q / scale] . [k, table[p]] (SDPA scales both).
+        chunk = table[:length]  # (length, D)
         q_rot = torch.cat([q_rot, bias_q[q0:q1].index_select(1, qidx) / scale], -1)
         k_rot = torch.cat([k_rot, chunk.expand(gh, -1, -1)], -1)
     q4 = q_rot.transpose(0, 1).unsqueeze(0).to(dt)

@@ -5,8 +5,8 @@
 
 Formats with position-aware key centring (``fmt.key_rope``, ``vllm_kvq.key_centre``) need each stored token's
 position (``positions``): ``store`` subtracts the key mean turned to it before the implementation quantizes,
-and ``paged_attention`` hands the implementation ``key_bias=(bias_query (N, Hq, D), table (C, D))``, whose
-products ``bias_query[row] . table[p // 16]`` it adds to the score of every key at position p.
+and ``paged_attention`` hands the implementation ``key_bias=(bias_query (N, Hq, D), table (P, D): one row per position)``, whose
+products ``bias_query[row] . table[p]`` it adds to the score of every key at position p.
 
 Formats with ``exact_self`` (YAML ``exact_self: true``) let every query row attend to its own position with the
 exact key and value the model produced (``self_kv``: the step's keys and values) instead of the
@@ -34,7 +34,6 @@ from typing import Callable
 
 import torch
 
-from vllm_kvq import key_centre
 from vllm_kvq.kv_format import KVFormat
 from vllm_kvq.ops import reference
 
@@ -169,9 +168,13 @@ def _check_kv(name, t, n, fmt):
 
 
 def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-          fmt: KVFormat, *, impl: str | None = None, positions: torch.Tensor | None = None) -> None:
+          fmt: KVFormat, *, impl: str | None = None, positions: torch.Tensor | None = None,
+          max_position: int | None = None) -> None:
     """Quantize key/value (N, Hk, D) into the cache slots of ``slot_mapping`` (N,); -1 slots are skipped.
-    ``positions`` (N,): each token's position in its sequence (needed when ``fmt.key_rope``)."""
+    ``positions`` (N,): each token's position in its sequence (needed when ``fmt.key_rope``); ``max_position``:
+    a host-side bound of them (vLLM's max_model_len - 1) that sizes the shared position table without reading
+    the device (CUDA graphs capture the store); without it a CPU store reads the largest position and a GPU
+    store takes the cache's capacity."""
     fmt.check_cache(cache)
     n = slot_mapping.shape[0]
     _check_kv("key", key, n, fmt)
@@ -182,8 +185,9 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
         if positions is None or positions.shape != (n,):
             raise ValueError(f"format {fmt.name!r} centres keys by position (calibrated with rope_freq): store needs "
                              f"positions of shape ({n},), got {None if positions is None else tuple(positions.shape)}")
-        # every position has a slot in this cache: its capacity bounds them without reading the device
-        key = key.float() - fmt.key_rope.centre(positions, cache.shape[0] * cache.shape[2] - 1)
+        if max_position is None and positions.device.type != "cpu":
+            max_position = cache.shape[0] * cache.shape[2] - 1  # every position has a slot in this cache
+        key = key.float() - fmt.key_rope.centre(positions, max_position)
     _pick("store", impl, cache.device, fmt, False)(key, value, cache, slot_mapping, fmt)
 
 
@@ -209,8 +213,8 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch
     extra = {}
     if fmt.key_rope is not None:
         # The table covers every position the block table can address (no host read of seq_lens).
-        chunks = -(-block_table.shape[1] * cache.shape[2] // key_centre.CHUNK)
-        extra["key_bias"] = (fmt.key_rope.bias_query(query, scale), fmt.key_rope.table(chunks, query.device))
+        positions = block_table.shape[1] * cache.shape[2]
+        extra["key_bias"] = (fmt.key_rope.bias_query(query, scale), fmt.key_rope.table(positions, query.device))
     if not fmt.exact_self:
         return fn(query, cache, block_table[:s], seq_lens, query_start_loc, fmt, scale=scale,
                   max_seq_len=max_seq_len, **extra)

@@ -20,7 +20,6 @@ import math
 
 import torch
 
-from vllm_kvq import key_centre
 from vllm_kvq.kv_format import KVFormat
 
 # Context tokens per chunk of the online softmax (a multiple of any block size we use).
@@ -113,7 +112,7 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
             q_pos: torch.Tensor,  # (S, Lq) position of each query in its sequence; -1 = padding
             kv_len: torch.Tensor,  # (S,) context length
             cache: torch.Tensor, block_table: torch.Tensor, fmt: KVFormat, scale: float,
-            key_bias: tuple[torch.Tensor, torch.Tensor] | None = None,  # ((S, Lq, Hq, D), (C, D))
+            key_bias: tuple[torch.Tensor, torch.Tensor] | None = None,  # ((S, Lq, Hq, D), (P, D))
             exclude_self: bool = False,
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output (S, Lq, Hq, D), log-sum-exp of each row's scores (S, Lq, Hq); -inf where a row has no keys)."""
@@ -149,8 +148,8 @@ def _attend(q: torch.Tensor,  # (S, Lq, Hq, D) float32, padded queries
                 v.view(s, gh, nb, t, d)[:, :, :, :fmt.sink_tokens] = vs
             pos = torch.arange(b0 * t, b0 * t + L, device=q.device)
             scores = torch.einsum("sqhgd,shld->sqhgl", q_rot, k)
-            if bq is not None:  # position-aware key centring: q . (the key mean at each key's chunk)
-                rows = key_bias[1][pos.clamp(max=key_bias[1].shape[0] * key_centre.CHUNK - 1) // key_centre.CHUNK]
+            if bq is not None:  # position-aware key centring: q . (the key mean at each key's position)
+                rows = key_bias[1][pos.clamp(max=key_bias[1].shape[0] - 1)]
                 scores = scores + torch.einsum("sqhgd,ld->sqhgl", bq, rows)
             visible = pos[None, None, :] < q_pos[:, :, None] if exclude_self else pos[None, None, :] <= q_pos[:, :, None]
             ok = visible & (pos[None, None, :] < kv_len[:, None, None])
@@ -181,7 +180,7 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                     lse: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole (packed) context -> (N, Hq, D).
     ``max_seq_len`` is a hint for the kernels' work split; the reference reads ``seq_lens``. ``key_bias``
-    ((N, Hq, D), (C, D)): add ``key_bias[0][row] . key_bias[1][p // 16]`` to the score of the key at position p
+    ((N, Hq, D), (P, D)): add ``key_bias[0][row] . key_bias[1][p]`` to the score of the key at position p
     (position-aware key centring, ``vllm_kvq.key_centre``).
 
     ``exclude_self``: a row at position p attends to positions j < p only (its own key and value are merged in

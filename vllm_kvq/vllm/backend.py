@@ -43,7 +43,7 @@ from vllm_kvq import config as _config
 from vllm_kvq import ops
 from vllm_kvq.kv_format import KVFormat
 from vllm_kvq.vllm.dtypes import CONFIG_DTYPE, SUPPORTED_HEAD_SIZES, config_for_dtype, is_kvq_dtype
-from vllm_kvq.vllm.formats import ModelShape, ServedFormats, slot_bytes
+from vllm_kvq.vllm.formats import ModelShape, ServedFormats, preferred_block_size, slot_bytes
 
 # A child of vLLM's "vllm" logger, so our lines appear in its log with its format and level.
 logger = logging.getLogger("vllm.kvq")
@@ -215,6 +215,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         # Resolve now, while the vLLM config is current, so a bad YAML fails at start-up. Sink areas depend on
         # the block size: the cache's own (kv_cache.shape[2]) decides at first use (``_format``).
         self._shape = model_shape(vc, head_size)
+        self._max_model_len = int(vc.model_config.max_model_len)  # bounds the positions key centring turns to
         self._draft = standalone_draft(vc)
         self._formats = self.served(self._shape, getattr(vc.cache_config, "block_size", None) or 16, self._draft)
         self._refuse_reference_on_gpu(vc)
@@ -302,7 +303,8 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
                 md = get_attention_context(layer.layer_name)[0]
             n = k.shape[0]
             positions = token_positions(md)[:n] if md is not None else torch.arange(n, device=k.device)
-        ops.store(k, v, kv_cache, slot_mapping, fmt, positions=positions)
+        ops.store(k, v, kv_cache, slot_mapping, fmt, positions=positions,
+                  max_position=None if positions is None else self._max_model_len - 1)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: KVQMetadata, output: torch.Tensor | None = None,
@@ -363,6 +365,13 @@ class KVQAttentionBackend(AttentionBackend):
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None):
         return [MultipleOf(KERNEL_BLOCK_MULTIPLE)]
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        # configs with sink records: 256-token blocks (formats.preferred_block_size); the CPU platform does not
+        # ask backends, patches.prefer_block_size sets it there
+        pref = preferred_block_size(cls.kvq_config) if cls.kvq_config is not None else None
+        return pref if pref is not None else super().get_preferred_block_size(default_block_size)
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:

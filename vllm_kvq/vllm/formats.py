@@ -7,7 +7,7 @@ Then each rank takes its own heads, the way vLLM shards them.
 
 Each layer's slot is its own: the largest K+V size over that layer's heads, every head of every TP rank
 (vLLM asserts identical specs on every TP rank), rounded to even, plus the sink area at the cache's block
-size. vLLM gets it per layer (``KVQAttentionImpl.kv_cache_spec``) and, since every layer of ours is full
+size (not rounded: the kernels read fp16 metadata at any byte offset). vLLM gets it per layer (``KVQAttentionImpl.kv_cache_spec``) and, since every layer of ours is full
 attention with one block size, keeps all of them in one KV-cache group whose block holds one page per
 layer of that layer's own size (``UniformTypeKVCacheSpecs``): a mixed config costs its true average bytes,
 with no padding and no rounding of pages to divide each other. ``slot_bytes(cfg, ...)`` is the config's
@@ -55,6 +55,16 @@ class ModelShape:
         return (self.tp_rank * self.num_kv_heads // self.tp_size,)
 
 
+SINK_BLOCK_SIZE = 256  # tokens per block for configs with sink records, unless --block-size says otherwise
+
+
+def preferred_block_size(cfg: _config.KVQConfig) -> int | None:
+    """The block size a config is best served in, or None for the platform's default. Sink records cost
+    ceil(S * 4 * D / T) bytes per slot: 2 at vLLM-CPU's 128-token blocks for head size 64 (70 B slots for
+    4-bit K and V: 3.66x bf16), 1 at 256 (69 B: 3.71x), 16 at CUDA's default 16."""
+    return SINK_BLOCK_SIZE if cfg.sink_tokens else None
+
+
 def slot_bytes(cfg: _config.KVQConfig, head_size: int, block_size: int | None = None) -> int:
     """Bytes per (token, KV head), K and V, for every layer and head of any model served with ``cfg`` in
     blocks of ``block_size`` tokens (which sizes the sink area of configs with ``sink_tokens``)."""
@@ -67,8 +77,7 @@ def slot_bytes(cfg: _config.KVQConfig, head_size: int, block_size: int | None = 
         if not block_size:
             raise ValueError(f"config {cfg.name!r} keeps {cfg.sink_tokens} sink token(s) per block: the slot "
                              f"size depends on the block size, which is not known here")
-        sink = -(-cfg.sink_tokens * 4 * head_size // block_size)
-        need += sink + sink % 2
+        need += -(-cfg.sink_tokens * 4 * head_size // block_size)  # the sink area: any byte count
     return need
 
 

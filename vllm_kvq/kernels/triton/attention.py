@@ -16,9 +16,9 @@ whole group and the QK^T and PV products are ``tl.dot`` calls (tensor cores for 
   is sized from tensor shapes alone, so a decode step can be captured in a CUDA graph.
 - Decode steps split the context over ``NUM_SPLITS`` programs (split-K); a second kernel merges their
   partial (max, sum, accumulator) triples and applies the output rotation.
-- Position-aware key centring (``KB``, ``vllm_kvq.key_centre``) adds ``bias_query[row] . table[p // 16]`` to
-  every score: per context tile, the table rows of its ``BN / 16`` chunks are reduced against the bias queries
-  in float32 (the bias can be tens of logits, beyond what a 16-bit dot keeps).
+- Position-aware key centring (``KB``, ``vllm_kvq.key_centre``) adds ``bias_query[row] . table[p]`` to every
+  score: per context tile, a (rows, D) x (D, BN) product against the tile's table rows at about float32
+  accuracy (``cm.dot3``: the bias can be tens of logits, beyond what a 16-bit dot keeps).
 - Formats with ``exact_self`` (``vllm_kvq.ops`` merges each row's exact own term): ``EXCL`` makes the mask
   strictly causal (a row at position p sees j < p; a row that sees nothing is left at the launcher's zeros)
   and ``LSE`` stores each row's natural-log log-sum-exp, the merged one under split-K. Both are constexpr, so
@@ -35,7 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvq import key_centre
 from vllm_kvq.codecs import _triton as ct
 from vllm_kvq.kernels import heads_tensor
 from vllm_kvq.kernels import num_splits as _num_splits
@@ -138,42 +137,32 @@ def _find_seq(qsl_ptr, pid, S, BQ: tl.constexpr):
 
 
 @triton.jit
-def _bias_slice(b0, b1, b_rows, rmask, tab_ptr, c0, n_tab, i, D, NC: tl.constexpr):
-    x = tl.load(b_rows + i[None, :], mask=rmask[:, None] & (i[None, :] < D), other=0.0)  # (BM, RC)
-    # a table row past n_tab reads as zeros: its columns' limit drops to 0
-    t0 = tl.load(tab_ptr + c0 * D + i, mask=i < tl.where(c0 < n_tab, D, 0), other=0.0)
-    b0 += tl.sum(x * t0[None, :], axis=1)
-    if NC == 2:
-        t1 = tl.load(tab_ptr + (c0 + 1) * D + i, mask=i < tl.where(c0 + 1 < n_tab, D, 0), other=0.0)
-        b1 += tl.sum(x * t1[None, :], axis=1)
-    return b0, b1
-
-
-@triton.jit
 def _key_bias(b_rows, rmask, tab_ptr, n_tab, n0, D, DP: tl.constexpr, RC: tl.constexpr, BM: tl.constexpr,
-              BN: tl.constexpr):
-    """Score bias, in exp2 units, of the context tile starting at ``n0`` (a multiple of 16):
-    ``b_rows[r] . table[p // 16] * log2(e)`` for row r (bias-query rows at pointers ``b_rows`` (BM, 1)) and the
-    key at position p, as (BM, BN) or, when the tile is one chunk, (BM, 1). The tile's BN // 16 chunks (one or
-    two) each take one table row; rows past ``n_tab`` read as 0 (only masked keys reach them). Plain float32
-    products and sums, RC coordinates at a time: the bias-query rows are read again per tile instead of held
-    in registers beside the rotated query (128-row tiles at head size 128 would spill)."""
-    tl.static_assert(BN == 16 or BN == 32)
-    NC: tl.constexpr = BN // 16
-    c0 = n0 // 16
-    b0 = tl.zeros((BM,), tl.float32)
-    b1 = tl.zeros((BM,), tl.float32)
+              BN: tl.constexpr, XD: tl.constexpr):
+    """(BM, BN) score bias, in exp2 units, of the context tile starting at ``n0``: ``b_rows[r] . table[p] *
+    log2(e)`` for row r (bias-query rows at pointers ``b_rows`` (BM, 1)) and the key at position p; table rows
+    past ``n_tab`` read as 0 (only masked keys reach them). At about float32 accuracy (the bias can be tens of
+    logits, beyond what a 16-bit dot keeps), the bias-query rows read again per tile instead of held in
+    registers beside the rotated query: tiles under 64 rows (decode) sum D rank-1 float32 updates (a dot there
+    takes the register-operand mma and spills at head size 128), larger tiles take RC coordinates at a time
+    as ``cm.dot3`` products."""
+    pos = n0 + tl.arange(0, BN)
+    pm = pos < n_tab
+    tab = tab_ptr + pos.to(tl.int64) * D
+    acc = tl.zeros((BM, BN), tl.float32)
     if BM < 64:
-        for i0 in tl.static_range(0, DP, RC):
-            b0, b1 = _bias_slice(b0, b1, b_rows, rmask, tab_ptr, c0, n_tab, i0 + tl.arange(0, RC), D, NC)
-    else:  # as in the rotations: unrolled, the slices' loads overlap and spill at 64+ rows
+        for i in range(0, D):
+            x = tl.load(b_rows + i, mask=rmask[:, None], other=0.0)  # (BM, 1)
+            t = tl.load(tab + i, mask=pm, other=0.0)  # (BN,)
+            acc += x * t[None, :]
+    else:
         for i0 in range(0, DP, RC):
-            b0, b1 = _bias_slice(b0, b1, b_rows, rmask, tab_ptr, c0, n_tab, i0 + tl.arange(0, RC), D, NC)
-    if NC == 1:
-        return b0[:, None] * 1.4426950408889634
-    else:  # keys 0..15 of the tile are chunk c0, keys 16..31 chunk c0 + 1
-        first = (tl.arange(0, BN) < 16)[None, :]
-        return tl.where(first, b0[:, None], b1[:, None]) * 1.4426950408889634
+            i = i0 + tl.arange(0, RC)
+            im = i < D
+            x = tl.load(b_rows + i[None, :], mask=rmask[:, None] & im[None, :], other=0.0)  # (BM, RC)
+            t = tl.load(tab[:, None] + i[None, :], mask=pm[:, None] & im[None, :], other=0.0)  # (BN, RC)
+            acc += cm.dot3(x, tl.trans(t), XD)
+    return acc * 1.4426950408889634
 
 
 # S and N change with every batch: not specializing them (== 1, % 16) keeps serving on one compiled variant.
@@ -222,6 +211,7 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
         q = tl.load(q_rows + d[None, :], mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
         q = cm.transform(q, d, dm, k_sub, k_fac + gh * D, False, K_FAC, False)
     q = q * qscale
+    KXD: tl.constexpr = 0 if DOT == 0 else (3 if DOT == 3 else 2)  # the key bias's dot3 precision
 
     kv_end = ctx - q_len + tl.minimum(t0 + BQ, q_len)
     if EXCL:  # the tile's last row sees up to its own position, exclusive
@@ -242,7 +232,7 @@ def _attn_kernel(q_ptr, sqn, sqh, o_ptr, son, soh,
         nmask = pos < hi
         if KB:  # before the tile's decode: the bias's temporaries are dead by the time the codes are live
             kb = _key_bias(kb_q + qtok[:, None] * skbn + qh[:, None] * skbh, rmask, kb_tab, n_tab, n0, D, DP, RC,
-                           BM, BN)
+                           BM, BN, KXD)
         blk = tl.load(bt_ptr + s.to(tl.int64) * sbt + pos // T, mask=nmask, other=0).to(tl.int64)
         rows = cache_ptr + blk * sB + head_off + (pos % T).to(tl.int64) * sT
         kv, ks = K_DEC(rows, sC, nmask, D, kctx, k_tab0, k_tab1, DP, BN, K_P)
@@ -381,12 +371,11 @@ def _check_key_bias(key_bias, query: torch.Tensor, positions: int) -> tuple[torc
     if bq.shape != (n, hq, d) or bq.dtype != torch.float32 or bq.device != query.device:
         raise ValueError(f"key_bias[0]: expected float32 ({n}, {hq}, {d}) on {query.device}, got {bq.dtype} "
                          f"{tuple(bq.shape)} on {bq.device}")
-    need = -(-positions // key_centre.CHUNK)
-    if (table.dim() != 2 or table.shape[1] != d or table.shape[0] < need or table.dtype != torch.float32
+    if (table.dim() != 2 or table.shape[1] != d or table.shape[0] < positions or table.dtype != torch.float32
             or table.device != query.device):
-        raise ValueError(f"key_bias[1]: expected float32 (>= {need}, {d}) on {query.device} (one row per "
-                         f"{key_centre.CHUNK} positions of the block table), got {table.dtype} "
-                         f"{tuple(table.shape)} on {table.device}")
+        raise ValueError(f"key_bias[1]: expected float32 (>= {positions}, {d}) on {query.device} (one row per "
+                         f"position the block table addresses), got {table.dtype} {tuple(table.shape)} on "
+                         f"{table.device}")
     return (bq if bq.stride(-1) == 1 else bq.contiguous()), table.contiguous()
 
 
@@ -407,7 +396,7 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     it the block table's width is used. Each sequence divides its own context among the splits in the
     kernel, so a stale bound (a replayed CUDA graph) costs speed, never correctness. ``num_splits``
     overrides the heuristic (any batch); tests use it on CPU. ``key_bias`` (position-aware key centring, see
-    ``ops.paged_attention``): ``key_bias[0][row] . key_bias[1][p // 16]`` is added to the score of the key at
+    ``ops.paged_attention``): ``key_bias[0][row] . key_bias[1][p]`` is added to the score of the key at
     position p; the table must cover every position the block table addresses.
 
     ``exclude_self`` and ``lse`` (formats with ``exact_self``, see ``reference.paged_attention``): a row at
@@ -455,8 +444,6 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
                                                   biased_excl=biased_excl)
     if splits > 1:  # short splits use short tiles, so every split gets work
         bn = max(16, min(bn, triton.next_power_of_2(triton.cdiv(max_ctx, splits))))
-    # Every context tile starts at a multiple of BN (splits hold whole tiles), so a tile spans whole chunks.
-    assert bn % key_centre.CHUNK == 0, bn
     dot = _DOT_KIND.get(query.dtype, 0)
     if dot == 2 and _interpreting():
         dot = 3
