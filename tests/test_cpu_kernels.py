@@ -442,8 +442,8 @@ def test_key_bias_decode_mixed_and_split(cid, isa, gen, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("d,rot", [(64, 64), (128, 128), (128, 64), (64, 32)],
-                         ids=["d64", "d128", "d128-partial", "d64-partial"])
+@pytest.mark.parametrize("d,rot", [(64, 64), (128, 128), (128, 64), (64, 32), (80, 80), (96, 48)],
+                         ids=["d64", "d128", "d128-partial", "d64-partial", "d80", "d96-partial"])  # 40, 24 pairs
 @pytest.mark.parametrize("cid", ["turboquant3", "fibquant2", "uniform4"])
 def test_key_bias_head_sizes_partial_rotary_and_sinks(cid, d, rot, isa, gen, monkeypatch):
     """Head sizes 64 and 128, partial rotary, sink records (their scores take the bias too), split decode;

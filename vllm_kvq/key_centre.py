@@ -104,7 +104,7 @@ class KeyRope:
         """(>= positions, 2, D) float32: [cos, cos, 1 ...] and [sin, sin, 0 ...] of each position's angles (the
         numbers of ``table``), shared like the table."""
         base = self.table(positions, device)
-        key = ("turn", base.data_ptr(), base.shape[0], self.half, self.head_dim)
+        key = ("turn", self.freq.numpy().tobytes(), self.head_dim, str(device), base.shape[0])
         t = _TABLES.get(key)
         if t is None:
             h, r = self.half, self.rot

@@ -31,8 +31,8 @@ inline void add_key_bias(const AttnArgs& a, int64_t t, int qh, int j0, int n, fl
     for (; i0 + 16 <= h; i0 += 16) {
       const __m512 A = _mm512_loadu_ps(x + i0), B = _mm512_loadu_ps(x + h + i0);
       const __m512 c = _mm512_loadu_ps(tb + i0), sn = _mm512_loadu_ps(tb + h + i0);
-      _mm512_store_ps(w + i0, _mm512_fmadd_ps(B, sn, _mm512_mul_ps(A, c)));
-      _mm512_store_ps(w + h + i0, _mm512_fnmadd_ps(A, sn, _mm512_mul_ps(B, c)));
+      _mm512_storeu_ps(w + i0, _mm512_fmadd_ps(B, sn, _mm512_mul_ps(A, c)));  // h need not be a multiple of 16
+      _mm512_storeu_ps(w + h + i0, _mm512_fnmadd_ps(A, sn, _mm512_mul_ps(B, c)));
     }
 #endif
     for (int i = i0; i < h; ++i) {
