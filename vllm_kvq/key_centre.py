@@ -71,8 +71,14 @@ class KeyRope:
         self._on_device: dict[str, torch.Tensor] = {}  # mu and the bias matrix, per device
 
     def table(self, positions: int, device) -> torch.Tensor:
-        """(>= positions, D) float32: row p = [cos(p freq), sin(p freq), 0 for unrotated channels]."""
-        return position_table(self.freq, self.head_dim, positions, device)
+        """(>= positions, D) float32: row p = [cos(p freq), sin(p freq), 0 for unrotated channels]. The shared
+        table, held here too, so the per-call path (every layer, every step) neither hashes the frequencies
+        nor looks it up."""
+        key = "table:" + str(device)
+        t = self._on_device.get(key)
+        if t is None or t.shape[0] < positions:
+            t = self._on_device[key] = position_table(self.freq, self.head_dim, positions, device)
+        return t
 
     def fixed_mean(self, device) -> torch.Tensor | None:
         """(Hk, D) the part of the mean that attention does not add back (its channels past the rotary ones,
@@ -102,17 +108,23 @@ class KeyRope:
 
     def _turn_table(self, positions: int, device) -> torch.Tensor:
         """(>= positions, 2, D) float32: [cos, cos, 1 ...] and [sin, sin, 0 ...] of each position's angles (the
-        numbers of ``table``), shared like the table."""
+        numbers of ``table``), shared like the table (one per frequencies, head size and device, replaced when
+        the table grows)."""
+        mine = "turntable:" + str(device)
+        t = self._on_device.get(mine)
+        if t is not None and t.shape[0] >= positions:
+            return t
         base = self.table(positions, device)
-        key = ("turn", self.freq.numpy().tobytes(), self.head_dim, str(device), base.shape[0])
+        key = ("turn", self.freq.numpy().tobytes(), self.head_dim, str(device))
         t = _TABLES.get(key)
-        if t is None:
+        if t is None or t.shape[0] != base.shape[0]:
             h, r = self.half, self.rot
             t = torch.zeros(base.shape[0], 2, self.head_dim, dtype=torch.float32, device=base.device)
             t[:, 0, :h] = t[:, 0, h:r] = base[:, :h]
             t[:, 0, r:] = 1
             t[:, 1, :h] = t[:, 1, h:r] = base[:, h:r]
             _TABLES[key] = t
+        self._on_device[mine] = t
         return t
 
     def _turn_factors(self, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -364,9 +364,9 @@ def _dense_prefill(query, out, cache, bt, length: int, q0: int, q1: int, seq: in
     dt = torch.float32
     if bias_q is not None:
         # Key centring's bias as extra score terms: [q, bias_q / scale] . [k, table[p]] (SDPA scales both).
-        chunk = table[:length]  # (length, D)
+        rows = table[:length]  # (length, D)
         q_rot = torch.cat([q_rot, bias_q[q0:q1].index_select(1, qidx) / scale], -1)
-        k_rot = torch.cat([k_rot, chunk.expand(gh, -1, -1)], -1)
+        k_rot = torch.cat([k_rot, rows.expand(gh, -1, -1)], -1)
     q4 = q_rot.transpose(0, 1).unsqueeze(0).to(dt)
     k4, v4 = k_rot.unsqueeze(0).to(dt), v_rot.unsqueeze(0).to(dt)
     if ql == length:
