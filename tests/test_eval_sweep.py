@@ -250,3 +250,12 @@ def test_sweep_records_a_server_that_fails_to_start(tmp_path):
     assert res[0]["error"].startswith("server failed to start") and "no_such_dtype" in res[0]["error"]
     assert res[0]["bytes_per_token"] is None and "bytes unknown" in res[0]["note"]
     assert "server failed to start" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def test_default_max_model_len_is_a_multiple_of_256():
+    """vLLM's capacity figure counts whole blocks per max-length request: the sweep's default length must not
+    leave a partial 128- or 256-token block (2049 would cost 256-token blocks 11 % of their capacity)."""
+    assert sweep.default_max_model_len(2048) == 2304
+    assert sweep.default_max_model_len(1024, [1000]) == 1280
+    assert sweep.default_max_model_len(2048, [4096]) == 4352
+    assert sweep.default_max_model_len(255) == 256

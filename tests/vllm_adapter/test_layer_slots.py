@@ -118,6 +118,11 @@ def test_sink_configs_default_to_256_token_blocks(tiny_model_6layers, tmp_path):
     assert block("kvq", sink) == 256
     assert block("kvq", sink, block_size=128) == 128  # --block-size wins
     assert block("turboquant3") == block("auto") == 128  # vLLM-CPU's own default
+    # the generic platform path (CUDA) asks the backend class instead
+    from vllm_kvq.vllm.backend import backend_for
+
+    assert backend_for("kvq", _config.load(sink)).get_preferred_block_size(16) == 256
+    assert backend_for("turboquant3", _config.load("turboquant3")).get_preferred_block_size(16) == 16
 
 
 def test_layers_of_other_backends_keep_their_spec():

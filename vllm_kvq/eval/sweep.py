@@ -43,6 +43,15 @@ def default_block_size() -> int:
     return 16 if torch.cuda.is_available() else 128
 
 
+def default_max_model_len(context: int, needle_lengths=()) -> int:
+    """The longest request the sweep sends (context + 1, needle prompts + 16), rounded up to a multiple of 256:
+    vLLM's logged capacity is whole blocks per max-length request, so a length just past a block multiple
+    (2049 = 2048 + 1) would charge 128-token blocks 6 % and 256-token ones 11 % of waste; a multiple of 256
+    charges neither, and the capacity column compares the formats' bytes."""
+    need = max([context + 1, *[n + 16 for n in needle_lengths]])
+    return -(-need // 256) * 256
+
+
 def bytes_per_token(dtype: str, model_dir: str | Path, config: str | None = None, block_size: int | None = None) -> int:
     """KV cache bytes per token, all layers, K and V, as vLLM allocates them (``block_size`` sizes the sink area
     of configs with ``sink_tokens``; default: the block size the plugin serves them in, 256 tokens, else
@@ -108,11 +117,7 @@ def run_sweep(model_dir: str | Path, entries: list[tuple[str, str, str | None]],
     logs.mkdir(parents=True, exist_ok=True)
     if greedy_prompts and not 0 < greedy_gen < context:
         raise ValueError(f"greedy_gen must be in 1..context-1 ({context - 1}): the prompt is context - greedy_gen tokens")
-    need = max([context + 1, *[n + 16 for n in needle_lengths]])
-    # vLLM's logged capacity is whole blocks per max-length request: a length just past a block multiple
-    # (2049 = 2048 + 1) would charge 128-token blocks 6 % and 256-token ones 11 % of waste; a multiple of
-    # 256 charges neither, so the capacity column compares the formats' bytes
-    max_model_len = max_model_len or -(-need // 256) * 256
+    max_model_len = max_model_len or default_max_model_len(context, needle_lengths)
     results = []
     for i, (label, dtype, config) in enumerate(entries):
         path = out_dir / f"{label}.json"
