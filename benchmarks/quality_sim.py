@@ -26,7 +26,8 @@ Variant grammar (``--variants`` takes names from VARIANTS or specs ``K=..;V=..;s
                     ds<bits>:<k>       the k largest coordinates of each vector kept at fp16 (+1 byte index
                                        each), the rest TurboQuant at bits (KVQuant's dense-and-sparse)
   center=kv        calibrated per-(layer, KV head) K/V means (package: YAML ``calibration:``)
-  smooth=a         with center=kv: key channel scales rms^a (package: ``smooth_keys: true``, alpha a)
+  smooth=a         with center=kv: key channel scales (rms key / rms query)^a, calibrate's default (package:
+                   ``smooth_keys: true``, alpha a)
   edge=N:spec[/vspec]      the first and last N layers use spec for K (and vspec, default spec, for V)
   layers=i+j:spec[/vspec][|k:spec...]  these layers use spec (rules separated by '|', later ones win)
   only=i+j         only these layers quantized, the rest bf16 (sensitivity runs)
@@ -184,7 +185,7 @@ class SimRun:
     def calib_file(self, alpha: float) -> str:
         """The package's calibration file for this model and text (``vllm-kvq calibrate``'s statistics)."""
         if alpha not in self._calib:
-            path = self.work / f"calib_{self.calib_tag}_a{alpha:g}.safetensors"
+            path = self.work / f"calib_{self.calib_tag}_a{alpha:g}_qw.safetensors"  # query-weighted scales
             if not path.exists():
                 with fake_quant.quantized(self.model, None):
                     calibration.compute(self.model, self.calib_ids, smooth_alpha=alpha).save(path)

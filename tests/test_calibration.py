@@ -37,20 +37,27 @@ def tiny(tmp_path_factory):
     return path, model
 
 
-def _layer0_kv_by_hand(model, ids):
-    """Post-RoPE keys and values of layer 0 from the weights, (Hk, N, D): independent of the cache path."""
+def _layer0_qkv_by_hand(model, ids):
+    """Post-RoPE queries (Hq, N, D), keys and values (Hk, N, D) of layer 0 from the weights: independent of
+    the cache and attention paths."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     m = model.model
     attn = m.layers[0].self_attn
     with torch.no_grad():
         h = m.layers[0].input_layernorm(m.embed_tokens(ids[None]))
-        hk, d = model.config.num_key_value_heads, model.config.head_dim
+        hq, hk, d = model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim
+        q = attn.q_proj(h).view(1, -1, hq, d).transpose(1, 2)
         k = attn.k_proj(h).view(1, -1, hk, d).transpose(1, 2)
         v = attn.v_proj(h).view(1, -1, hk, d).transpose(1, 2)
         cos, sin = m.rotary_emb(h, torch.arange(ids.numel())[None])
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    return k[0], v[0]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q[0], k[0], v[0]
+
+
+def _layer0_kv_by_hand(model, ids):
+    """Post-RoPE keys and values of layer 0 from the weights, (Hk, N, D)."""
+    return _layer0_qkv_by_hand(model, ids)[1:]
 
 
 def test_compute_shapes_and_centred_statistics(tiny):
@@ -66,10 +73,21 @@ def test_compute_shapes_and_centred_statistics(tiny):
     torch.testing.assert_close(st.mu_v[0], v.mean(1), atol=1e-5, rtol=1e-5)
     assert (k - st.mu_k[0][:, None]).mean(1).abs().max() < 1e-5
     assert st.mu_k[0].norm() > 0.1  # RoPE'd random keys have a mean to remove: the check is not vacuous
-    # ... and the key scale is rms(centred k) ** 0.5, normalised to geometric mean 1 per head
-    s = (k - k.mean(1, keepdim=True)).pow(2).mean(1).sqrt() ** 0.5
-    torch.testing.assert_close(st.k_smooth[0], s / s.log().mean(-1, keepdim=True).exp(), atol=1e-5, rtol=1e-5)
+    # ... and the key scale is (rms(centred k) / rms(q)) ** 0.5, the KV head's query heads' mean squares
+    # averaged, normalised to geometric mean 1 per head
+    q = _layer0_qkv_by_hand(model, ids)[0][:, 4:]
+    q_ms = q.pow(2).mean(1).reshape(2, -1, 64).mean(1)
+    k_ms = (k - k.mean(1, keepdim=True)).pow(2).mean(1)
+    s = (k_ms / q_ms) ** 0.25
+    torch.testing.assert_close(st.k_smooth[0], s / s.log().mean(-1, keepdim=True).exp(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(st.k_smooth.log().mean(-1), torch.zeros(2, 2), atol=1e-5, rtol=0)
+    assert dict(st.metadata)["smooth_queries"] == "1"
+    # key-only: rms(centred k) ** 0.5
+    ko = calibration.compute(model, ids, skip_first=4, smooth_alpha=0.5, smooth_queries=False)
+    s = k_ms ** 0.25
+    torch.testing.assert_close(ko.k_smooth[0], s / s.log().mean(-1, keepdim=True).exp(), atol=1e-5, rtol=1e-5)
+    assert (ko.k_smooth - st.k_smooth).abs().max() > 0.05  # the queries moved the scales: not vacuous
+    assert model.config._attn_implementation == "eager"  # recording the queries left the model as it was
     flat = calibration.compute(model, ids, smooth_alpha=0.0)
     assert torch.equal(flat.k_smooth, torch.ones(2, 2, 64))
     with pytest.raises(ValueError, match="more than skip_first=4"):
@@ -374,7 +392,7 @@ def test_cli_default_output_is_the_models_calibration(tiny, tmp_path):
         cli.main(["calibrate", str(model), "--text", str(text), "--tokens", "48", "--rope-horizon", "100"])
 
 
-def test_demo_model_gets_the_shipped_calibration(tmp_path):
+def test_demo_model_gets_the_shipped_calibration(tmp_path, monkeypatch):
     """`vllm-kvq model smollm2` installs configs/calibration/smollm2-135m.safetensors as the model's own, so
     `make serve` can serve the calibrated presets; a model's own statistics are never overwritten."""
     from vllm_kvq.eval import models
@@ -387,6 +405,14 @@ def test_demo_model_gets_the_shipped_calibration(tmp_path):
     dst.write_bytes(b"mine")
     models._install_calibration(model)
     assert dst.read_bytes() == b"mine"
+    # an earlier shipped file (known by its hash) is updated; the current one is not in that list
+    import hashlib
+
+    shipped = (CALIB_DIR / models.SMOLLM2_CALIBRATION).read_bytes()
+    assert hashlib.sha256(shipped).hexdigest() not in models.SHIPPED_CALIBRATIONS_BEFORE
+    monkeypatch.setattr(models, "SHIPPED_CALIBRATIONS_BEFORE", frozenset({hashlib.sha256(b"mine").hexdigest()}))
+    models._install_calibration(model)
+    assert dst.read_bytes() == shipped
 
 
 def _rope_keys(n_pos: int, head_dim: int = 64, theta: float = 1e5, seed: int = 0) -> torch.Tensor:
@@ -429,3 +455,34 @@ def test_rope_aware_key_mean_holds_at_later_positions():
     assert calibration.rope_frequencies(SimpleNamespace(), 64) is None
     partial = calibration.rope_frequencies(SimpleNamespace(rope_theta=1e4, partial_rotary_factor=0.5), 64)
     assert partial[1] == 32 and calibration.rope_mask(*partial, 64, 4096)[32:].sum() == 32
+
+
+def test_query_weighted_key_scales_cut_the_score_error():
+    """The module docstring's claim, measured through the package's 4-bit codec: on keys and queries whose
+    channel energies differ (a query's strong channels are not the key's), scales from both
+    (``channel_scale(k_ms, q_ms)``) give a smaller mean squared score error q . (k - k_hat) than key-only
+    scales, which beat no scales; and alpha = 0.5 beats its neighbours (the Cauchy-Schwarz optimum)."""
+    from vllm_kvq import codecs
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 64, 4096
+    k_rms = torch.logspace(0, 1.2, d)[torch.randperm(d, generator=g)]  # 16x spread, shuffled
+    q_rms = torch.logspace(0, 1.2, d)[torch.randperm(d, generator=g)]
+    k = torch.randn(n, d, generator=g) * k_rms
+    q = torch.randn(n, d, generator=g) * q_rms
+    k_ms, q_ms = k.pow(2).mean(0, keepdim=True), q.pow(2).mean(0, keepdim=True)
+    codec = codecs.get("turboquant4", head_dim=d)
+
+    def score_mse(s):  # the cache stores k / s, the query is multiplied by s
+        s = s.reshape(1, d)
+        k_hat = codec.dequantize(codec.quantize(k / s)) * s
+        return ((q * (k - k_hat)).sum(-1)).pow(2).mean().item()
+
+    both = score_mse(calibration.channel_scale(k_ms, q_ms, 0.5))
+    key_only = score_mse(calibration.channel_scale(k_ms, None, 0.5))
+    none = score_mse(torch.ones(d))
+    assert both < 0.8 * key_only and key_only < none, (both, key_only, none)
+    for alpha in (0.25, 0.75):
+        assert score_mse(calibration.channel_scale(k_ms, q_ms, alpha)) > both, alpha
+    s = calibration.channel_scale(k_ms, q_ms, 0.5)
+    torch.testing.assert_close(s.log().mean(-1), torch.zeros(1), atol=1e-5, rtol=0)  # geometric mean 1

@@ -47,7 +47,11 @@ def add_parser(sub, name, help_):
                         f"max_position_embeddings, at most {DEFAULT_ROPE_HORIZON}); key means are kept only on RoPE "
                         "pairs that do not turn over it (0: keep every channel's mean)")
     p.add_argument("--smooth-alpha", type=float, default=0.5,
-                   help="key channel scale = rms(centred key) ** alpha (0 disables smoothing; default 0.5)")
+                   help="key channel scale = (rms(centred key) / rms(query)) ** alpha, the least score error at "
+                        "0.5 (the default); 0 disables smoothing")
+    p.add_argument("--smooth-queries", action=argparse.BooleanOptionalAction, default=True,
+                   help="weigh the key channel scales by the queries' channel energy (default; "
+                        "--no-smooth-queries: rms(centred key) ** alpha, the key-only form)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None,
                    help="output .safetensors file (default MODEL_DIR/kvq/calibration.safetensors, which the "
@@ -130,7 +134,8 @@ def run(args) -> int:
     try:
         stats = calibration.compute(model, torch.tensor(ids), skip_first=args.skip_first,
                                     rope_horizon=(horizon or None) if centre == "fixed" else None,
-                                    key_centre=centre, smooth_alpha=args.smooth_alpha, progress=say)
+                                    key_centre=centre, smooth_alpha=args.smooth_alpha,
+                                    smooth_queries=args.smooth_queries, progress=say)
     except ValueError as e:
         raise SystemExit(f"calibrate: {e}") from None
     meta = dict(stats.metadata, model=str(Path(args.model).name), text=args.text)

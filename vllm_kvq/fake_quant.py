@@ -32,6 +32,9 @@ class _State:
     quantizer: Quantizer | None = None
     recent_window: int = 0  # each query reads its last W positions (itself included) at bf16
     errors: dict[int, list[float]] | None = None  # layer -> attention-output relative error per forward
+    # layer -> [sum over positions of q^2 (Hq, D) float64, positions]; queries from position query_skip on
+    query_energy: dict[int, list] | None = None
+    query_skip: int = 0
 
 
 def bf16_round(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +69,10 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     layer, groups = module.layer_idx, module.num_key_value_groups
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = query[0].float(), key[0].float(), value[0].float()
+    if _State.query_energy is not None and q.shape[1] > _State.query_skip:
+        acc = _State.query_energy.setdefault(layer, [0.0, 0])
+        acc[0] = acc[0] + q[:, _State.query_skip:].double().pow(2).sum(1)
+        acc[1] += q.shape[1] - _State.query_skip
     kb, vb = bf16_round(k), bf16_round(v)
     kq, vq = (kb, vb) if _State.quantizer is None else _State.quantizer(layer, kb, vb)
     if _State.recent_window and _State.quantizer is not None:
@@ -113,6 +120,26 @@ def quantized(model, quantizer: Quantizer | None, *, record_errors: bool = False
         yield _State.errors
     finally:
         _State.quantizer, _State.errors, _State.recent_window = prev
+
+
+@contextlib.contextmanager
+def recording_query_energy(model, skip_first: int = 0):
+    """Yields a dict that holds, once the block ends, {layer: (Hq, D) float64}: the mean square of every
+    query head's channels from position ``skip_first`` on, as attention consumes them (after RoPE and any
+    query norm), over the block's forwards of ``model`` (a HF causal LM; inside the block it attends through
+    this module's attention, with no quantizer unless one is set: the same attention as eager)."""
+    register()
+    prev = (_State.query_energy, _State.query_skip, model.config._attn_implementation)
+    acc: dict[int, list] = {}
+    _State.query_energy, _State.query_skip = acc, skip_first
+    model.config._attn_implementation = ATTN_NAME
+    out: dict[int, torch.Tensor] = {}
+    try:
+        yield out
+    finally:
+        _State.query_energy, _State.query_skip = prev[:2]
+        model.config._attn_implementation = prev[2]
+        out.update({layer: total / n for layer, (total, n) in acc.items() if n})
 
 
 def roundtrip(fmt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

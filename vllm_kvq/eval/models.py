@@ -91,15 +91,28 @@ def prepare_smollm2(cache: Path | None = None, *, force: bool = False) -> Path:
     return out
 
 
+# sha256 of the earlier shipped SmolLM2 calibration files (key-only smoothing; chunk-centred keys before that):
+# an installed copy of one of these is replaced by the current file, anything else is the user's own
+SHIPPED_CALIBRATIONS_BEFORE = frozenset({
+    "1736bdb35d2f3e47a3d7f643532106f5a973810761c238523ef0a2297bc8b929",
+    "22ea96840db320cc991775bc4f8f298ffecf6295fd9d6e9c371e09ec6fc5f0f7",
+    "9a7ed183e12f2ec88fc0db3ea6c0478f66accbaa78bc45a1fa95612882755cdb",
+})
+
+
 def _install_calibration(model_dir: Path) -> None:
     """Copies configs/calibration/smollm2-135m.safetensors (``vllm-kvq calibrate`` on Macbeth, 1024 tokens) to
-    where ``calibration: model`` looks, unless the model already has its own."""
+    where ``calibration: model`` looks, unless the model already has its own (an earlier shipped copy is
+    updated)."""
+    import hashlib
+
     from vllm_kvq import config
 
     dst = config.model_calibration_path(model_dir)
-    if not dst.exists():
-        dst.parent.mkdir(exist_ok=True)
-        shutil.copyfile(config.preset_dir() / "calibration" / SMOLLM2_CALIBRATION, dst)
+    if dst.exists() and hashlib.sha256(dst.read_bytes()).hexdigest() not in SHIPPED_CALIBRATIONS_BEFORE:
+        return
+    dst.parent.mkdir(exist_ok=True)
+    shutil.copyfile(config.preset_dir() / "calibration" / SMOLLM2_CALIBRATION, dst)
 
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
