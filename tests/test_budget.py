@@ -128,3 +128,21 @@ def test_cli_budget_writes_a_config_that_meets_it(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit, match="below the cheapest pair"):
         cli.main(["calibrate", str(tiny), "--text", str(text), "--tokens", "64", "--budget", "1",
                   "--prompt-tokens", "64", "--candidates", "turboquant2", "--out", str(out)])
+
+
+def test_choice_bytes_are_the_slots_vllm_allocates():
+    """A layer's bytes are its KVFormat slot (codes rounded to even, then the unrounded sink area), so the
+    reported average is what vLLM allocates: at 256-token blocks one bf16 sink costs 1 B, not 2."""
+    from vllm_kvq import codecs
+    from vllm_kvq.kv_format import KVFormat
+
+    sink = budget.sink_area_bytes(1, 64, 256)
+    assert sink == 1
+    c = budget.choose(SYNTH, 52 + sink, "mixed", overhead=sink)
+    for (k, v), b in zip(c.per_layer, c.bytes_per_layer):
+        fmt = KVFormat(64, [codecs.get(k, head_dim=64)], [codecs.get(v, head_dim=64)], sink_tokens=1, block_size=256)
+        assert b == fmt.slot_bytes, (k, v, b, fmt.slot_bytes)
+    assert c.vllm_bytes == c.avg_bytes <= 52 + sink
+    odd = budget.Sensitivity(["a", "b"], {"a": 17, "b": 26}, [{"K": {"a": 1.0, "b": 0.0}, "V": {"a": 0.5, "b": 0.0}}])
+    assert budget.choose(odd, 44, "uniform").per_layer == [("b", "a")]  # 26 + 17 = 43 is a 44 B slot
+    assert budget.choose(odd, 43, "uniform").per_layer == [("a", "a")]  # 34 B; (b, a) needs 44

@@ -73,9 +73,17 @@ class Choice:
 
     @property
     def vllm_bytes(self) -> float:
-        """Bytes per token per KV head that vLLM allocates on average: each layer's own slot, which the
-        adapter rounds to an even size (fp16 metadata stays 2-byte aligned)."""
-        return sum(b + b % 2 for b in self.bytes_per_layer) / len(self.bytes_per_layer)
+        """Bytes per token per KV head that vLLM allocates on average: each layer's own slot, which
+        ``bytes_per_layer`` already is (codes rounded to an even size, then the unrounded sink area, as
+        ``KVFormat`` lays a slot out)."""
+        return self.avg_bytes
+
+
+def slot_code_bytes(k_nbytes: int, v_nbytes: int) -> int:
+    """A slot's K + V bytes as ``KVFormat`` lays them out: rounded up to even (fp16 metadata stays 2-byte
+    aligned); a sink area follows unrounded."""
+    b = k_nbytes + v_nbytes
+    return b + b % 2
 
 
 def measure(model, prompts: list[list[int]], *, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -157,7 +165,7 @@ def _best_pair(sens: Sensitivity, layer: int, max_bytes: float) -> tuple[float, 
     best = None
     for k in sens.candidates:
         for v in sens.candidates:
-            b = sens.nbytes[k] + sens.nbytes[v]
+            b = slot_code_bytes(sens.nbytes[k], sens.nbytes[v])
             if b <= max_bytes:
                 cost = sens.loss[layer]["K"][k] + sens.loss[layer]["V"][v]
                 if best is None or cost < best[0]:
@@ -189,7 +197,7 @@ def choose(sens: Sensitivity, budget_bytes: float, slot: str = "uniform", overhe
             opts = {}
             for k in sens.candidates:
                 for v in sens.candidates:
-                    b = sens.nbytes[k] + sens.nbytes[v]
+                    b = slot_code_bytes(sens.nbytes[k], sens.nbytes[v])
                     cost = sens.loss[layer]["K"][k] + sens.loss[layer]["V"][v]
                     if b not in opts or cost < opts[b][0]:
                         opts[b] = (cost, k, v)
@@ -206,7 +214,7 @@ def choose(sens: Sensitivity, budget_bytes: float, slot: str = "uniform", overhe
         total, per_layer = min(best.values(), key=lambda t: t[0])
     else:
         raise ValueError(f"slot must be 'uniform' or 'mixed', got {slot!r}")
-    bpl = [sens.nbytes[k] + sens.nbytes[v] + overhead for k, v in per_layer]
+    bpl = [slot_code_bytes(sens.nbytes[k], sens.nbytes[v]) + overhead for k, v in per_layer]
     return Choice(per_layer, bpl, total, total_budget_bytes, slot)
 
 
