@@ -104,6 +104,38 @@ def test_cli_writes_a_loadable_file(tiny, tmp_path, capsys):
     assert "layer   1" in err and "wrote" in err
     st = CalibrationStats.load(out)
     assert st.shape == (2, 2, 64) and dict(st.metadata)["tokens"] == "48"
+    assert dict(st.metadata)["smooth_queries"] == "1"
+    ko = tmp_path / "key-only.safetensors"
+    assert cli.main(["calibrate", str(path), "--text", str(text), "--tokens", "48", "--out", str(ko),
+                     "--no-smooth-queries"]) == 0
+    st_ko = CalibrationStats.load(ko)
+    assert dict(st_ko.metadata)["smooth_queries"] == "0"
+    assert torch.equal(st_ko.mu_k, st.mu_k) and not torch.allclose(st_ko.k_smooth, st.k_smooth)
+
+
+def test_compute_refuses_query_weighting_without_the_queries(tiny, monkeypatch):
+    """A model whose layers do not attend through transformers' attention interface gives no queries: compute
+    says so and names the key-only way out, which does not touch the model's attention at all."""
+    import contextlib
+
+    from vllm_kvq import fake_quant
+
+    _, model = tiny
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+
+    @contextlib.contextmanager
+    def sees_nothing(model, skip_first=0):
+        yield {}
+
+    monkeypatch.setattr(fake_quant, "recording_query_energy", sees_nothing)
+    with pytest.raises(ValueError, match="saw the queries of 0 of 2 layers.*--no-smooth-queries"):
+        calibration.compute(model, ids)
+
+    def must_not_record(*a, **k):
+        raise AssertionError("key-only calibration recorded queries")
+
+    monkeypatch.setattr(fake_quant, "recording_query_energy", must_not_record)
+    assert calibration.compute(model, ids, smooth_queries=False).shape == (2, 2, 64)
 
 
 # ---- attention with a calibrated format ---------------------------------------------------------------

@@ -142,8 +142,9 @@ def channel_scale(k_ms: torch.Tensor, q_ms: torch.Tensor | None, alpha: float) -
     """Key channel scales ``(k_ms / q_ms) ** (alpha / 2)`` (``k_ms ** (alpha / 2)`` without queries),
     geometric mean 1 per head. k_ms, q_ms (Hk, D): mean squares of the centred keys and of the queries (the
     KV head's query heads averaged), pairs already tied. See the module docstring for why."""
-    r = k_ms.clamp(min=1e-12)
+    r = k_ms.float().clamp(min=1e-12)
     if q_ms is not None:
+        q_ms = q_ms.float()
         r = r / q_ms.clamp(min=1e-12 * float(q_ms.max().clamp(min=1e-30)))
     s = r ** (alpha / 2)
     return s / s.log().mean(-1, keepdim=True).exp()  # geometric mean 1: the codec's scale absorbs the rest
@@ -169,8 +170,8 @@ def statistics(keys: torch.Tensor,  # (Hk, N, D) post-RoPE keys of one layer
         mu_k = mu_k * rope_mask(*rope, k.shape[-1], horizon)
     if rope is not None:
         ms = _tie_pairs(ms, rope[1] // 2)
-        q_ms = None if q_ms is None else _tie_pairs(q_ms.float(), rope[1] // 2)
-    return mu_k, mu_v, channel_scale(ms, None if q_ms is None else q_ms.float(), smooth_alpha)
+        q_ms = None if q_ms is None else _tie_pairs(q_ms, rope[1] // 2)
+    return mu_k, mu_v, channel_scale(ms, q_ms, smooth_alpha)
 
 
 def statistics_rope(keys: torch.Tensor,  # (Hk, N, D) post-RoPE keys of one layer
@@ -189,7 +190,7 @@ def statistics_rope(keys: torch.Tensor,  # (Hk, N, D) post-RoPE keys of one laye
     mu_k = key_centre.rotate(k, positions, freq, inverse=True).mean(1)  # (Hk, D)
     resid = k - key_centre.rotate(mu_k[:, None].expand_as(k), positions, freq)
     ms = _tie_pairs(resid.pow(2).mean(1), freq.numel())
-    q_ms = None if q_ms is None else _tie_pairs(q_ms.float(), freq.numel())
+    q_ms = None if q_ms is None else _tie_pairs(q_ms, freq.numel())
     return mu_k, v.mean(1), channel_scale(ms, q_ms, smooth_alpha)
 
 
@@ -226,9 +227,12 @@ def compute(model, input_ids: torch.Tensor, *, skip_first: int = 4, smooth_alpha
         raise ValueError(f"need more than skip_first={skip_first} tokens, got {n}")
     say = progress or (lambda msg: None)
     say(f"forward over {n} tokens")
-    from vllm_kvq import fake_quant
+    if smooth_queries:  # the queries as attention consumes them, recorded during the same forward
+        from vllm_kvq import fake_quant
 
-    with fake_quant.recording_query_energy(model, skip_first) as q_energy:
+        with fake_quant.recording_query_energy(model, skip_first) as q_energy:
+            kv = capture_kv(model, input_ids)
+    else:  # the model is left as it is
         kv = capture_kv(model, input_ids)
     d = kv[0][0].shape[-1]
     if smooth_queries and len(q_energy) != len(kv):
