@@ -505,6 +505,116 @@ def test_attention_empty_batch():
     assert out.shape == (0, 4, 64)
 
 
+# ------------------------------------------------------------------ one call per layer (vLLM-CPU's forward)
+
+
+def _fused_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="contiguous", dtype=torch.bfloat16):
+    """``kernels.cpu.forward`` (the step's key/value stored, then attention, in one call with the format's plan)
+    against ``store`` then ``paged_attention``: the same cache bytes and the same output bits; output rows past
+    the batch untouched; without key/value it only attends; int64 metadata is converted, not misread."""
+    d, hk = fmt.head_size, fmt.num_kv_heads
+    batch = random_paged_batch(seq_lens, q_lens, t, generator=gen)
+    total = int(batch.seq_lens.sum())
+    k_ctx = torch.randn(total, hk, d, generator=gen).to(dtype)
+    v_ctx = torch.randn(total, hk, d, generator=gen).to(dtype)
+    # The step's tokens: each sequence's last q_len positions (in batch order, as the query rows).
+    new = torch.cat([torch.arange(a + s - q, a + s) for a, s, q in
+                     zip(batch.ctx_start, batch.seq_lens.tolist(), batch.query_lens)]).long()
+    old = torch.ones(total, dtype=torch.bool)
+    old[new] = False
+    want, got = _cache(fmt, batch.num_blocks, t, layout), _cache(fmt, batch.num_blocks, t, layout)
+    for c in (want, got):
+        c.fill_(3)
+        kc.store(k_ctx[old], v_ctx[old], c, batch.ctx_slots[old], fmt, isa=isa)
+    n = batch.num_tokens
+    q = torch.randn(n, hq, d, generator=gen).to(dtype)
+    meta = (batch.block_table, batch.seq_lens, batch.query_start_loc)
+    kc.store(k_ctx[new], v_ctx[new], want, batch.ctx_slots[new], fmt, isa=isa)
+    ref = kc.paged_attention(q, want, *meta, fmt, scale=d ** -0.5, isa=isa)
+    plan = kc.format_plan(fmt)
+    assert plan.num_groups() == len(fmt.groups)
+    out = torch.full((n + 2, hq, d), 7.0, dtype=dtype)
+    kc.forward(q, out[:n], k_ctx[new], v_ctx[new], got, batch.ctx_slots[new], *meta, plan, scale=d ** -0.5, isa=isa)
+    assert torch.equal(got, want)
+    assert torch.equal(out[:n], ref), (out[:n].float() - ref.float()).abs().max()
+    assert (out[n:] == 7).all()
+    again = torch.zeros_like(q)
+    kc.forward(q, again, None, None, got, batch.ctx_slots[new], *(m.long() for m in meta), plan, scale=d ** -0.5,
+               isa=isa)
+    assert torch.equal(got, want) and torch.equal(again, ref)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", list(CODECS))
+def test_forward_equals_store_then_attention(cid, isa, gen):
+    _fused_case(uniform_fmt(cid, 64, 2), 6, *MIXED, gen, isa=isa)
+    _fused_case(uniform_fmt(cid, 64, 2), 6, *DECODE, gen, isa=isa)
+
+
+@pytest.mark.parametrize("layout", ["token-major", "byte-stride-2"])
+@pytest.mark.parametrize("fmt_fn", [mixed_fmt, yaml_fmt], ids=["mixed", "yaml"])
+def test_forward_mixed_formats_and_strides(fmt_fn, layout, gen):
+    _fused_case(fmt_fn(64), 6, *MIXED, gen, layout=layout)
+    _fused_case(fmt_fn(64), 9, [1500, 700, 33], [1, 1, 1], gen, layout=layout)  # split decode contexts
+
+
+@pytest.mark.parametrize("cid", SINK_CODECS)
+def test_forward_sinks_calibration_head_sizes(cid, gen):
+    _fused_case(sink_fmt(cid, 64, 2, 2, 16), 6, *MIXED, gen)
+    _fused_case(sink_fmt(cid, 128, 1, 1, 8), 8, *MIXED, gen, t=8, dtype=torch.float32)
+    if not codec_cases.case(cid).state:
+        _fused_case(calibrated_fmt(cid, 80, 2, gen) if cid != "tq3-haar" else calibrated_fmt(cid, 96, 2, gen), 4,
+                    *MIXED, gen, dtype=torch.float16)
+
+
+def test_fused_plan_dispatch(gen, monkeypatch):
+    """ops.fused_plan gives the CPU plan where store and both attention kinds pick the CPU kernels, and None
+    where Python must run around them (key centring, exact_self, the dense prefill path), where the debug knob
+    forces another implementation, or off the CPU."""
+    fmt = calibrated_fmt("turboquant3", 64, 2, gen)
+    ops._used.clear()
+    plan = ops.fused_plan(fmt, "cpu", 3)
+    assert plan is not None and plan.num_groups() == 1 and plan is kc.format_plan(fmt)
+    assert "forward:cpu" in ops.used()
+    assert ops.fused_plan(mixed_fmt(64), "cpu").num_groups() == 3
+    assert ops.fused_plan(fmt, "meta") is None
+    assert ops.fused_plan(rope_fmt("turboquant3", 64, 2), "cpu") is None
+    selfish = uniform_fmt("turboquant3", 64, 2)
+    selfish.exact_self = True
+    assert ops.fused_plan(selfish, "cpu") is None
+    monkeypatch.setattr(kc, "DENSE_PREFILL_FROM", 64)
+    assert ops.fused_plan(uniform_fmt("turboquant4", 64, 2), "cpu") is None
+    monkeypatch.setattr(kc, "DENSE_PREFILL_FROM", None)
+    monkeypatch.setattr(ops, "_FORCED_IMPL", "reference")
+    assert ops.fused_plan(uniform_fmt("turboquant4", 64, 2), "cpu") is None
+
+    class Odd(codecs.RawCodec):
+        pass
+
+    with pytest.raises(ValueError, match="no CPU kernel for codec type Odd"):
+        kc.format_plan(KVFormat(64, [Odd(64)], [Odd(64)]))
+    with pytest.raises(ValueError, match="key centring"):
+        kc.format_plan(rope_fmt("turboquant3", 64, 2))
+
+
+def test_forward_refuses_what_it_would_misread(gen):
+    fmt = uniform_fmt("turboquant3", 64, 2)
+    plan = kc.format_plan(fmt)
+    cache = fmt.allocate(2, 16)
+    q, k = torch.randn(1, 4, 64), torch.randn(1, 2, 64)
+    meta = (torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32),
+            torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="slot 99 beyond the cache's 32"):
+        kc.forward(q, torch.empty_like(q), k, k, cache, torch.tensor([99]), *meta, plan, scale=0.125)
+    with pytest.raises(RuntimeError, match="both key and value"):
+        kc.forward(q, torch.empty_like(q), k, None, cache, torch.tensor([4]), *meta, plan, scale=0.125)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kc.forward(q, torch.empty_like(q).bfloat16(), k, k, cache, torch.tensor([4]), *meta, plan, scale=0.125)
+    with pytest.raises(RuntimeError, match="length 40 and room for 32"):
+        kc.forward(q, torch.empty_like(q), k, k, cache, torch.tensor([4]), meta[0], torch.tensor([40]), meta[2], plan,
+                   scale=0.125)
+
+
 # ------------------------------------------------------------------------------------ dispatch, library
 
 

@@ -4,6 +4,7 @@
 // Python (vllm_kvq/kernels/cpu.py); here only what the kernels would silently misread is checked.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -195,12 +196,12 @@ void parallel_items(int64_t n, const F& fn) {
   });
 }
 
-void store(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, const at::Tensor& slot_mapping,
-           const at::Tensor& heads, int64_t value_offset, int64_t pad_begin, at::IntArrayRef k_spec,
-           at::TensorList k_tabs, at::IntArrayRef v_spec, at::TensorList v_tabs,
-           const c10::optional<at::Tensor>& k_shift, const c10::optional<at::Tensor>& k_scale,
-           const c10::optional<at::Tensor>& v_shift, const c10::optional<at::Tensor>& v_scale,
-           at::IntArrayRef sinks, int64_t isa) {
+// One head group's store with its codecs parsed (the ``store`` op and ``FormatPlan``'s ``forward`` share it).
+void store_group(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, const at::Tensor& slot_mapping,
+                 const at::Tensor& heads, int64_t value_offset, int64_t pad_begin, const CodecDesc& k_codec,
+                 const CodecDesc& v_codec, const c10::optional<at::Tensor>& k_shift,
+                 const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_shift,
+                 const c10::optional<at::Tensor>& v_scale, at::IntArrayRef sinks, int64_t isa) {
   TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && key.stride(2) == 1 && value.stride(2) == 1 &&
                   key.scalar_type() == value.scalar_type() && key.device().is_cpu(),
               "vllm_kvq_cpu::store: key/value must be CPU (N, Hk, D) of one dtype with a contiguous last dim");
@@ -235,8 +236,8 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, co
   a.v_shift = optional_ptr(v_shift, hk, d, "v_shift");
   a.v_scale = optional_ptr(v_scale, hk, d, "v_scale");
   a.sinks = sinks_of(sinks, cache, d);
-  a.k = codec_of(k_spec, k_tabs);
-  a.v = codec_of(v_spec, v_tabs);
+  a.k = k_codec;
+  a.v = v_codec;
   TORCH_CHECK(a.k.dim == d && a.v.dim == d && a.value_offset == a.k.nbytes && a.pad_begin == a.k.nbytes + a.v.nbytes &&
                   a.pad_begin <= a.slot_bytes,
               "vllm_kvq_cpu::store: codec sizes do not match the key and the cache slot");
@@ -248,14 +249,26 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, co
   at::parallel_for(0, total, 16, [&](int64_t b, int64_t e) { KVQ_DISPATCH(which, store_range, a, b, e); });
 }
 
-void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor& cache, const at::Tensor& block_table,
-                     const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& heads,
-                     int64_t value_offset, double scale, at::IntArrayRef k_spec, at::TensorList k_tabs,
-                     at::IntArrayRef v_spec, at::TensorList v_tabs, const c10::optional<at::Tensor>& k_scale,
-                     const c10::optional<at::Tensor>& v_shift, const c10::optional<at::Tensor>& v_scale,
-                     at::IntArrayRef sinks, int64_t lut_from, int64_t num_splits, int64_t skip_from, int64_t isa,
-                     const c10::optional<at::Tensor>& bias_q, const c10::optional<at::Tensor>& bias_table,
-                     bool exclude_self, const c10::optional<at::Tensor>& lse) {
+void store(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, const at::Tensor& slot_mapping,
+           const at::Tensor& heads, int64_t value_offset, int64_t pad_begin, at::IntArrayRef k_spec,
+           at::TensorList k_tabs, at::IntArrayRef v_spec, at::TensorList v_tabs,
+           const c10::optional<at::Tensor>& k_shift, const c10::optional<at::Tensor>& k_scale,
+           const c10::optional<at::Tensor>& v_shift, const c10::optional<at::Tensor>& v_scale,
+           at::IntArrayRef sinks, int64_t isa) {
+  store_group(key, value, cache, slot_mapping, heads, value_offset, pad_begin, codec_of(k_spec, k_tabs),
+              codec_of(v_spec, v_tabs), k_shift, k_scale, v_shift, v_scale, sinks, isa);
+}
+
+// One head group's attention with its codecs parsed (the ``paged_attention`` op and ``FormatPlan``'s
+// ``forward`` share it).
+void attend_group(const at::Tensor& query, at::Tensor& out, const at::Tensor& cache, const at::Tensor& block_table,
+                  const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& heads,
+                  int64_t value_offset, double scale, const CodecDesc& k_codec, const CodecDesc& v_codec,
+                  const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_shift,
+                  const c10::optional<at::Tensor>& v_scale, at::IntArrayRef sinks, int64_t lut_from,
+                  int64_t num_splits, int64_t skip_from, int64_t isa, const c10::optional<at::Tensor>& bias_q,
+                  const c10::optional<at::Tensor>& bias_table, bool exclude_self,
+                  const c10::optional<at::Tensor>& lse) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && out.sizes() == query.sizes() && out.stride(2) == 1 &&
                   out.scalar_type() == query.scalar_type() && query.device().is_cpu(),
               "vllm_kvq_cpu::paged_attention: query/out must be CPU (N, Hq, D) of one dtype, last dim contiguous");
@@ -348,8 +361,8 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
   a.lut_from = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(lut_from, INT32_MAX)));
   a.num_tokens = static_cast<int>(query.size(0));
   a.num_q_heads = static_cast<int>(hq);
-  a.k = codec_of(k_spec, k_tabs);
-  a.v = codec_of(v_spec, v_tabs);
+  a.k = k_codec;
+  a.v = v_codec;
   TORCH_CHECK(a.k.dim == d && a.v.dim == d && a.value_offset == a.k.nbytes &&
                   a.value_offset + a.v.nbytes <= cache.size(3),
               "vllm_kvq_cpu::paged_attention: codec sizes do not match the query and the cache slot");
@@ -426,6 +439,81 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
       KVQ_DISPATCH(which, merge_splits, a, static_cast<int>(splits), decode_rows.data(), b, e);
     });
   }
+}
+
+void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor& cache, const at::Tensor& block_table,
+                     const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& heads,
+                     int64_t value_offset, double scale, at::IntArrayRef k_spec, at::TensorList k_tabs,
+                     at::IntArrayRef v_spec, at::TensorList v_tabs, const c10::optional<at::Tensor>& k_scale,
+                     const c10::optional<at::Tensor>& v_shift, const c10::optional<at::Tensor>& v_scale,
+                     at::IntArrayRef sinks, int64_t lut_from, int64_t num_splits, int64_t skip_from, int64_t isa,
+                     const c10::optional<at::Tensor>& bias_q, const c10::optional<at::Tensor>& bias_table,
+                     bool exclude_self, const c10::optional<at::Tensor>& lse) {
+  attend_group(query, out, cache, block_table, seq_lens, query_start_loc, heads, value_offset, scale,
+               codec_of(k_spec, k_tabs), codec_of(v_spec, v_tabs), k_scale, v_shift, v_scale, sinks, lut_from,
+               num_splits, skip_from, isa, bias_q, bias_table, exclude_self, lse);
+}
+
+// A format's arguments parsed once (vllm_kvq/kernels/cpu.py: format_plan): its head groups' codecs and the
+// tensors they point into (kept alive here), the per-head shifts and scales, the sink area. vLLM-CPU's
+// per-layer hot path then passes one object instead of ~20 arguments and re-parses nothing.
+struct FormatPlan : torch::CustomClassHolder {
+  struct Group {
+    at::Tensor heads;
+    int64_t value_offset, pad_begin;
+    CodecDesc k, v;
+    std::vector<at::Tensor> tables;  // what k and v point into
+  };
+  std::vector<Group> groups;
+  c10::optional<at::Tensor> k_shift, k_scale, v_shift, v_scale;
+  std::vector<int64_t> sinks;
+
+  FormatPlan(c10::optional<at::Tensor> k_shift_, c10::optional<at::Tensor> k_scale_,
+             c10::optional<at::Tensor> v_shift_, c10::optional<at::Tensor> v_scale_, std::vector<int64_t> sinks_)
+      : k_shift(std::move(k_shift_)), k_scale(std::move(k_scale_)), v_shift(std::move(v_shift_)),
+        v_scale(std::move(v_scale_)), sinks(std::move(sinks_)) {
+    TORCH_CHECK(sinks.size() == 3, "vllm_kvq_cpu::FormatPlan: sinks needs [tokens, offset, bytes]");
+  }
+
+  void add_group(at::Tensor heads, int64_t value_offset, int64_t pad_begin, std::vector<int64_t> k_spec,
+                 std::vector<at::Tensor> k_tabs, std::vector<int64_t> v_spec, std::vector<at::Tensor> v_tabs) {
+    TORCH_CHECK(heads.scalar_type() == at::kInt && heads.is_contiguous() && heads.dim() == 1 && heads.numel() > 0,
+                "vllm_kvq_cpu::FormatPlan: heads must be a non-empty contiguous int32 vector");
+    Group g{heads, value_offset, pad_begin, codec_of(k_spec, k_tabs), codec_of(v_spec, v_tabs), {}};
+    g.tables.insert(g.tables.end(), k_tabs.begin(), k_tabs.end());
+    g.tables.insert(g.tables.end(), v_tabs.begin(), v_tabs.end());
+    groups.push_back(std::move(g));
+  }
+
+  int64_t num_groups() const { return static_cast<int64_t>(groups.size()); }
+};
+
+// vLLM-CPU's attention layer in one call: stores the step's key/value (when given) into their slots, then
+// attends every query row over the packed cache, writing out (N, Hq, D) (every row a sequence owns; rows
+// past query_start_loc[-1] are left as they are). Same kernels and bytes as ``store`` + ``paged_attention``.
+void forward(const at::Tensor& query, at::Tensor& out, const c10::optional<at::Tensor>& key,
+             const c10::optional<at::Tensor>& value, at::Tensor& cache, const at::Tensor& slot_mapping,
+             const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+             const c10::intrusive_ptr<FormatPlan>& plan, double scale, int64_t lut_from, int64_t isa) {
+  TORCH_CHECK(plan->num_groups() > 0, "vllm_kvq_cpu::forward: the plan has no head groups");
+  TORCH_CHECK(key.has_value() == value.has_value(), "vllm_kvq_cpu::forward: pass both key and value, or neither");
+  if (key.has_value() && key->size(0) > 0) {
+    const at::Tensor slots = slot_mapping.scalar_type() == at::kLong ? slot_mapping : slot_mapping.to(at::kLong);
+    for (const auto& g : plan->groups)
+      store_group(*key, *value, cache, slots.contiguous(), g.heads, g.value_offset, g.pad_begin, g.k, g.v,
+                  plan->k_shift, plan->k_scale, plan->v_shift, plan->v_scale, plan->sinks, isa);
+  }
+  if (query.size(0) == 0 || seq_lens.numel() == 0) return;
+  // vLLM-CPU's metadata is int32 with a contiguous block table row; anything else is converted, not refused.
+  const auto as_int = [](const at::Tensor& t) { return t.scalar_type() == at::kInt ? t : t.to(at::kInt); };
+  const at::Tensor bt = block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.stride(1) == 1
+                            ? block_table
+                            : as_int(block_table).contiguous();
+  const at::Tensor lens = as_int(seq_lens).contiguous(), qsl = as_int(query_start_loc).contiguous();
+  for (const auto& g : plan->groups)
+    attend_group(query, out, cache, bt, lens, qsl, g.heads, g.value_offset, scale, g.k,
+                 g.v, plan->k_scale, plan->v_shift, plan->v_scale, plan->sinks, lut_from, 0, 0, isa, c10::nullopt,
+                 c10::nullopt, false, c10::nullopt);
 }
 
 // Decodes context tokens [0, length) of sequence seq for the head group into float32 (gh, length, D) K and V
@@ -505,6 +593,11 @@ void rotate(const at::Tensor& x, at::Tensor& y, at::IntArrayRef spec, at::Tensor
 }  // namespace
 
 TORCH_LIBRARY(vllm_kvq_cpu, m) {
+  m.class_<FormatPlan>("FormatPlan")
+      .def(torch::init<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+                       c10::optional<at::Tensor>, std::vector<int64_t>>())
+      .def("add_group", &FormatPlan::add_group)
+      .def("num_groups", &FormatPlan::num_groups);
   m.def(
       "store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor heads, int value_offset, "
       "int pad_begin, int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, Tensor? k_shift, "
@@ -519,6 +612,10 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
       "decode_context(Tensor cache, Tensor block_table, int seq, int length, Tensor heads, int value_offset, "
       "int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, int[] sinks, Tensor(a!) k_out, Tensor(b!) v_out, "
       "int isa) -> ()");
+  m.def(
+      "forward(Tensor query, Tensor(a!) out, Tensor? key, Tensor? value, Tensor(b!) cache, Tensor slot_mapping, "
+      "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, __torch__.torch.classes.vllm_kvq_cpu.FormatPlan plan, "
+      "float scale, int lut_from, int isa) -> ()");
   m.def("rotate(Tensor x, Tensor(a!) y, int[] spec, Tensor[] tabs, bool inverse) -> ()");
   m.def("best_isa() -> str", &best_isa);
   m.def("has_isa(int isa) -> bool", &has_isa);
@@ -529,4 +626,5 @@ TORCH_LIBRARY_IMPL(vllm_kvq_cpu, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("decode_context", &decode_context);
   m.impl("rotate", &rotate);
+  m.impl("forward", &forward);
 }

@@ -26,7 +26,7 @@ def _prompt_lp(out):
 
 
 def _kvq_impls():
-    """Which implementations the plugin's ops dispatched to in this process, e.g. ["paged_attention:cpu"]."""
+    """Which implementations the plugin's ops dispatched to in this job, e.g. ["paged_attention:cpu"]."""
     from vllm_kvq import ops
 
     return ops.used()
@@ -35,6 +35,10 @@ def _kvq_impls():
 def run_job(job):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from vllm_kvq import ops
+
+    ops._used.clear()  # kvq_impls: this job's dispatch only
 
     kwargs = dict(model=job["model"], kv_cache_dtype=job["dtype"], enforce_eager=True, dtype="bfloat16",
                   max_model_len=job.get("max_model_len", 1024), seed=0, kv_cache_memory_bytes=job.get("kv_bytes", 1 << 26))

@@ -64,7 +64,7 @@ def _load() -> str | None:
     except (OSError, RuntimeError) as e:
         return f"the CPU extension {spec.origin} does not load ({e})"
     for name in ("vllm_kvq_cpu::store", "vllm_kvq_cpu::paged_attention", "vllm_kvq_cpu::decode_context",
-                 "vllm_kvq_cpu::rotate"):
+                 "vllm_kvq_cpu::rotate", "vllm_kvq_cpu::forward"):
         try:  # both ops only mutate their arguments: nothing to compute for fake tensors
             torch.library.register_fake(name)(lambda *args, **kwargs: None)
         except RuntimeError:  # already registered by an earlier load in this process
@@ -205,6 +205,45 @@ def _fmt_args(fmt: KVFormat) -> tuple[torch.Tensor | None, list[int]]:
         args = (v_scale, [fmt.sink_tokens, fmt.sink_offset, fmt.sink_bytes])
         _FMT_ARGS[fmt] = args
     return args
+
+
+_PLANS: "weakref.WeakKeyDictionary[KVFormat, torch.ScriptObject]" = weakref.WeakKeyDictionary()
+
+
+def format_plan(fmt: KVFormat) -> torch.ScriptObject:
+    """The extension's ``FormatPlan`` of ``fmt``: its head groups' codecs parsed once, the per-head shifts and
+    scales, the sink area (made once per format; ``forward`` takes it instead of ~20 arguments per call)."""
+    plan = _PLANS.get(fmt)
+    if plan is None:
+        why = why_not(fmt)
+        if why is not None:
+            _refuse("forward", fmt, why)
+        if fmt.key_rope is not None or fmt.exact_self:
+            raise ValueError(f"the CPU forward does not take format {fmt.name!r}: position-aware key centring and "
+                             f"exact_self go through paged_attention")
+        v_scale, sinks = _fmt_args(fmt)
+        plan = torch.classes.vllm_kvq_cpu.FormatPlan(fmt.k_shift, fmt.k_scale, fmt.v_shift, v_scale, sinks)
+        for heads, vo, pad, ks, kt, vs, vt in _group_args(fmt):
+            plan.add_group(heads, vo, pad, ks, kt, vs, vt)
+        _PLANS[fmt] = plan
+    return plan
+
+
+def forward(query: torch.Tensor,  # (N, Hq, D), last dim contiguous
+            out: torch.Tensor,  # (N, Hq, D) of the query's dtype: rows of sequences are written
+            key: torch.Tensor | None,  # (N, Hk, D) this step's keys, or None (nothing to store)
+            value: torch.Tensor | None,
+            cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+            query_start_loc: torch.Tensor,  # int32, as vLLM-CPU's metadata holds them
+            plan: torch.ScriptObject, *, scale: float, isa: str = "best") -> None:
+    """``store`` then ``paged_attention`` in one native call, with the format's ``format_plan``: vLLM-CPU's
+    per-layer hot path (``KVQAttentionImpl.forward``), where ~20 arguments converted per op call and the
+    Python checks around them cost more than a short decode's kernels. The caller has the shapes right (vLLM's
+    layer does); the extension still refuses what it would misread (dtypes, strides, slots past the cache,
+    sequences past their block table)."""
+    torch.ops.vllm_kvq_cpu.forward(query, out, key, value, cache, slot_mapping, block_table, seq_lens,
+                                   query_start_loc, plan, float(scale), -1 if FIB_LUT_FROM is None else FIB_LUT_FROM,
+                                   _isa(isa))
 
 
 def _isa(isa: str) -> int:

@@ -122,10 +122,11 @@ def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat, decode
         if picked is None:
             picked = _PICKED[fmt] = {}
         key = (op, device.type, decode, group, ORDER.get(device.type))
-        fn = picked.get(key)
-        if fn is None:
-            fn = picked[key] = _choose(op, device, fmt, decode, group)
-        return fn
+        choice = picked.get(key)
+        if choice is None:
+            choice = picked[key] = _choose(op, device, fmt, decode, group)
+        _used.add(choice[1])
+        return choice[0]
     table = _table()
     if impl is None:
         impl = _FORCED_IMPL
@@ -140,16 +141,16 @@ def _pick(op: str, impl: str | None, device: torch.device, fmt: KVFormat, decode
     return getattr(table[impl], op)
 
 
-# fmt -> {(op, device type, decode, group): the implementation's op}: ``_pick``'s choices without a forced impl.
+# fmt -> {(op, device type, decode, group): (the implementation's op, (op, impl))}: ``_pick``'s choices without a
+# forced impl.
 _PICKED: "weakref.WeakKeyDictionary[KVFormat, dict]" = weakref.WeakKeyDictionary()
 
 
-def _choose(op: str, device: torch.device, fmt: KVFormat, decode: bool, group: int) -> Callable:
-    """The first implementation in ``ORDER`` that takes the call; logs the choice (and why faster ones
-    declined) once per (op, implementation, format)."""
+def _choose(op: str, device: torch.device, fmt: KVFormat, decode: bool, group: int) -> tuple[Callable, tuple[str, str]]:
+    """(the first implementation in ``ORDER`` that takes the call, (op, its name)); logs the choice (and why
+    faster ones declined) once per (op, implementation, format)."""
     reasons = plan(fmt, device, op, decode, group)
     name = next(n for n, why in reasons.items() if why is None)
-    _used.add((op, name))
     key = (op, name, fmt.name)
     if key not in _announced:
         _announced.add(key)
@@ -157,7 +158,32 @@ def _choose(op: str, device: torch.device, fmt: KVFormat, decode: bool, group: i
                             and list(reasons).index(n) < list(reasons).index(name))
         logger.info("vllm_kvq: %s of %s runs the %s implementation on %s%s", op, fmt.name, name, device.type,
                     f" ({skipped})" if skipped else "")
-    return getattr(_table()[name], op)
+    return getattr(_table()[name], op), (op, name)
+
+
+def fused_plan(fmt: KVFormat, device: torch.device | str, group: int = 1):
+    """The CPU extension's parsed ``FormatPlan`` of ``fmt`` when a layer's store and attention may run as one
+    native call (``kernels.cpu.forward``): on a CPU, where the dispatch (``VLLM_KVQ_IMPL`` included) picks the CPU
+    kernels for the store and for decode and prefill attention, for formats without position-aware key centring
+    or ``exact_self`` (they need Python around the kernels); else None (the caller goes through ``store`` and
+    ``paged_attention``). Logs and records the choice as those would."""
+    device = torch.device(device)
+    table = _table()
+    if device.type != "cpu" or "cpu" not in table or fmt.key_rope is not None or fmt.exact_self:
+        return None
+    from vllm_kvq.kernels import cpu as _cpu
+
+    cpu = table["cpu"]
+    # The opt-in dense prefill path lives in Python.
+    if _cpu.DENSE_PREFILL_FROM is not None or cpu.why_not(fmt, "paged_attention", True, group) is not None:
+        return None
+    picks = [_pick("store", None, device, fmt, False, group) is cpu.store,
+             _pick("paged_attention", None, device, fmt, True, group) is cpu.paged_attention,
+             _pick("paged_attention", None, device, fmt, False, group) is cpu.paged_attention]
+    if not all(picks):
+        return None
+    _used.add(("forward", "cpu"))
+    return _cpu.format_plan(fmt)
 
 
 def _check_kv(name, t, n, fmt):
@@ -257,4 +283,4 @@ def _merge_self(out: torch.Tensor,  # (N, Hq, D): attention over every position 
     return merged.view(n, hq, d).to(out.dtype)
 
 
-__all__ = ["store", "paged_attention", "plan", "used", "IMPLS", "ORDER", "reference"]
+__all__ = ["store", "paged_attention", "fused_plan", "plan", "used", "IMPLS", "ORDER", "reference"]

@@ -41,6 +41,7 @@ from vllm.v1.attention.backend import (
 
 from vllm_kvq import config as _config
 from vllm_kvq import ops
+from vllm_kvq.kernels import cpu as cpu_kernels
 from vllm_kvq.kv_format import KVFormat
 from vllm_kvq.vllm.dtypes import CONFIG_DTYPE, SUPPORTED_HEAD_SIZES, config_for_dtype, is_kvq_dtype
 from vllm_kvq.vllm.formats import ModelShape, ServedFormats, preferred_block_size, slot_bytes
@@ -226,6 +227,8 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
                              f"TP ranks give {got}")
         self._fmt: KVFormat | None = None
         self._fmt_key: tuple[int | None, int | None] = (None, None)
+        # The CPU extension's parsed format (ops.fused_plan) when forward may store and attend in one native call.
+        self._plan = None
 
     @classmethod
     def served(cls, shape: ModelShape, block_size: int | None = None, draft: bool = False) -> ServedFormats:
@@ -280,6 +283,9 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
             formats = self._formats_at(block_size)
             self._fmt = formats.for_layer(_layer_index(layer.layer_name), cache_slot)
             self._fmt_key = (block_size, cache_slot)
+            self._plan = None
+            if self.store_in_forward and kv_cache is not None:
+                self._plan = ops.fused_plan(self._fmt, kv_cache.device, self.num_heads // self.num_kv_heads)
         return self._fmt
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -317,6 +323,20 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
         if attn_metadata is None:  # the profiling run: no cache yet
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
+        if self.store_in_forward and n and kv_cache.numel() and output.dtype == query.dtype:
+            fmt = self._format(layer, kv_cache)
+            if self._plan is not None:
+                # vLLM-CPU's hot path: store and attend in one native call, straight into vLLM's output buffer.
+                h, hk, d = self.num_heads, self.num_kv_heads, self.head_size
+                kv = key is not None and value is not None
+                md = attn_metadata
+                cpu_kernels.forward(query[:n].view(n, h, d), output[:n].view(n, h, d),
+                                    key[:n].view(n, hk, d) if kv else None, value[:n].view(n, hk, d) if kv else None,
+                                    kv_cache, md.slot_mapping[:n], md.block_table, md.seq_lens, md.query_start_loc,
+                                    self._plan, scale=self.scale)
+                if n < num_tokens:
+                    output[n:] = 0
+                return output
         step_kv = None if key is None or value is None else (key[:n].view(n, self.num_kv_heads, self.head_size),
                                                               value[:n].view(n, self.num_kv_heads, self.head_size))
         if self.store_in_forward and step_kv is not None and n and kv_cache.numel():
