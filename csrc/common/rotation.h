@@ -5,6 +5,9 @@
 
 #include <cmath>
 #include <cstdint>
+#if defined(KVQ_AVX512) && KVQ_AVX512
+#include <immintrin.h>
+#endif
 
 namespace kvq {
 
@@ -31,12 +34,50 @@ static inline void fwht_inplace(float* x, int d) {
   }
 }
 
+#if defined(KVQ_AVX512) && KVQ_AVX512
+// fwht_inplace for D a multiple of 16 in the CPU kernels' AVX-512 build (csrc/cpu/kernels_avx512.cpp defines
+// KVQ_AVX512 under its target pragma, which does not define __AVX512F__): the same
+// butterflies, each output element the same single a + b or a - b of the same two inputs, so the same bits.
+// Levels h < 16 pair lanes of one vector (a lane permute, then an add and a masked subtract); h >= 16
+// pairs whole vectors.
+static inline void fwht_inplace_avx512(float* x, int d) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int i = 0; i < d; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    for (int h = 1; h < 16; h *= 2) {
+      const __m512 p = _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(h)), v);
+      // lanes with bit h set hold x[j + h] (b); their partner p holds x[j] (a): a - b there, a + b elsewhere
+      const __mmask16 upper = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(h));
+      v = _mm512_mask_sub_ps(_mm512_add_ps(v, p), upper, p, v);
+    }
+    _mm512_storeu_ps(x + i, v);
+  }
+  for (int h = 16; h < d; h *= 2)
+    for (int i = 0; i < d; i += 2 * h)
+      for (int j = i; j < i + h; j += 16) {
+        const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + h);
+        _mm512_storeu_ps(x + j, _mm512_add_ps(a, b));
+        _mm512_storeu_ps(x + j + h, _mm512_sub_ps(a, b));
+      }
+}
+#endif
+
+static inline void fwht(float* x, int d) {
+#if defined(KVQ_AVX512) && KVQ_AVX512
+  if (d % 16 == 0) {
+    fwht_inplace_avx512(x, d);
+    return;
+  }
+#endif
+  fwht_inplace(x, d);
+}
+
 // y = R x (x and y must not alias).
 static inline void rotate_apply(const Rotation& r, const float* x, float* y) {
   const int d = r.dim;
   if (r.kind == kRotHadamard) {
     for (int i = 0; i < d; ++i) y[i] = x[i] * r.signs[i];
-    fwht_inplace(y, d);
+    fwht(y, d);
     for (int i = 0; i < d; ++i) y[i] *= r.norm;
   } else if (r.kind == kRotDense) {
     for (int i = 0; i < d; ++i) {
@@ -55,7 +96,7 @@ static inline void rotate_inverse(const Rotation& r, const float* y, float* x) {
   const int d = r.dim;
   if (r.kind == kRotHadamard) {
     for (int i = 0; i < d; ++i) x[i] = y[i];
-    fwht_inplace(x, d);
+    fwht(x, d);
     for (int i = 0; i < d; ++i) x[i] = x[i] * r.norm * r.signs[i];
   } else if (r.kind == kRotDense) {
     for (int j = 0; j < d; ++j) x[j] = 0.f;
