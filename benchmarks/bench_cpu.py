@@ -7,6 +7,8 @@
     python benchmarks/bench_cpu.py prefill --threads 1     # one layer's prefill (store + attention) vs bf16
     python benchmarks/bench_cpu.py e2e MODEL_DIR           # vLLM-CPU decode step and prefill per dtype
     python benchmarks/bench_cpu.py serve MODEL_DIR         # `vllm bench serve` per dtype
+    python benchmarks/bench_cpu.py offline MODEL_DIR       # serving-like offline run per dtype, rounds alternated
+    python benchmarks/bench_cpu.py offline MODEL_DIR --no-amx   # the same with vLLM's and oneDNN's AMX off
 
 kernel: per (model, batch x context): our decode attention over the packed paged cache, vLLM-CPU's own bf16
 paged attention (``torch.ops._C.cpu_attention_with_kv_cache``, what its CPU_ATTN backend calls) over a bf16
@@ -32,6 +34,11 @@ repetition of each in turn, and the table gives each one's median milliseconds a
 e2e: one vLLM engine per dtype (one process each, one after another): per batch x context, the prefill time
 (the whole batch in one step) and the mean decode step time over 32 steps, from vLLM's per-request timestamps.
 serve: starts ``vllm serve`` per dtype and runs vLLM's load client on random 512-in / 64-out prompts.
+offline: the serve workload without HTTP (``LLM.generate`` of N random 512-token prompts, 64 tokens out each,
+``max_num_seqs`` 8, eager), one engine per dtype in one child process, dtypes alternated for ``--rounds``
+rounds; per dtype the median output tokens per second and its ratio to bf16 (``auto``). ``--no-amx`` tells
+vLLM's CPU attention the CPU has no AMX and holds oneDNN to AVX512-BF16 (an AMX machine then stands in for a
+CPU without AMX, such as AMD Zen 4).
 """
 
 from __future__ import annotations
@@ -430,12 +437,61 @@ def serve(a) -> None:
         print(f"{dtype:14} {r['output_throughput']:9.1f} {ratio:7.2f} {r['mean_tpot_ms']:8.1f} {r['mean_ttft_ms']:8.1f}")
 
 
+def _offline_child(cfg: dict) -> dict:
+    if cfg["no_amx"]:  # before vLLM picks its attention ISA (ONEDNN_MAX_CPU_ISA comes from the parent's env)
+        torch.cpu._is_amx_tile_supported = lambda: False
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = torch.Generator().manual_seed(0)
+    n, p_len, o_len = cfg["prompts"], cfg["input"], cfg["output"]
+    sp = SamplingParams(max_tokens=o_len, min_tokens=o_len, ignore_eos=True, temperature=0)
+    out: dict[str, list[float]] = {d: [] for d in cfg["dtypes"]}
+    for _ in range(cfg["rounds"]):
+        for dtype in cfg["dtypes"]:
+            llm = LLM(model=cfg["model_dir"], kv_cache_dtype=dtype, enforce_eager=True, dtype="bfloat16",
+                      kv_cache_memory_bytes=cfg["kv_bytes"], max_num_seqs=8, max_model_len=p_len + o_len + 16, seed=0)
+            vocab = llm.get_tokenizer().vocab_size
+            prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, vocab - 100, (p_len,), generator=rng).tolist())
+                       for _ in range(n)]
+            llm.generate(prompts, sp, use_tqdm=False)  # warm-up: the first full run is slower for every dtype
+            t0 = time.perf_counter()
+            llm.generate(prompts, sp, use_tqdm=False)
+            out[dtype].append(n * o_len / (time.perf_counter() - t0))
+            del llm
+    return out
+
+
+def offline(a) -> None:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    if a.no_amx:
+        env["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
+    cfg = {"model_dir": a.model_dir, "dtypes": a.dtypes, "prompts": a.prompts, "input": a.input_len,
+           "output": a.output_len, "rounds": a.rounds, "kv_bytes": a.kv_bytes, "no_amx": a.no_amx}
+    proc = subprocess.run([sys.executable, __file__, "_offline_child", json.dumps(cfg)], capture_output=True, text=True,
+                          env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"offline run failed\n{proc.stderr[-3000:]}")
+    res = json.loads(lines[-1])
+    base = statistics.median(res["auto"]) if "auto" in res else None
+    print(f"{a.prompts} prompts x {a.input_len} in / {a.output_len} out, 8 concurrent, {a.rounds} rounds"
+          f"{' (AMX off)' if a.no_amx else ''}")
+    print(f"{'dtype':14} {'out tok/s':>9} {'x bf16':>7}  per round")
+    for dtype, r in res.items():
+        m = statistics.median(r)
+        print(f"{dtype:14} {m:9.1f} {m / base if base else float('nan'):7.2f}  {' '.join(f'{x:.1f}' for x in r)}")
+
+
 def _shape(s: str) -> tuple[int, int]:
     b, c = s.lower().split("x")
     return int(b), int(c)
 
 
 def main(argv=None) -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_offline_child":
+        print(json.dumps(_offline_child(json.loads(sys.argv[2]))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_e2e_child":
         print(json.dumps(_e2e_child(sys.argv[2], sys.argv[3], [tuple(c) for c in json.loads(sys.argv[4])], 33)))
         return
@@ -475,8 +531,18 @@ def main(argv=None) -> None:
             p.add_argument("--port", type=int, default=8102)
             p.add_argument("--prompts", type=int, default=48)
             p.add_argument("--kv-bytes", type=int, default=2 << 30, help="KV-cache bytes of every server")
+    o = sub.add_parser("offline")
+    o.add_argument("model_dir")
+    o.add_argument("--dtypes", type=lambda s: s.split(","), default=["auto", "turboquant4", "turboquant3"])
+    o.add_argument("--prompts", type=int, default=48)
+    o.add_argument("--input-len", type=int, default=512)
+    o.add_argument("--output-len", type=int, default=64)
+    o.add_argument("--rounds", type=int, default=2)
+    o.add_argument("--kv-bytes", type=int, default=2 << 30, help="KV-cache bytes of every engine")
+    o.add_argument("--no-amx", action="store_true",
+                   help="vLLM's CPU attention and oneDNN without AMX (a stand-in for CPUs without it)")
     a = ap.parse_args(argv)
-    {"kernel": kernel, "fib": fib, "prefill": prefill, "e2e": e2e, "serve": serve}[a.what](a)
+    {"kernel": kernel, "fib": fib, "prefill": prefill, "e2e": e2e, "serve": serve, "offline": offline}[a.what](a)
 
 
 if __name__ == "__main__":
