@@ -534,7 +534,9 @@ def _fused_case(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, layout="con
     plan = kc.format_plan(fmt)
     assert plan.num_groups() == len(fmt.groups)
     out = torch.full((n + 2, hq, d), 7.0, dtype=dtype)
-    kc.forward(q, out[:n], k_ctx[new], v_ctx[new], got, batch.ctx_slots[new], *meta, plan, scale=d ** -0.5, isa=isa)
+    # int32 slots (vLLM-CPU's are int64): converted by the extension
+    kc.forward(q, out[:n], k_ctx[new], v_ctx[new], got, batch.ctx_slots[new].int(), *meta, plan, scale=d ** -0.5,
+               isa=isa)
     assert torch.equal(got, want)
     assert torch.equal(out[:n], ref), (out[:n].float() - ref.float()).abs().max()
     assert (out[n:] == 7).all()

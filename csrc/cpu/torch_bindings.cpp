@@ -498,9 +498,9 @@ void forward(const at::Tensor& query, at::Tensor& out, const c10::optional<at::T
   TORCH_CHECK(plan->num_groups() > 0, "vllm_kvq_cpu::forward: the plan has no head groups");
   TORCH_CHECK(key.has_value() == value.has_value(), "vllm_kvq_cpu::forward: pass both key and value, or neither");
   if (key.has_value() && key->size(0) > 0) {
-    const at::Tensor slots = slot_mapping.scalar_type() == at::kLong ? slot_mapping : slot_mapping.to(at::kLong);
+    const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();  // no copy when already so
     for (const auto& g : plan->groups)
-      store_group(*key, *value, cache, slots.contiguous(), g.heads, g.value_offset, g.pad_begin, g.k, g.v,
+      store_group(*key, *value, cache, slots, g.heads, g.value_offset, g.pad_begin, g.k, g.v,
                   plan->k_shift, plan->k_scale, plan->v_shift, plan->v_scale, plan->sinks, isa);
   }
   if (query.size(0) == 0 || seq_lens.numel() == 0) return;

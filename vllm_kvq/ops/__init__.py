@@ -174,8 +174,7 @@ def fused_plan(fmt: KVFormat, device: torch.device | str, group: int = 1):
     from vllm_kvq.kernels import cpu as _cpu
 
     cpu = table["cpu"]
-    # The opt-in dense prefill path lives in Python.
-    if _cpu.DENSE_PREFILL_FROM is not None or cpu.why_not(fmt, "paged_attention", True, group) is not None:
+    if _cpu.DENSE_PREFILL_FROM is not None:  # the opt-in dense prefill path lives in Python
         return None
     picks = [_pick("store", None, device, fmt, False, group) is cpu.store,
              _pick("paged_attention", None, device, fmt, True, group) is cpu.paged_attention,

@@ -324,7 +324,7 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
         if self.store_in_forward and n and kv_cache.numel() and output.dtype == query.dtype:
-            fmt = self._format(layer, kv_cache)
+            self._format(layer, kv_cache)  # sets self._plan when the format changes
             if self._plan is not None:
                 # vLLM-CPU's hot path: store and attend in one native call, straight into vLLM's output buffer.
                 h, hk, d = self.num_heads, self.num_kv_heads, self.head_size
