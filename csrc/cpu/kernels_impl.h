@@ -520,57 +520,57 @@ inline __m256i unpack8(const uint8_t* p) {
                                              _mm256_permutevar8x32_epi32(hi, even), 0xF0), mask);
 }
 
-// Codes 0..7 of B bits in the 16-byte window at w, the first at byte delta of it (shuffle indices + delta).
-template <int B>
-inline __m256i unpack8_window(const Segment& g, const uint8_t* w, __m256i shuf) {
-  const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(x, shuf), g.shift), _mm256_set1_epi32((1 << B) - 1));
-}
-
-// Codebook lookup of 8 codes: one register permute for up to 8 entries, two and a blend on bit 3 for 16, a
-// gather beyond.
-template <int B>
-inline __m256 lookup(const Segment& g, __m256i idx) {
-  if (B <= 3) return _mm256_permutevar8x32_ps(g.cb0, idx);
-  if (B == 4)
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(g.cb0, idx), _mm256_permutevar8x32_ps(g.cb1, idx),
-                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-  return _mm256_i32gather_ps(g.cent, idx, 4);
-}
-
 // Values of one segment of every row of a tile: TurboQuant centroids (MODE 1) or uniform q * scale + min
 // (MODE 2), rows ptrs[jj] + offset written to out + jj * dp.
 template <int B, int MODE>
 inline void decode_segment_tile(const Segment& g, const CodecDesc& c, const uint8_t* const* ptrs, int n, int offset,
                                 float* out, int64_t dp) {
+  // The segment's fields in locals: the stores below go through float pointers the compiler cannot prove
+  // apart from g, and would otherwise reload every field per chunk.
+  const __m256i shuf = g.shuf, shift = g.shift, mask = _mm256_set1_epi32((1 << B) - 1);
+  const __m256 cb0 = g.cb0, cb1 = g.cb1;
+  const int nwin = g.nwin, nfull = g.nfull, nseg = g.n, win_last = g.win_last, start = g.start;
+  const float* cent = g.cent;
+  auto window = [&](const uint8_t* w, __m256i ctl) {
+    const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(x, ctl), shift), mask);
+  };
+  auto emit = [&](const uint8_t* row, float* y, int k, __m256i idx) {
+    if (MODE == 1) {
+      __m256 v;
+      if (B <= 3)
+        v = _mm256_permutevar8x32_ps(cb0, idx);
+      else if (B == 4)
+        v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(cb0, idx), _mm256_permutevar8x32_ps(cb1, idx),
+                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+      else
+        v = _mm256_i32gather_ps(cent, idx, 4);
+      _mm256_storeu_ps(y + k, v);  // a second segment may start off 8
+    } else {
+      const uint8_t* m = row + c.meta + 4 * ((start + k) / c.gs);
+      // multiply then add, as the reference does (no fused rounding)
+      _mm256_storeu_ps(y + k, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(idx), _mm256_set1_ps(half_at(m))),
+                                            _mm256_set1_ps(half_at(m + 2))));
+    }
+  };
   for (int jj = 0; jj < n; ++jj) {
     const uint8_t* row = ptrs[jj] + offset;
     const uint8_t* seg = row + g.byte0;
-    float* y = out + jj * dp + g.start;
-    for (int k = 0; k < g.nfull; k += 8) {
-      __m256i idx;
-      if (k < g.nwin) {
-        idx = unpack8_window<B>(g, seg + k / 8 * B, g.shuf);
-      } else if (g.win_last >= 0) {  // the row's last 16 bytes, indices moved to this chunk's first byte
-        idx = unpack8_window<B>(g, seg + g.win_last, _mm256_add_epi8(g.shuf, _mm256_set1_epi8(static_cast<char>(k / 8 * B - g.win_last))));
-      } else {
-        idx = unpack8<B>(seg + k / 8 * B);
-      }
-      if (MODE == 1) {
-        _mm256_storeu_ps(y + k, lookup<B>(g, idx));  // a second segment may start off 8
-      } else {
-        const uint8_t* m = row + c.meta + 4 * ((g.start + k) / c.gs);
-        // multiply then add, as the reference does (no fused rounding)
-        _mm256_storeu_ps(y + k, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(idx), _mm256_set1_ps(half_at(m))),
-                                              _mm256_set1_ps(half_at(m + 2))));
-      }
+    float* y = out + jj * dp + start;
+    int k = 0, at = 0;  // chunk k / 8 starts at byte at = k / 8 * B of the segment
+    for (; k < nwin; k += 8, at += B) emit(row, y, k, window(seg + at, shuf));
+    if (win_last >= 0) {  // the row's last 16 bytes, indices moved to each chunk's first byte
+      for (; k < nfull; k += 8, at += B)
+        emit(row, y, k, window(seg + win_last, _mm256_add_epi8(shuf, _mm256_set1_epi8(static_cast<char>(at - win_last)))));
+    } else {
+      for (; k < nfull; k += 8, at += B) emit(row, y, k, unpack8<B>(seg + at));
     }
-    for (int k = g.nfull; k < g.n; ++k) {
+    for (; k < nseg; ++k) {
       const uint32_t q = unpack_one(seg, k, B);
       if (MODE == 1) {
-        y[k] = g.cent[q];
+        y[k] = cent[q];
       } else {
-        const uint8_t* m = row + c.meta + 4 * ((g.start + k) / c.gs);
+        const uint8_t* m = row + c.meta + 4 * ((start + k) / c.gs);
         y[k] = static_cast<float>(q) * half_at(m) + half_at(m + 2);
       }
     }
@@ -923,6 +923,29 @@ inline void patch_sinks(const Args& a, const TileRows& t, int n, int side, float
   }
 }
 
+// _mm_prefetch in a loop that computes nothing else is deleted by gcc 12 at -O3 (the loop has no side
+// effect it must keep); a volatile asm statement stays.
+inline void prefetch_line(const uint8_t* p) { asm volatile("prefetcht0 (%0)" : : "r"(p)); }
+
+// Asks for the slots of context tokens [j0, j1) (the next tile) while this one computes: a decode item
+// does little work per byte, and without this each tile's first touch of its rows waits on memory. A run
+// of tokens within one block is one byte range when its slots lie close together (the usual layout).
+inline void prefetch_rows(const AttnArgs& a, const uint8_t* head_base, const int32_t* bt, int j0, int j1,
+                          int64_t span) {
+  for (int j = j0; j < j1;) {
+    const int bi = j / a.block_size, off = j % a.block_size;
+    const int end = j1 < (bi + 1) * a.block_size ? j1 : (bi + 1) * a.block_size;
+    const uint8_t* p = head_base + static_cast<int64_t>(bt[bi]) * a.sB + static_cast<int64_t>(off) * a.sT;
+    if (a.sC == 1 && a.sT <= 2 * span) {
+      const uint8_t* last = p + static_cast<int64_t>(end - 1 - j) * a.sT + span;
+      for (; p < last; p += 64) prefetch_line(p);
+    } else {
+      for (int k = j; k < end; ++k, p += a.sT) prefetch_line(p);
+    }
+    j = end;
+  }
+}
+
 }  // namespace
 
 #include "key_bias.h"
@@ -1087,6 +1110,10 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   for (int j0 = w.c0; j0 < c_end; j0 += kTile) {
     const int n = c_end - j0 < kTile ? c_end - j0 : kTile;
     const bool any_sink = gather_tile(a, head_base, bt, j0, n, span, copies, t);
+#if !KVQ_AVX512
+    if (nq == 1 && j0 + kTile < c_end)  // a decode item reads each row once: ask for the next tile's now
+      prefetch_rows(a, head_base, bt, j0 + kTile, c_end < j0 + 2 * kTile ? c_end : j0 + 2 * kTile, span);
+#endif
 #if KVQ_AVX512
     if (fused && !any_sink) {
       if (j0 + kTile < c_end)
