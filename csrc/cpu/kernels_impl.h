@@ -395,7 +395,7 @@ struct Segment {
   int start, n, b, byte0;  // coordinates [start, start + n) at b bits, packed from byte byte0
   int nfull;               // codes unpacked 8 at a time (n rounded down to 8); the rest one by one
   int nwin;                // codes whose 16-byte window starts at their own first byte (the rest: at row_end - 16)
-  int win_last;            // row bytes - 16 - byte0: where the clamped window starts, from the segment (< 0: none)
+  int win_last;            // row bytes - 16 - byte0: where the row's last 16 bytes start, from the segment
   __m256i shuf, shift;     // dword j <- bytes (j b) / 8 and the next; its shift (j b) % 8
   __m256 cb0, cb1;         // codebook entries 0..7 and 8..15
   const float* cent;
@@ -530,6 +530,7 @@ inline void decode_segment_tile(const Segment& g, const CodecDesc& c, const uint
   const __m256i shuf = g.shuf, shift = g.shift, mask = _mm256_set1_epi32((1 << B) - 1);
   const __m256 cb0 = g.cb0, cb1 = g.cb1;
   const int nwin = g.nwin, nfull = g.nfull, nseg = g.n, win_last = g.win_last, start = g.start;
+  const bool row_fits = win_last + g.byte0 >= 0;  // the codec's row holds 16 bytes
   const float* cent = g.cent;
   auto window = [&](const uint8_t* w, __m256i ctl) {
     const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
@@ -559,7 +560,7 @@ inline void decode_segment_tile(const Segment& g, const CodecDesc& c, const uint
     float* y = out + jj * dp + start;
     int k = 0, at = 0;  // chunk k / 8 starts at byte at = k / 8 * B of the segment
     for (; k < nwin; k += 8, at += B) emit(row, y, k, window(seg + at, shuf));
-    if (win_last >= 0) {  // the row's last 16 bytes, indices moved to each chunk's first byte
+    if (row_fits) {  // the row's last 16 bytes (before this segment, for a late one), indices moved per chunk
       for (; k < nfull; k += 8, at += B)
         emit(row, y, k, window(seg + win_last, _mm256_add_epi8(shuf, _mm256_set1_epi8(static_cast<char>(at - win_last)))));
     } else {
@@ -615,7 +616,8 @@ inline void decode_tile(const RowDecoder& r, const uint8_t* const* ptrs, int n, 
         float* y = out + jj * dp;
         for (int i = 0; i < d8; i += 8) {
           const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i));
-          _mm256_store_ps(y + i, r.mode == 3 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+          // unaligned: decode_context hands rows of stride D, any head size
+          _mm256_storeu_ps(y + i, r.mode == 3 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
                                              : _mm256_cvtph_ps(h));
         }
         for (int i = d8; i < d; ++i) y[i] = load_elem(row, i, r.mode == 3 ? kBF16In : kF16);
@@ -923,6 +925,7 @@ inline void patch_sinks(const Args& a, const TileRows& t, int n, int side, float
   }
 }
 
+// (x86-64 only, like every build of csrc/cpu: setup.py compiles it on x86-64 alone.)
 // _mm_prefetch in a loop that computes nothing else is deleted by gcc 12 at -O3 (the loop has no side
 // effect it must keep); a volatile asm statement stays.
 inline void prefetch_line(const uint8_t* p) { asm volatile("prefetcht0 (%0)" : : "r"(p)); }
