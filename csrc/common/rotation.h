@@ -5,7 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
-#if defined(KVQ_AVX512) && KVQ_AVX512
+#if (defined(KVQ_AVX512) && KVQ_AVX512) || (defined(KVQ_AVX2) && KVQ_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -62,10 +62,41 @@ static inline void fwht_inplace_avx512(float* x, int d) {
 }
 #endif
 
+#if defined(KVQ_AVX2) && KVQ_AVX2
+// fwht_inplace for D a multiple of 8 in the CPU kernels' AVX2 build, the same butterflies and bits as the
+// AVX-512 one: levels h < 8 pair lanes of one vector (an in-register permute, an add, a subtract and a
+// blend), h >= 8 pairs whole vectors.
+template <int H>
+static inline __m256 fwht_lanes_avx2(__m256 v) {
+  // p holds each lane's partner; lanes with bit H set hold x[j + H] (b) and take a - b = p - v
+  const __m256 p = H == 1 ? _mm256_permute_ps(v, 0xB1) : H == 2 ? _mm256_permute_ps(v, 0x4E)
+                                                                : _mm256_permute2f128_ps(v, v, 0x01);
+  return _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), H == 1 ? 0xAA : H == 2 ? 0xCC : 0xF0);
+}
+
+static inline void fwht_inplace_avx2(float* x, int d) {
+  for (int i = 0; i < d; i += 8)
+    _mm256_storeu_ps(x + i, fwht_lanes_avx2<4>(fwht_lanes_avx2<2>(fwht_lanes_avx2<1>(_mm256_loadu_ps(x + i)))));
+  for (int h = 8; h < d; h *= 2)
+    for (int i = 0; i < d; i += 2 * h)
+      for (int j = i; j < i + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
+        _mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+        _mm256_storeu_ps(x + j + h, _mm256_sub_ps(a, b));
+      }
+}
+#endif
+
 static inline void fwht(float* x, int d) {
 #if defined(KVQ_AVX512) && KVQ_AVX512
   if (d % 16 == 0) {
     fwht_inplace_avx512(x, d);
+    return;
+  }
+#endif
+#if defined(KVQ_AVX2) && KVQ_AVX2
+  if (d % 8 == 0) {
+    fwht_inplace_avx2(x, d);
     return;
   }
 #endif

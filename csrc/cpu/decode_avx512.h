@@ -178,29 +178,6 @@ inline void for_row_blocks(int rows, const F& fn) {
   }
 }
 
-// _mm_prefetch in a loop that computes nothing else is deleted by gcc 12 at -O3 (the loop has no side
-// effect it must keep); a volatile asm statement stays.
-inline void prefetch_line(const uint8_t* p) { asm volatile("prefetcht0 (%0)" : : "r"(p)); }
-
-// Asks for the slots of context tokens [j0, j1) (the next tile) while this one computes: a decode item
-// does little work per byte, and without this each tile's first touch of its rows waits on memory. A run
-// of tokens within one block is one byte range when its slots lie close together (the usual layout).
-inline void prefetch_rows(const AttnArgs& a, const uint8_t* head_base, const int32_t* bt, int j0, int j1,
-                          int64_t span) {
-  for (int j = j0; j < j1;) {
-    const int bi = j / a.block_size, off = j % a.block_size;
-    const int end = j1 < (bi + 1) * a.block_size ? j1 : (bi + 1) * a.block_size;
-    const uint8_t* p = head_base + static_cast<int64_t>(bt[bi]) * a.sB + static_cast<int64_t>(off) * a.sT;
-    if (a.sC == 1 && a.sT <= 2 * span) {
-      const uint8_t* last = p + static_cast<int64_t>(end - 1 - j) * a.sT + span;
-      for (; p < last; p += 64) prefetch_line(p);
-    } else {
-      for (int k = j; k < end; ++k, p += a.sT) prefetch_line(p);
-    }
-    j = end;
-  }
-}
-
 // One tile of n context tokens [j0, j0 + n) (no sink among them) for the `rows` query rows of a decode item
 // (query token tok, query heads qh0 + r): scores, online softmax (m, l per row), values into acc. t.ptrs past n are pointed at a valid row (their scores
 // are computed and masked, as tile_scores does). kscale / vscale: kTile floats of scratch.

@@ -1,6 +1,8 @@
-// The portable kernels compiled for AVX2 + FMA + F16C (every x86-64 CPU since Haswell / Zen 1): the compiler
-// vectorizes the plain C++ loops 8 floats wide with fused multiply-adds. Chosen at run time on CPUs without
-// the AVX-512 subset the hand-written build needs. Standard headers come first, outside the target pragma.
+// The kernels built for AVX2 + FMA + F16C (every x86-64 CPU since Haswell / Zen 1): kernels_impl.h's
+// hand-written 8-wide tile loops (code unpack, codebook lookup, scores, softmax, value sums); the rest is the
+// portable C++, which the compiler vectorizes 8 floats wide with fused multiply-adds. Chosen at run time on
+// CPUs without the AVX-512 subset the AVX-512 build needs. Standard headers come first, outside the target
+// pragma.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -10,6 +12,7 @@
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2")
 
 #define KVQ_AVX512 0
+#define KVQ_AVX2 1
 #define KVQ_ISA avx2
 #include "kernels_impl.h"
 

@@ -14,6 +14,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,fma,f16c,bmi,bmi2")
 
 #define KVQ_AVX512 1
+#define KVQ_AVX2 0
 #define KVQ_ISA avx512
 #include "kernels_impl.h"
 

@@ -1,5 +1,6 @@
 // The CPU kernels, compiled once per ISA: kernels_avx512.cpp defines KVQ_AVX512 1 under an AVX-512 target
-// pragma, kernels_portable.cpp compiles the same code as plain C++. KVQ_ISA names the namespace.
+// pragma, kernels_avx2.cpp KVQ_AVX2 1 under an AVX2 + FMA + F16C one (8-wide tile loops), kernels_portable.cpp
+// compiles the same code as plain C++. KVQ_ISA names the namespace.
 //
 // Attention works on tiles of kTile context tokens: a tile's K codes are decoded once into a float32 tile
 // in the key codec's rotated domain, every query row of the work item (the G query heads of one KV head,
@@ -18,7 +19,7 @@
 #include "../common/codec.h"
 #include "kernels.h"
 
-#if KVQ_AVX512
+#if KVQ_AVX512 || KVQ_AVX2
 #include <immintrin.h>
 #endif
 
@@ -382,6 +383,396 @@ inline void tile_accumulate(float* acc, float alpha, const float* p, const float
   }
 }
 
+#elif KVQ_AVX2
+
+// The AVX2 + FMA + F16C build's tile loops, 8 floats wide. Codes of b bits are unpacked 8 at a time: a
+// 16-byte window of the row holding the b bytes of 8 codes is broadcast to both 128-bit lanes, a byte shuffle
+// puts the two bytes at code j's first bit into dword j, a variable shift brings the code to bit 0. The window
+// never leaves the codec's row (codes and metadata): near the row's end it is the row's last 16 bytes and
+// the shuffle indices move by the difference. Rows under 16 bytes take the two bytes per code from scalar
+// loads instead. Codebooks of up to 16 entries are looked up in registers.
+struct Segment {
+  int start, n, b, byte0;  // coordinates [start, start + n) at b bits, packed from byte byte0
+  int nfull;               // codes unpacked 8 at a time (n rounded down to 8); the rest one by one
+  int nwin;                // codes whose 16-byte window starts at their own first byte (the rest: at row_end - 16)
+  int win_last;            // row bytes - 16 - byte0: where the row's last 16 bytes start, from the segment
+  __m256i shuf, shift;     // dword j <- bytes (j b) / 8 and the next; its shift (j b) % 8
+  __m256 cb0, cb1;         // codebook entries 0..7 and 8..15
+  const float* cent;
+};
+
+struct RowDecoder {
+  const CodecDesc* c;
+  int mode;  // 0 scalar, 1 TurboQuant (unscaled centroids; the row scale is returned), 2 uniform, 3 bf16, 4 fp16
+  int nseg;
+  Segment seg[2];
+};
+
+inline __m256 load_book(const float* cent, int first, int w) {
+  alignas(32) float e[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int i = 0; i < 8 && first + i < w; ++i) e[i] = cent[first + i];
+  return _mm256_load_ps(e);
+}
+
+// row_bytes: the codec's packed bytes (codes, then metadata); the windows stay inside them.
+inline Segment make_segment(int start, int n, int b, int byte0, const float* cent, int row_bytes) {
+  Segment g;
+  std::memset(static_cast<void*>(&g), 0, sizeof(g));
+  g.start = start;
+  g.n = n;
+  g.b = b;
+  g.byte0 = byte0;
+  g.nfull = n / 8 * 8;
+  g.win_last = row_bytes - 16 - byte0;
+  // chunk k (codes 8k ..) starts at byte k b of the segment; its window fits from there while k b <= win_last
+  g.nwin = g.win_last < 0 ? 0 : (g.win_last / b + 1) * 8;
+  if (g.nwin > g.nfull) g.nwin = g.nfull;
+  alignas(32) int8_t shuf[32];
+  alignas(32) int32_t shift[8];
+  for (int j = 0; j < 8; ++j) {
+    const int bit = j * b;
+    int8_t* d = shuf + 4 * j;  // both 128-bit lanes hold the same window: indices 0..15 in each
+    d[0] = static_cast<int8_t>(bit / 8);
+    d[1] = static_cast<int8_t>(bit / 8 + 1);  // read only when the code reaches into it (masked off otherwise)
+    d[2] = d[3] = static_cast<int8_t>(0x80);   // zero
+    shift[j] = bit % 8;
+  }
+  g.shuf = _mm256_load_si256(reinterpret_cast<const __m256i*>(shuf));
+  g.shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(shift));
+  g.cent = cent;
+  if (cent) {
+    g.cb0 = load_book(cent, 0, 1 << b);
+    g.cb1 = load_book(cent, 8, 1 << b);
+  }
+  return g;
+}
+
+RowDecoder make_decoder(const CodecDesc& c) {
+  RowDecoder r;
+  std::memset(static_cast<void*>(&r), 0, sizeof(r));
+  r.c = &c;
+  if (c.kind == kTurboQuant && c.b0 <= 8 && (c.n0 == c.dim || c.b1 <= 8)) {
+    r.mode = 1;
+    r.nseg = c.n0 < c.dim ? 2 : 1;
+    r.seg[0] = make_segment(0, c.n0, c.b0, 0, c.cent0, c.nbytes);
+    if (r.nseg == 2) r.seg[1] = make_segment(c.n0, c.dim - c.n0, c.b1, c.seg1, c.cent1, c.nbytes);
+  } else if (c.kind == kUniform && c.b0 <= 8 && c.gs % 8 == 0) {
+    r.mode = 2;
+    r.nseg = 1;
+    r.seg[0] = make_segment(0, c.dim, c.b0, 0, nullptr, c.nbytes);
+  } else if (c.kind == kBF16 || c.kind == kFP16) {
+    r.mode = c.kind == kBF16 ? 3 : 4;
+  }
+  return r;
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// The B bytes at p as a little-endian integer, from loads of 1, 2, 4 or 8 bytes assembled in registers (a
+// memcpy of 3, 5, 6 or 7 bytes goes through the stack, and the wide load that reads it back stalls on store
+// forwarding).
+template <int N>
+inline uint64_t load_n(const uint8_t* p) {
+  if (N == 1) return p[0];
+  if (N == 2) {
+    uint16_t v;
+    std::memcpy(&v, p, 2);
+    return v;
+  }
+  if (N == 4) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+  }
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+template <int B>
+inline uint64_t load_le(const uint8_t* p) {
+  if (B == 1 || B == 2 || B == 4 || B == 8) return load_n<B>(p);
+  if (B == 3) return load_n<2>(p) | load_n<1>(p + 2) << 16;
+  if (B == 5) return load_n<4>(p) | load_n<1>(p + 4) << 32;
+  if (B == 6) return load_n<4>(p) | load_n<2>(p + 4) << 32;
+  return load_n<4>(p) | load_n<2>(p + 4) << 32 | load_n<1>(p + 6) << 48;
+}
+
+// Codes 0..7 of B bits from the B bytes at p (code j at bits [j B, (j + 1) B)), one per 32-bit lane.
+template <int B>
+inline __m256i unpack8(const uint8_t* p) {
+  const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
+  if (B <= 4) {
+    const uint32_t w = static_cast<uint32_t>(load_le<B>(p));
+    const __m256i sh = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), sh), mask);
+  }
+  const uint64_t w = load_le<B>(p);
+  const __m256i v = _mm256_set1_epi64x(static_cast<long long>(w));
+  const __m256i lo = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, B, 2 * B, 3 * B));
+  const __m256i hi = _mm256_srlv_epi64(v, _mm256_setr_epi64x(4 * B, 5 * B, 6 * B, 7 * B));
+  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);  // each qword's low dword
+  return _mm256_and_si256(_mm256_blend_epi32(_mm256_permutevar8x32_epi32(lo, even),
+                                             _mm256_permutevar8x32_epi32(hi, even), 0xF0), mask);
+}
+
+// Values of one segment of every row of a tile: TurboQuant centroids (MODE 1) or uniform q * scale + min
+// (MODE 2), rows ptrs[jj] + offset written to out + jj * dp.
+template <int B, int MODE>
+inline void decode_segment_tile(const Segment& g, const CodecDesc& c, const uint8_t* const* ptrs, int n, int offset,
+                                float* out, int64_t dp) {
+  // The segment's fields in locals: the stores below go through float pointers the compiler cannot prove
+  // apart from g, and would otherwise reload every field per chunk.
+  const __m256i shuf = g.shuf, shift = g.shift, mask = _mm256_set1_epi32((1 << B) - 1);
+  const __m256 cb0 = g.cb0, cb1 = g.cb1;
+  const int nwin = g.nwin, nfull = g.nfull, nseg = g.n, win_last = g.win_last, start = g.start;
+  const bool row_fits = win_last + g.byte0 >= 0;  // the codec's row holds 16 bytes
+  const float* cent = g.cent;
+  auto window = [&](const uint8_t* w, __m256i ctl) {
+    const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(x, ctl), shift), mask);
+  };
+  auto emit = [&](const uint8_t* row, float* y, int k, __m256i idx) {
+    if (MODE == 1) {
+      __m256 v;
+      if (B <= 3)
+        v = _mm256_permutevar8x32_ps(cb0, idx);
+      else if (B == 4)
+        v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(cb0, idx), _mm256_permutevar8x32_ps(cb1, idx),
+                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+      else
+        v = _mm256_i32gather_ps(cent, idx, 4);
+      _mm256_storeu_ps(y + k, v);  // a second segment may start off 8
+    } else {
+      const uint8_t* m = row + c.meta + 4 * ((start + k) / c.gs);
+      // multiply then add, as the reference does (no fused rounding)
+      _mm256_storeu_ps(y + k, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(idx), _mm256_set1_ps(half_at(m))),
+                                            _mm256_set1_ps(half_at(m + 2))));
+    }
+  };
+  for (int jj = 0; jj < n; ++jj) {
+    const uint8_t* row = ptrs[jj] + offset;
+    const uint8_t* seg = row + g.byte0;
+    float* y = out + jj * dp + start;
+    int k = 0, at = 0;  // chunk k / 8 starts at byte at = k / 8 * B of the segment
+    for (; k < nwin; k += 8, at += B) emit(row, y, k, window(seg + at, shuf));
+    if (row_fits) {  // the row's last 16 bytes (before this segment, for a late one), indices moved per chunk
+      for (; k < nfull; k += 8, at += B)
+        emit(row, y, k, window(seg + win_last, _mm256_add_epi8(shuf, _mm256_set1_epi8(static_cast<char>(at - win_last)))));
+    } else {
+      for (; k < nfull; k += 8, at += B) emit(row, y, k, unpack8<B>(seg + at));
+    }
+    for (; k < nseg; ++k) {
+      const uint32_t q = unpack_one(seg, k, B);
+      if (MODE == 1) {
+        y[k] = cent[q];
+      } else {
+        const uint8_t* m = row + c.meta + 4 * ((start + k) / c.gs);
+        y[k] = static_cast<float>(q) * half_at(m) + half_at(m + 2);
+      }
+    }
+  }
+}
+
+template <int MODE>
+inline void decode_segment_bits(const Segment& g, const CodecDesc& c, const uint8_t* const* ptrs, int n, int offset,
+                                float* out, int64_t dp) {
+  switch (g.b) {
+    case 1: decode_segment_tile<1, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 2: decode_segment_tile<2, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 3: decode_segment_tile<3, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 4: decode_segment_tile<4, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 5: decode_segment_tile<5, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 6: decode_segment_tile<6, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    case 7: decode_segment_tile<7, MODE>(g, c, ptrs, n, offset, out, dp); break;
+    default: decode_segment_tile<8, MODE>(g, c, ptrs, n, offset, out, dp); break;
+  }
+}
+
+// Decodes the rows at ptrs[jj] + offset (jj < n) into out rows of stride dp (rotated domain) and writes the
+// factor each row's values still need into scales[jj]: TurboQuant's scale (applied to a whole tile of scores
+// or weights at once), 1 for the other codecs.
+inline void decode_tile(const RowDecoder& r, const uint8_t* const* ptrs, int n, int offset, float* out, int64_t dp,
+                        float* scales) {
+  const CodecDesc& c = *r.c;
+  const int d = c.dim, d8 = d / 8 * 8;
+  switch (r.mode) {
+    case 1:
+      for (int si = 0; si < r.nseg; ++si) decode_segment_bits<1>(r.seg[si], c, ptrs, n, offset, out, dp);
+      for (int jj = 0; jj < n; ++jj) scales[jj] = half_at(ptrs[jj] + offset + c.meta);
+      return;
+    case 2:
+      decode_segment_bits<2>(r.seg[0], c, ptrs, n, offset, out, dp);
+      for (int jj = 0; jj < n; ++jj) scales[jj] = 1.f;
+      return;
+    case 3:
+    case 4:
+      for (int jj = 0; jj < n; ++jj) {
+        const uint8_t* row = ptrs[jj] + offset;
+        float* y = out + jj * dp;
+        for (int i = 0; i < d8; i += 8) {
+          const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i));
+          // unaligned: decode_context hands rows of stride D, any head size
+          _mm256_storeu_ps(y + i, r.mode == 3 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                                             : _mm256_cvtph_ps(h));
+        }
+        for (int i = d8; i < d; ++i) y[i] = load_elem(row, i, r.mode == 3 ? kBF16In : kF16);
+        scales[jj] = 1.f;
+      }
+      return;
+    default:
+      for (int jj = 0; jj < n; ++jj) {
+        decode_rotated_scalar(c, ptrs[jj] + offset, out + jj * dp);
+        scales[jj] = 1.f;
+      }
+  }
+}
+
+// s[jj] *= f[jj] for a tile
+inline void scale_tile(float* s, const float* f) {
+  for (int g = 0; g < kTile; g += 8) _mm256_store_ps(s + g, _mm256_mul_ps(_mm256_load_ps(s + g), _mm256_load_ps(f + g)));
+}
+
+// exp for attention weights: Cody-Waite reduction to |f| <= ln2/2 and a degree-6 polynomial (relative error
+// ~2e-7), 2^n put in the exponent field; inputs below -87 give 0.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  // n is in [-126, 127] after the clamp: 2^n is a normal float
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// Lane u of the result is the sum of v[u]'s 8 lanes.
+inline __m256 hsum8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+inline float hmax(__m256 v) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// Lanes [0, k) set (k clamped to [0, 8]).
+inline __m256 lanes_below(int k) {
+  k = k < 0 ? 0 : (k > 8 ? 8 : k);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+// s[jj] = q . kt[jj] for jj < nv rounded up to 8 (rows past the valid ones are computed and masked by the caller).
+inline void tile_scores(const float* q, const float* kt, int d, int64_t dp, int nv, float* s) {
+  const int d8 = d / 8 * 8;
+  for (int g = 0; g < nv; g += 8) {
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+    for (int ch = 0; ch < d8; ch += 8) {
+      const __m256 qv = _mm256_load_ps(q + ch);
+#pragma GCC unroll 8
+      for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_load_ps(kt + (g + u) * dp + ch), acc[u]);
+    }
+    _mm256_store_ps(s + g, hsum8(acc));
+    for (int u = 0; u < 8 && d8 < d; ++u) {
+      float t = 0.f;
+      for (int i = d8; i < d; ++i) t += q[i] * kt[(g + u) * dp + i];
+      s[g + u] += t;
+    }
+  }
+}
+
+// Online softmax over one row's tile of scores: p = exp(s - m_new) for the nv valid tokens (0 past them),
+// returns alpha = exp(m_old - m_new) and updates m, l.
+inline float softmax_tile(float* s, int nv, float* m, float* l) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  for (int g = 0; g < nv; g += 8)
+    mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_load_ps(s + g), lanes_below(nv - g)));
+  const float m_new = std::fmax(*m, hmax(mx));
+  const float alpha = std::exp(*m - m_new);
+  const __m256 mv = _mm256_set1_ps(m_new);
+  __m256 sum = _mm256_setzero_ps();
+  for (int g = 0; g < kTile; g += 8) {
+    const __m256 p = _mm256_and_ps(lanes_below(nv - g), exp256(_mm256_sub_ps(_mm256_load_ps(s + g), mv)));
+    _mm256_store_ps(s + g, p);
+    sum = _mm256_add_ps(sum, p);
+  }
+  *l = *l * alpha + hsum(sum);
+  *m = m_new;
+  return alpha;
+}
+
+// acc[0 .. 8 NC) = acc * alpha + sum_jj p[jj] vt[jj][0 .. 8 NC), even and odd tokens in two chains.
+template <int NC>
+inline void accumulate_chunks(float* acc, __m256 al, const float* p, const float* vt, int64_t dp, int nv) {
+  __m256 a[NC], b[NC];
+#pragma GCC unroll 4
+  for (int c = 0; c < NC; ++c) {
+    a[c] = _mm256_mul_ps(_mm256_load_ps(acc + 8 * c), al);
+    b[c] = _mm256_setzero_ps();
+  }
+  int jj = 0;
+  for (; jj + 1 < nv; jj += 2) {
+    const __m256 p0 = _mm256_set1_ps(p[jj]), p1 = _mm256_set1_ps(p[jj + 1]);
+    const float* v0 = vt + jj * dp;
+    const float* v1 = v0 + dp;
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) {
+      a[c] = _mm256_fmadd_ps(p0, _mm256_load_ps(v0 + 8 * c), a[c]);
+      b[c] = _mm256_fmadd_ps(p1, _mm256_load_ps(v1 + 8 * c), b[c]);
+    }
+  }
+  if (jj < nv) {
+    const __m256 p0 = _mm256_set1_ps(p[jj]);
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) a[c] = _mm256_fmadd_ps(p0, _mm256_load_ps(vt + jj * dp + 8 * c), a[c]);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < NC; ++c) _mm256_store_ps(acc + 8 * c, _mm256_add_ps(a[c], b[c]));
+}
+
+// acc = acc * alpha + sum_jj p[jj] vt[jj]
+inline void tile_accumulate(float* acc, float alpha, const float* p, const float* vt, int d, int64_t dp, int nv) {
+  const __m256 al = _mm256_set1_ps(alpha);
+  const int d8 = d / 8 * 8;
+  int c0 = 0;
+  for (; d8 - c0 >= 32; c0 += 32) accumulate_chunks<4>(acc + c0, al, p, vt + c0, dp, nv);
+  switch ((d8 - c0) / 8) {
+    case 1: accumulate_chunks<1>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 2: accumulate_chunks<2>(acc + c0, al, p, vt + c0, dp, nv); break;
+    case 3: accumulate_chunks<3>(acc + c0, al, p, vt + c0, dp, nv); break;
+    default: break;
+  }
+  for (int i = d8; i < d; ++i) {
+    float t = acc[i] * alpha;
+    for (int jj = 0; jj < nv; ++jj) t += p[jj] * vt[jj * dp + i];
+    acc[i] = t;
+  }
+}
+
 #else  // portable
 
 struct RowDecoder {
@@ -531,6 +922,30 @@ inline void patch_sinks(const Args& a, const TileRows& t, int n, int side, float
     if (!t.sblk[jj]) continue;
     load_sink(a.sinks, a.head_dim, t.sblk[jj], a.sT, a.sC, t.soff[jj], side, out + jj * dp);
     scales[jj] = 1.f;
+  }
+}
+
+// (x86-64 only, like every build of csrc/cpu: setup.py compiles it on x86-64 alone.)
+// _mm_prefetch in a loop that computes nothing else is deleted by gcc 12 at -O3 (the loop has no side
+// effect it must keep); a volatile asm statement stays.
+inline void prefetch_line(const uint8_t* p) { asm volatile("prefetcht0 (%0)" : : "r"(p)); }
+
+// Asks for the slots of context tokens [j0, j1) (the next tile) while this one computes: a decode item
+// does little work per byte, and without this each tile's first touch of its rows waits on memory. A run
+// of tokens within one block is one byte range when its slots lie close together (the usual layout).
+inline void prefetch_rows(const AttnArgs& a, const uint8_t* head_base, const int32_t* bt, int j0, int j1,
+                          int64_t span) {
+  for (int j = j0; j < j1;) {
+    const int bi = j / a.block_size, off = j % a.block_size;
+    const int end = j1 < (bi + 1) * a.block_size ? j1 : (bi + 1) * a.block_size;
+    const uint8_t* p = head_base + static_cast<int64_t>(bt[bi]) * a.sB + static_cast<int64_t>(off) * a.sT;
+    if (a.sC == 1 && a.sT <= 2 * span) {
+      const uint8_t* last = p + static_cast<int64_t>(end - 1 - j) * a.sT + span;
+      for (; p < last; p += 64) prefetch_line(p);
+    } else {
+      for (int k = j; k < end; ++k, p += a.sT) prefetch_line(p);
+    }
+    j = end;
   }
 }
 
@@ -698,6 +1113,10 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   for (int j0 = w.c0; j0 < c_end; j0 += kTile) {
     const int n = c_end - j0 < kTile ? c_end - j0 : kTile;
     const bool any_sink = gather_tile(a, head_base, bt, j0, n, span, copies, t);
+#if !KVQ_AVX512
+    if (nq == 1 && j0 + kTile < c_end)  // a decode item reads each row once: ask for the next tile's now
+      prefetch_rows(a, head_base, bt, j0 + kTile, c_end < j0 + 2 * kTile ? c_end : j0 + 2 * kTile, span);
+#endif
 #if KVQ_AVX512
     if (fused && !any_sink) {
       if (j0 + kTile < c_end)

@@ -13,7 +13,8 @@ the end; codebooks of more than 1024 codewords (11 or 12 index bits), prefill ch
 codes into float tiles instead (the table would cost more than it saves).
 
 The extension picks its ISA at run time: the hand-written AVX-512 build when the CPU has F/BW/VL/DQ/VBMI, else
-the portable C++ compiled for AVX2 + FMA + F16C, else the portable C++ for the baseline ISA; ``isa=`` forces
+the AVX2 + FMA + F16C build (hand-written 8-wide tile loops, the rest the portable C++ vectorized by the
+compiler), else the portable C++ for the baseline ISA; ``isa=`` forces
 one (tests run all three), and the debug knob ``VLLM_KVQ_CPU_ISA`` (avx512, avx2 or portable) sets the default,
 e.g. to run a CPU without AVX-512's code path inside an engine. Threads come from ``at::parallel_for``, i.e. the
 OpenMP threads torch (and vLLM-CPU's thread binding) set up.
