@@ -1,5 +1,6 @@
 // Decode work items (one query token) over TurboQuant keys and values with codes of at most 4 bits, on
-// AVX-512; included by kernels_impl.h inside its ISA namespace (AVX-512 build only).
+// AVX-512: the codec's chunk decoders, fused_scores and fused_accumulate_rows that decode_fused.h's tile calls;
+// included by kernels_impl.h inside its ISA namespace (AVX-512 build only).
 //
 // attend_item's general path decodes a tile's codes into float tiles in memory and reads them back once per
 // query row. Here a token's codes are decoded in registers and used at once by every query row of its KV
@@ -75,11 +76,13 @@ inline __m512 t1(__m512 a, __m512 b) {
 inline __m512 t2(__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE)); }
 inline __m512 t3(__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD)); }
 
+constexpr int kScoreTokens = 16;  // tokens per fused_scores call: hsum16's lanes
+
 // Sums of RB query rows (q + r * dp) with the keys of 16 tokens (codes at ptrs[u] + offset, every pointer
 // valid) -> s[r * ss + u], unscaled. Token u's sum enters the tree at index kHsumOrder[u], as in tile_scores.
 template <int RB>
-inline void fused_scores16(const FusedCodec& f, const uint8_t* const* ptrs, int offset, const float* q, int64_t dp,
-                           float* s, int64_t ss) {
+inline void fused_scores(const FusedCodec& f, const uint8_t* const* ptrs, int offset, const float* q, int64_t dp,
+                         float* s, int64_t ss) {
   __m512 y[RB][2];
 #pragma GCC unroll 2
   for (int half = 0; half < 2; ++half) {
@@ -163,46 +166,6 @@ inline void fused_accumulate_rows(const FusedCodec& f, const uint8_t* const* ptr
     case 3: fused_accumulate<RB, 3>(f, c0, ptrs, offset, nv, p, ps, alpha, acc, dp); break;
     default: break;
   }
-}
-
-// Row blocks of up to 4 rows share each decoded token.
-template <typename F>
-inline void for_row_blocks(int rows, const F& fn) {
-  for (int r0 = 0; r0 < rows; r0 += 4) {
-    switch (rows - r0 < 4 ? rows - r0 : 4) {
-      case 1: fn(r0, std::integral_constant<int, 1>()); break;
-      case 2: fn(r0, std::integral_constant<int, 2>()); break;
-      case 3: fn(r0, std::integral_constant<int, 3>()); break;
-      default: fn(r0, std::integral_constant<int, 4>()); break;
-    }
-  }
-}
-
-// One tile of n context tokens [j0, j0 + n) (no sink among them) for the `rows` query rows of a decode item
-// (query token tok, query heads qh0 + r): scores, online softmax (m, l per row), values into acc. t.ptrs past n are pointed at a valid row (their scores
-// are computed and masked, as tile_scores does). kscale / vscale: kTile floats of scratch.
-inline void fused_decode_tile(const AttnArgs& a, const FusedCodec& fk, const FusedCodec& fv, TileRows& t, int j0,
-                              int n, int64_t tok, int qh0, int rows, const float* qr, int64_t dp, float* sc, float* mrow, float* lrow, float* acc,
-                              float* kscale, float* vscale, float* alpha) {
-  for (int jj = 0; jj < kTile; ++jj) {
-    if (jj >= n) t.ptrs[jj] = t.ptrs[0];
-    kscale[jj] = jj < n ? half_at(t.ptrs[jj] + fk.meta) : 0.f;
-    vscale[jj] = jj < n ? half_at(t.ptrs[jj] + a.value_offset + fv.meta) : 0.f;
-  }
-  for_row_blocks(rows, [&](int r0, auto rb) {
-    for (int g = 0; g < n; g += 16)
-      fused_scores16<decltype(rb)::value>(fk, t.ptrs + g, 0, qr + r0 * dp, dp, sc + r0 * kTile + g, kTile);
-  });
-  for (int r = 0; r < rows; ++r) {
-    scale_tile(sc + r * kTile, kscale);
-    add_key_bias(a, tok, qh0 + r, j0, n, sc + r * kTile);
-    alpha[r] = softmax_tile(sc + r * kTile, n, mrow + r, lrow + r);
-    scale_tile(sc + r * kTile, vscale);  // after the normalizer took the weights: V's per-token scales
-  }
-  for_row_blocks(rows, [&](int r0, auto rb) {
-    fused_accumulate_rows<decltype(rb)::value>(fv, t.ptrs, a.value_offset, n, sc + r0 * kTile, kTile, alpha + r0,
-                                               acc + r0 * dp, dp);
-  });
 }
 
 }  // namespace

@@ -725,47 +725,69 @@ inline float softmax_tile(float* s, int nv, float* m, float* l) {
   return alpha;
 }
 
-// acc[0 .. 8 NC) = acc * alpha + sum_jj p[jj] vt[jj][0 .. 8 NC), even and odd tokens in two chains.
-template <int NC>
-inline void accumulate_chunks(float* acc, __m256 al, const float* p, const float* vt, int64_t dp, int nv) {
-  __m256 a[NC], b[NC];
+// acc_r[0 .. 8 NC) = acc_r * alpha[r] + sum_jj p[r ps + jj] x(jj, c) over chunks c < NC, for RB rows (acc + r dp)
+// and tokens jj < nv, where x(jj, c) is token jj's 8 values of chunk c: a decoded tile's (tile_accumulate), or
+// codes decoded in registers, summed in the same order either way. Even and odd tokens go to two chains: one
+// chain of dependent FMAs per chunk would wait on the FMA latency, not its throughput.
+template <int RB, int NC, typename X>
+inline void accumulate_rows(float* acc, int64_t dp, const float* alpha, const float* p, int64_t ps, int nv,
+                            const X& x) {
+  __m256 a[RB][NC], b[RB][NC];
 #pragma GCC unroll 4
-  for (int c = 0; c < NC; ++c) {
-    a[c] = _mm256_mul_ps(_mm256_load_ps(acc + 8 * c), al);
-    b[c] = _mm256_setzero_ps();
-  }
-  int jj = 0;
-  for (; jj + 1 < nv; jj += 2) {
-    const __m256 p0 = _mm256_set1_ps(p[jj]), p1 = _mm256_set1_ps(p[jj + 1]);
-    const float* v0 = vt + jj * dp;
-    const float* v1 = v0 + dp;
+  for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < NC; ++c) {
-      a[c] = _mm256_fmadd_ps(p0, _mm256_load_ps(v0 + 8 * c), a[c]);
-      b[c] = _mm256_fmadd_ps(p1, _mm256_load_ps(v1 + 8 * c), b[c]);
+      a[r][c] = _mm256_mul_ps(_mm256_load_ps(acc + r * dp + 8 * c), _mm256_set1_ps(alpha[r]));
+      b[r][c] = _mm256_setzero_ps();
+    }
+  int jj = 0;
+  for (; jj + 1 < nv; jj += 2) {
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) {
+      const __m256 x0 = x(jj, c), x1 = x(jj + 1, c);
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) {
+        a[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(p[r * ps + jj]), x0, a[r][c]);
+        b[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(p[r * ps + jj + 1]), x1, b[r][c]);
+      }
     }
   }
   if (jj < nv) {
-    const __m256 p0 = _mm256_set1_ps(p[jj]);
 #pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) a[c] = _mm256_fmadd_ps(p0, _mm256_load_ps(vt + jj * dp + 8 * c), a[c]);
+    for (int c = 0; c < NC; ++c) {
+      const __m256 x0 = x(jj, c);
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) a[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(p[r * ps + jj]), x0, a[r][c]);
+    }
   }
 #pragma GCC unroll 4
-  for (int c = 0; c < NC; ++c) _mm256_store_ps(acc + 8 * c, _mm256_add_ps(a[c], b[c]));
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) _mm256_store_ps(acc + r * dp + 8 * c, _mm256_add_ps(a[r][c], b[r][c]));
+}
+
+// fn(c0, NC) over chunks [0, n) in groups of CG (a constant NC, so accumulators stay in registers), the last
+// group smaller.
+template <int CG, typename F>
+inline void for_chunk_groups(int n, const F& fn) {
+  int c0 = 0;
+  for (; c0 + CG <= n; c0 += CG) fn(c0, std::integral_constant<int, CG>());
+  switch (n - c0) {
+    case 1: fn(c0, std::integral_constant<int, 1>()); break;
+    case 2: if constexpr (CG > 2) fn(c0, std::integral_constant<int, 2>()); break;
+    case 3: if constexpr (CG > 3) fn(c0, std::integral_constant<int, 3>()); break;
+    default: break;
+  }
 }
 
 // acc = acc * alpha + sum_jj p[jj] vt[jj]
 inline void tile_accumulate(float* acc, float alpha, const float* p, const float* vt, int d, int64_t dp, int nv) {
-  const __m256 al = _mm256_set1_ps(alpha);
   const int d8 = d / 8 * 8;
-  int c0 = 0;
-  for (; d8 - c0 >= 32; c0 += 32) accumulate_chunks<4>(acc + c0, al, p, vt + c0, dp, nv);
-  switch ((d8 - c0) / 8) {
-    case 1: accumulate_chunks<1>(acc + c0, al, p, vt + c0, dp, nv); break;
-    case 2: accumulate_chunks<2>(acc + c0, al, p, vt + c0, dp, nv); break;
-    case 3: accumulate_chunks<3>(acc + c0, al, p, vt + c0, dp, nv); break;
-    default: break;
-  }
+  for_chunk_groups<4>(d8 / 8, [&](int c0, auto nc) {
+    const float* v = vt + 8 * c0;
+    accumulate_rows<1, decltype(nc)::value>(acc + 8 * c0, dp, &alpha, p, 0, nv,
+                                            [&](int jj, int c) { return _mm256_load_ps(v + jj * dp + 8 * c); });
+  });
   for (int i = d8; i < d; ++i) {
     float t = acc[i] * alpha;
     for (int jj = 0; jj < nv; ++jj) t += p[jj] * vt[jj * dp + i];
@@ -954,6 +976,7 @@ inline void prefetch_rows(const AttnArgs& a, const uint8_t* head_base, const int
 #include "key_bias.h"
 #if KVQ_AVX512
 #include "decode_avx512.h"
+#include "decode_fused.h"
 #include "prefill_avx512.h"
 #endif
 
