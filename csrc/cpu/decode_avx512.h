@@ -1,6 +1,6 @@
 // Decode work items (one query token) over TurboQuant keys and values with codes of at most 4 bits, on
-// AVX-512: the codec's chunk decoders, fused_scores and fused_accumulate_rows that decode_fused.h's tile calls;
-// included by kernels_impl.h inside its ISA namespace (AVX-512 build only).
+// AVX-512: the codec's chunk decoders, fused_scores and fused_accumulate_rows that decode_fused.h's tile calls
+// (decode_avx2.h is the AVX2 build's); included by kernels_impl.h inside its ISA namespace (AVX-512 build only).
 //
 // attend_item's general path decodes a tile's codes into float tiles in memory and reads them back once per
 // query row. Here a token's codes are decoded in registers and used at once by every query row of its KV

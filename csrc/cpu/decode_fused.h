@@ -1,6 +1,6 @@
 // The register-fused decode tile of the SIMD builds: a decode work item's tile over TurboQuant codes of at most
 // 4 bits, each token's codes decoded in registers and used at once by every query row of its KV head, no float
-// tile stored and reloaded. The ISA header before it (decode_avx512.h) gives FusedCodec,
+// tile stored and reloaded. The ISA header before it (decode_avx512.h, decode_avx2.h) gives FusedCodec,
 // make_fused, kScoreTokens (tokens per fused_scores call), fused_scores<RB> and fused_accumulate_rows<RB>, each
 // summing in the general path's order; included by kernels_impl.h inside its ISA namespace.
 #pragma once

@@ -87,6 +87,9 @@ struct AttnArgs {
   int exclude_self;
   float* lse;  // (N, Hq), heads contiguous, or null: each row's log-sum-exp of the scores it attended
   int64_t slse_n;
+  // 1: decode items take the general path (tiles decoded to float in memory) where the register-fused one
+  // (decode_fused.h) would run; a debug knob, so tests can compare the two bit for bit.
+  int general_decode;
   float* partial;  // (splits, N, Hq, D) when splitting
   float* ml;       // (splits, N, Hq, 2): running max and normalizer
   CodecDesc k, v;
@@ -99,6 +102,7 @@ struct AttnArgs {
   void merge_splits(const AttnArgs& a, int splits, const int32_t* rows, int64_t begin, int64_t end); \
   void decode_context(const AttnArgs& a, int s, int hslot, int c0, int c1, float* kout, float* vout); \
   bool supports(const CodecDesc& k, const CodecDesc& v, int head_dim);                        \
+  bool fused_decode(const CodecDesc& k, const CodecDesc& v);                                  \
   }
 
 constexpr int kMaxBiasHalf = 256;  // rotate-half pairs key centring supports (head size <= 512)

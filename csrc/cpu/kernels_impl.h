@@ -5,7 +5,8 @@
 // Attention works on tiles of kTile context tokens: a tile's K codes are decoded once into a float32 tile
 // in the key codec's rotated domain, every query row of the work item (the G query heads of one KV head,
 // times up to a chunk of query tokens in prefill) takes its scores from it, the online softmax updates,
-// the tile's V codes are decoded once and accumulated in the value codec's rotated domain. Queries are
+// the tile's V codes are decoded once and accumulated in the value codec's rotated domain (the SIMD builds'
+// decode items over TurboQuant codes of <= 4 bits skip the float tiles: decode_fused.h, same bits). Queries are
 // rotated once per item and outputs rotated back once per row. Everything here has internal linkage
 // (anonymous namespace or the ISA namespace), so the two builds never share a symbol.
 #pragma once
@@ -727,8 +728,8 @@ inline float softmax_tile(float* s, int nv, float* m, float* l) {
 
 // acc_r[0 .. 8 NC) = acc_r * alpha[r] + sum_jj p[r ps + jj] x(jj, c) over chunks c < NC, for RB rows (acc + r dp)
 // and tokens jj < nv, where x(jj, c) is token jj's 8 values of chunk c: a decoded tile's (tile_accumulate), or
-// codes decoded in registers, summed in the same order either way. Even and odd tokens go to two chains: one
-// chain of dependent FMAs per chunk would wait on the FMA latency, not its throughput.
+// codes decoded in registers (decode_avx2.h), summed in the same order either way. Even and odd tokens go to two
+// chains: one chain of dependent FMAs per chunk would wait on the FMA latency, not its throughput.
 template <int RB, int NC, typename X>
 inline void accumulate_rows(float* acc, int64_t dp, const float* alpha, const float* p, int64_t ps, int nv,
                             const X& x) {
@@ -976,8 +977,12 @@ inline void prefetch_rows(const AttnArgs& a, const uint8_t* head_base, const int
 #include "key_bias.h"
 #if KVQ_AVX512
 #include "decode_avx512.h"
-#include "decode_fused.h"
 #include "prefill_avx512.h"
+#elif KVQ_AVX2
+#include "decode_avx2.h"
+#endif
+#if KVQ_AVX512 || KVQ_AVX2
+#include "decode_fused.h"
 #endif
 
 // ----------------------------------------------------------------------------------------------- store
@@ -1036,6 +1041,20 @@ bool supports(const CodecDesc& k, const CodecDesc& v, int head_dim) {
   return head_dim % 16 == 0 && k.dim == head_dim && v.dim == head_dim;
 #else
   return k.dim == head_dim && v.dim == head_dim;
+#endif
+}
+
+// Whether decode items over codecs k and v decode their codes in registers (decode_fused.h).
+bool fused_decode(const CodecDesc& k, const CodecDesc& v) {
+#if KVQ_AVX512 || KVQ_AVX2
+  FusedCodec fk, fv;
+  make_fused(k, fk);
+  make_fused(v, fv);
+  return fk.ok && fv.ok;
+#else
+  (void)k;
+  (void)v;
+  return false;
 #endif
 }
 
@@ -1125,25 +1144,24 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   const RowDecoder kd = make_decoder(a.k), vd = make_decoder(a.v);
   const uint8_t* head_base = a.cache + static_cast<int64_t>(h) * a.sH;
   const int32_t* bt = a.block_table + static_cast<int64_t>(s) * a.sbt;
-#if KVQ_AVX512
-  FusedCodec fk, fv;  // decode items over TurboQuant codes of <= 4 bits: decoded in registers
+#if KVQ_AVX512 || KVQ_AVX2
+  FusedCodec fk, fv;  // decode items over TurboQuant codes of <= 4 bits: decoded in registers (decode_fused.h)
   make_fused(a.k, fk);
   make_fused(a.v, fv);
-  const bool fused = nq == 1 && fk.ok && fv.ok;
+  const bool fused = nq == 1 && fk.ok && fv.ok && !a.general_decode;
 #else
+  const bool fused = false;
   (void)alpha;
 #endif
   for (int j0 = w.c0; j0 < c_end; j0 += kTile) {
     const int n = c_end - j0 < kTile ? c_end - j0 : kTile;
     const bool any_sink = gather_tile(a, head_base, bt, j0, n, span, copies, t);
-#if !KVQ_AVX512
-    if (nq == 1 && j0 + kTile < c_end)  // a decode item reads each row once: ask for the next tile's now
+    const bool fused_tile = fused && !any_sink;
+    // A decode item reads each row once: ask for the next tile's now (AVX-512: on its fused tiles only).
+    if ((KVQ_AVX512 ? fused_tile : nq == 1) && j0 + kTile < c_end)
       prefetch_rows(a, head_base, bt, j0 + kTile, c_end < j0 + 2 * kTile ? c_end : j0 + 2 * kTile, span);
-#endif
-#if KVQ_AVX512
-    if (fused && !any_sink) {
-      if (j0 + kTile < c_end)
-        prefetch_rows(a, head_base, bt, j0 + kTile, c_end < j0 + 2 * kTile ? c_end : j0 + 2 * kTile, span);
+#if KVQ_AVX512 || KVQ_AVX2
+    if (fused_tile) {
       fused_decode_tile(a, fk, fv, t, j0, n, w.q0, h * g, rows, qr, dp, sc, mrow, lrow, acc, kscale, vscale, alpha);
       continue;
     }

@@ -268,7 +268,7 @@ void attend_group(const at::Tensor& query, at::Tensor& out, const at::Tensor& ca
                   const c10::optional<at::Tensor>& v_scale, at::IntArrayRef sinks, int64_t lut_from,
                   int64_t num_splits, int64_t skip_from, int64_t isa, const c10::optional<at::Tensor>& bias_q,
                   const c10::optional<at::Tensor>& bias_table, bool exclude_self,
-                  const c10::optional<at::Tensor>& lse) {
+                  const c10::optional<at::Tensor>& lse, bool general_decode) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && out.sizes() == query.sizes() && out.stride(2) == 1 &&
                   out.scalar_type() == query.scalar_type() && query.device().is_cpu(),
               "vllm_kvq_cpu::paged_attention: query/out must be CPU (N, Hq, D) of one dtype, last dim contiguous");
@@ -359,6 +359,7 @@ void attend_group(const at::Tensor& query, at::Tensor& out, const at::Tensor& ca
     a.slse_n = lse->stride(0);
   }
   a.lut_from = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(lut_from, INT32_MAX)));
+  a.general_decode = general_decode ? 1 : 0;
   a.num_tokens = static_cast<int>(query.size(0));
   a.num_q_heads = static_cast<int>(hq);
   a.k = k_codec;
@@ -448,10 +449,10 @@ void paged_attention(const at::Tensor& query, at::Tensor& out, const at::Tensor&
                      const c10::optional<at::Tensor>& v_shift, const c10::optional<at::Tensor>& v_scale,
                      at::IntArrayRef sinks, int64_t lut_from, int64_t num_splits, int64_t skip_from, int64_t isa,
                      const c10::optional<at::Tensor>& bias_q, const c10::optional<at::Tensor>& bias_table,
-                     bool exclude_self, const c10::optional<at::Tensor>& lse) {
+                     bool exclude_self, const c10::optional<at::Tensor>& lse, bool general_decode) {
   attend_group(query, out, cache, block_table, seq_lens, query_start_loc, heads, value_offset, scale,
                codec_of(k_spec, k_tabs), codec_of(v_spec, v_tabs), k_scale, v_shift, v_scale, sinks, lut_from,
-               num_splits, skip_from, isa, bias_q, bias_table, exclude_self, lse);
+               num_splits, skip_from, isa, bias_q, bias_table, exclude_self, lse, general_decode);
 }
 
 // A format's arguments parsed once (vllm_kvq/kernels/cpu.py: format_plan): its head groups' codecs and the
@@ -513,7 +514,7 @@ void forward(const at::Tensor& query, at::Tensor& out, const c10::optional<at::T
   for (const auto& g : plan->groups)
     attend_group(query, out, cache, bt, lens, qsl, g.heads, g.value_offset, scale, g.k,
                  g.v, plan->k_scale, plan->v_shift, plan->v_scale, plan->sinks, lut_from, 0, 0, isa, c10::nullopt,
-                 c10::nullopt, false, c10::nullopt);
+                 c10::nullopt, false, c10::nullopt, false);
 }
 
 // Decodes context tokens [0, length) of sequence seq for the head group into float32 (gh, length, D) K and V
@@ -569,6 +570,18 @@ void decode_context(const at::Tensor& cache, const at::Tensor& block_table, int6
   });
 }
 
+// Whether decode items over these codecs decode their codes in registers (csrc/cpu/decode_fused.h) in the
+// build ``isa`` resolves to for them, rather than through float tiles: what the tests check they exercise.
+bool fused_decode(at::IntArrayRef k_spec, at::TensorList k_tabs, at::IntArrayRef v_spec, at::TensorList v_tabs,
+                  int64_t isa) {
+  const CodecDesc k = codec_of(k_spec, k_tabs), v = codec_of(v_spec, v_tabs);
+  switch (resolve(isa, kvq::cpu::avx512::supports(k, v, k.dim))) {
+    case kAvx512: return kvq::cpu::avx512::fused_decode(k, v);
+    case kAvx2: return kvq::cpu::avx2::fused_decode(k, v);
+    default: return kvq::cpu::portable::fused_decode(k, v);
+  }
+}
+
 // y = R x (or R^T x with inverse) row by row for a codec's rotation: x, y contiguous float32 (M, D).
 void rotate(const at::Tensor& x, at::Tensor& y, at::IntArrayRef spec, at::TensorList tabs, bool inverse) {
   const CodecDesc c = codec_of(spec, tabs);
@@ -607,7 +620,7 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
       "Tensor query_start_loc, Tensor heads, int value_offset, float scale, int[] k_spec, Tensor[] k_tabs, "
       "int[] v_spec, Tensor[] v_tabs, Tensor? k_scale, Tensor? v_shift, Tensor? v_scale, int[] sinks, int lut_from, "
       "int num_splits, int skip_from, int isa, Tensor? bias_q=None, Tensor? bias_table=None, bool exclude_self=False, "
-      "Tensor(b!)? lse=None) -> ()");
+      "Tensor(b!)? lse=None, bool general_decode=False) -> ()");
   m.def(
       "decode_context(Tensor cache, Tensor block_table, int seq, int length, Tensor heads, int value_offset, "
       "int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, int[] sinks, Tensor(a!) k_out, Tensor(b!) v_out, "
@@ -617,6 +630,7 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
       "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, __torch__.torch.classes.vllm_kvq_cpu.FormatPlan plan, "
       "float scale, int lut_from, int isa) -> ()");
   m.def("rotate(Tensor x, Tensor(a!) y, int[] spec, Tensor[] tabs, bool inverse) -> ()");
+  m.def("fused_decode(int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, int isa) -> bool");
   m.def("best_isa() -> str", &best_isa);
   m.def("has_isa(int isa) -> bool", &has_isa);
 }
@@ -627,4 +641,5 @@ TORCH_LIBRARY_IMPL(vllm_kvq_cpu, CPU, m) {
   m.impl("decode_context", &decode_context);
   m.impl("rotate", &rotate);
   m.impl("forward", &forward);
+  m.impl("fused_decode", &fused_decode);
 }

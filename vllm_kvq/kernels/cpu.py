@@ -52,6 +52,10 @@ MAX_HEAD_SIZE = 1024
 # Context tokens per decode work item from which FibQuant codes are read through lookup tables (see above);
 # None: never (tests set 0 to run the table path on short contexts).
 FIB_LUT_FROM: int | None = 256
+# Decode items over TurboQuant codes of <= 4 bits decode each token in registers for every query row of its KV
+# head (csrc/cpu/decode_fused.h; AVX-512 and AVX2 builds), giving the general tile path's bits. False sends them
+# through the general path (paged_attention; forward always fuses): a debug knob, so tests can compare the two.
+FUSED_DECODE = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,6 +99,17 @@ def best_isa() -> str:
 def has_isa(isa: str) -> bool:
     """Whether this CPU can run the kernels' ``isa`` build (a name of ``ISAS``)."""
     return bool(torch.ops.vllm_kvq_cpu.has_isa(_isa(isa)))
+
+
+def fused_decode(fmt: KVFormat, isa: str = "best") -> list[bool]:
+    """Per head group of ``fmt``: whether its decode items decode codes in registers for every query row
+    (``FUSED_DECODE``) in the build ``isa`` runs them with, rather than through float tiles."""
+    why = why_not(fmt)
+    if why is not None:
+        _refuse("paged_attention", fmt, why)
+    code = _isa(isa)
+    return [bool(torch.ops.vllm_kvq_cpu.fused_decode(ks, kt, vs, vt, code)) for _, _, _, ks, kt, vs, vt in
+            _group_args(fmt)]
 
 
 def _codec_why_not(c: VectorCodec) -> str | None:
@@ -344,7 +359,8 @@ def paged_attention(query: torch.Tensor,  # (N, Hq, D)
     for g, (heads, vo, _, ks, kt, vs, vt) in zip(fmt.groups, _group_args(fmt)):
         torch.ops.vllm_kvq_cpu.paged_attention(query, out, cache, bt, seq_lens, qsl, heads, vo, float(scale), ks, kt,
                                                vs, vt, fmt.k_scale, fmt.v_shift, v_scale, sinks, lut_from,
-                                               num_splits or 0, skip_from, code, bias_q, table, exclude_self, lse)
+                                               num_splits or 0, skip_from, code, bias_q, table, exclude_self, lse,
+                                               not FUSED_DECODE)
         for s in dense:
             _dense_prefill(query, out, cache, bt, int(seq_lens[s]), int(qsl[s]), int(qsl[s + 1]), s, g,
                            (heads, vo, ks, kt, vs, vt), fmt, scale, code, bias_q, table)
