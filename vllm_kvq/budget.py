@@ -38,7 +38,10 @@ import torch
 from vllm_kvq import codecs, fake_quant
 from vllm_kvq.kv_format import KVFormat, calibration_kwargs
 
-DEFAULT_CANDIDATES = ("turboquant2", "turboquant2.5", "turboquant3", "turboquant3.5", "turboquant4")
+# FibQuant up to 3 bits (its 2-D/4-D codebooks beat TurboQuant's scalar codes by 4-10 % MSE at the same bytes, and
+# through vLLM its per-layer choice beat TurboQuant-only candidates at the same budget: docs/quality.md,
+# "FibQuant candidates"), TurboQuant above
+DEFAULT_CANDIDATES = ("fibquant1.75", "fibquant2", "fibquant2.5", "fibquant3", "turboquant3.5", "turboquant4")
 SIDES = ("K", "V")
 
 
