@@ -85,13 +85,28 @@ def _decode_outputs(fmt: KVFormat, hq: int, isa: str, monkeypatch, *, t: int = 6
 
 @pytest.mark.parametrize("isa", FUSED_ISAS)
 @pytest.mark.parametrize("variant", ["plain", "sinks", "key-bias"])
-@pytest.mark.parametrize("hq,hk", [(2, 2), (6, 2), (16, 2)], ids=["g1", "g3", "g8"])
+@pytest.mark.parametrize("hq,hk", [(2, 2), (4, 2), (6, 2), (16, 2)], ids=["g1", "g2", "g3", "g8"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("kid,vid", PAIRS, ids=[k if k == v else f"{k}-{v}" for k, v in PAIRS])
 def test_fused_decode_gives_the_general_paths_bits(kid, vid, d, hq, hk, variant, isa, monkeypatch):
-    """1, 3 and 8 query heads per KV head (row blocks of 1 to 4 rows, two blocks for 8), head sizes 64 and 128,
-    whole and split contexts, float32 and bf16 queries, sinks and key centring: the fused path's output equals
-    the general path's bit for bit and the portable build's to 1e-4 (float32)."""
+    """1, 2, 3 and 8 query heads per KV head (row blocks of 1 to 4 rows, two blocks for 8), head sizes 64 and
+    128, whole and split contexts, float32 and bf16 queries, sinks and key centring: the fused path's output
+    equals the general path's bit for bit and the portable build's to 1e-4 (float32)."""
+    _check_fused(kid, vid, d, hq, hk, variant, isa, monkeypatch)
+
+
+@pytest.mark.skipif(not kc.has_isa("avx2"), reason="the CPU lacks AVX2")
+@pytest.mark.parametrize("variant", ["plain", "key-bias"])
+@pytest.mark.parametrize("hq,hk", [(4, 2), (6, 2)], ids=["g2", "g3"])
+@pytest.mark.parametrize("d,kid,vid", [(80, "turboquant3.5", "turboquant3.5"), (80, "turboquant4", "turboquant2.5"),
+                                       (72, "turboquant3", "turboquant3"), (40, "turboquant2", "turboquant4")])
+def test_avx2_fused_decode_off_16_coordinates(d, kid, vid, hq, hk, variant, monkeypatch):
+    """Head sizes and fractional-rate segments that are multiples of 8 but not of 16 (AVX2 fuses them, AVX-512
+    does not): chunk counts that leave a partial group of chunks, segment boundaries inside a 16-lane group."""
+    _check_fused(kid, vid, d, hq, hk, variant, "avx2", monkeypatch)
+
+
+def _check_fused(kid, vid, d, hq, hk, variant, isa, monkeypatch):
     fmt = _fmt(kid, vid, d, hk, variant)
     assert kc.fused_decode(fmt, isa) == [True]
     outs = _decode_outputs(fmt, hq, isa, monkeypatch)
