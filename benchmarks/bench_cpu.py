@@ -22,8 +22,8 @@ its bias query computed in the call as ops.paged_attention does, and precomputed
 interleaved; medians and their ratios to the plain format.
 
 fib: per (model, batch x context): decode attention over turboquant2 and over FibQuant codecs read two ways,
-through per-query codeword tables and value histograms (the default for long decode contexts) and through
-decoded float tiles (``FIB_LUT_FROM = None``), as milliseconds and as ratios to turboquant2 in the same run.
+through per-query codeword tables and value histograms (``FIB_LUT_FROM = 0``) and through decoded float tiles
+(the default, ``FIB_LUT_FROM = None``), as milliseconds and as ratios to turboquant2 in the same run.
 
 prefill: one layer's prefill of N tokens in one chunk (store, then causal attention over the cache), ours per
 codec through the default path (the fused kernel) and through the opt-in dense path (``DENSE_PREFILL_FROM``:
@@ -335,7 +335,7 @@ def fib(a) -> None:
                 c = codecs.get(name, head_dim=d)
                 fmt = KVFormat(d, [c] * hk, [c] * hk, name=name)
                 cache = _filled_cache(fmt, hk, d, nb, gen)
-                paths = [("tiles", None)] if name == "turboquant2" else [("tables", lut_default), ("tiles", None)]
+                paths = [("tiles", None)] if name == "turboquant2" else [("tables", 0), ("tiles", None)]
                 for path, lut in paths:
                     kc.FIB_LUT_FROM = lut
                     try:

@@ -443,11 +443,13 @@ def test_key_bias_decode_mixed_and_split(cid, isa, gen, monkeypatch):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("d", [20, 36])
-@pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5", "turboquant3.5", "uniform4", "bf16"])
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant2.5", "turboquant3.5", "uniform4", "bf16", "fibquant2",
+                                 "fibquant3"])
 def test_attention_head_sizes_off_the_simd_width(cid, d, isa, gen, monkeypatch):
     """Head sizes and code segments that are not a multiple of 8 (the AVX2 tiles' width) or 16 (AVX-512's: its
     build hands them to AVX2's): the tile loops' scalar tails, decode and prefill, and the dense prefill path,
-    whose context decode writes rows of stride D (not a multiple of 8 floats: no aligned stores)."""
+    whose context decode writes rows of stride D (not a multiple of 8 floats: no aligned stores). FibQuant at
+    20 / 36 coordinates: 5 / 9 blocks of 4 and 10 / 18 of 2, so its tile decode's 8-index chunks leave tails."""
     _attn_case(uniform_fmt(cid, d, 2), 6, *MIXED, gen, isa=isa)
     _attn_case(uniform_fmt(cid, d, 2), 6, [300, 50, 130], [1, 1, 1], gen, isa=isa, dtype=torch.float32, num_splits=2)
     monkeypatch.setattr(kc, "DENSE_PREFILL_FROM", 32)
@@ -455,8 +457,9 @@ def test_attention_head_sizes_off_the_simd_width(cid, d, isa, gen, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("d,rot", [(64, 64), (128, 128), (128, 64), (64, 32), (80, 80), (96, 48)],
-                         ids=["d64", "d128", "d128-partial", "d64-partial", "d80", "d96-partial"])  # 40, 24 pairs
+@pytest.mark.parametrize("d,rot", [(64, 64), (128, 128), (128, 64), (64, 32), (80, 80), (96, 48), (64, 26)],
+                         ids=["d64", "d128", "d128-partial", "d64-partial", "d80", "d96-partial", "d64-13-pairs"])
+# 40, 24 pairs; 13 pairs: tails in the AVX2 bias loops (8 pairs at a time, 4 of 26 terms at a time)
 @pytest.mark.parametrize("cid", ["turboquant3", "fibquant2", "uniform4"])
 def test_key_bias_head_sizes_partial_rotary_and_sinks(cid, d, rot, isa, gen, monkeypatch):
     """Head sizes 64 and 128, partial rotary, sink records (their scores take the bias too), split decode;

@@ -66,6 +66,84 @@ inline int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // ------------------------------------------------------------------------------------------ row decode
 
+// FibQuant rows into a tile, for every build: M = D / K block indices of L bits, 8 at a time (8 indices of L
+// bits are exactly L bytes, assembled in registers: a wide load could leave the cache's last slot), each
+// copying its K-float codeword (one 8- or 16-byte move for K = 2 / 4) into the row. The row's fp16 scale
+// goes to scales[jj] (applied to a tile's scores or weights at once, like TurboQuant's), not into the row.
+template <int L>
+inline uint64_t fib_le_bytes(const uint8_t* p) {
+  uint64_t v = 0;
+  int at = 0;
+  if (L - at >= 4) {
+    uint32_t x;
+    std::memcpy(&x, p + at, 4);
+    v |= static_cast<uint64_t>(x) << (8 * at);
+    at += 4;
+  }
+  if (L - at >= 2) {
+    uint16_t x;
+    std::memcpy(&x, p + at, 2);
+    v |= static_cast<uint64_t>(x) << (8 * at);
+    at += 2;
+  }
+  if (L - at >= 2) {
+    uint16_t x;
+    std::memcpy(&x, p + at, 2);
+    v |= static_cast<uint64_t>(x) << (8 * at);
+    at += 2;
+  }
+  if (L - at >= 1) v |= static_cast<uint64_t>(p[at]) << (8 * at);
+  return v;
+}
+
+template <int K, int L>
+inline void fib_tile_kl(const CodecDesc& c, const uint8_t* const* ptrs, int n, int offset, float* out, int64_t dp,
+                        float* scales) {
+  constexpr uint64_t mask = (uint64_t{1} << L) - 1;
+  const int m = c.dim / K, m8 = m / 8 * 8;
+  const float* words = c.cent0;
+  for (int jj = 0; jj < n; ++jj) {
+    const uint8_t* row = ptrs[jj] + offset;
+    float* y = out + jj * dp;
+    int j = 0;
+    for (const uint8_t* p = row; j < m8; j += 8, p += L) {
+      const uint64_t w = fib_le_bytes<L>(p);
+      for (int i = 0; i < 8; ++i)
+        std::memcpy(y + (j + i) * K, words + ((w >> (i * L)) & mask) * K, sizeof(float) * K);
+    }
+    for (; j < m; ++j) std::memcpy(y + j * K, words + fib_index(row, j, L) * K, sizeof(float) * K);
+    scales[jj] = fib_row_scale(c, row);
+  }
+}
+
+template <int K>
+inline bool fib_tile_k(const CodecDesc& c, const uint8_t* const* ptrs, int n, int offset, float* out, int64_t dp,
+                       float* scales) {
+  switch (c.b0) {
+    case 2: fib_tile_kl<K, 2>(c, ptrs, n, offset, out, dp, scales); return true;
+    case 3: fib_tile_kl<K, 3>(c, ptrs, n, offset, out, dp, scales); return true;
+    case 4: fib_tile_kl<K, 4>(c, ptrs, n, offset, out, dp, scales); return true;
+    case 5: fib_tile_kl<K, 5>(c, ptrs, n, offset, out, dp, scales); return true;
+    case 6: fib_tile_kl<K, 6>(c, ptrs, n, offset, out, dp, scales); return true;
+    case 7: fib_tile_kl<K, 7>(c, ptrs, n, offset, out, dp, scales); return true;
+    case 8: fib_tile_kl<K, 8>(c, ptrs, n, offset, out, dp, scales); return true;
+    default: return false;
+  }
+}
+
+// The FibQuant tile when its block size and index width have one (K in 1, 2, 4, 8; 2 to 8 index bits: every
+// preset), else false (the caller decodes row by row).
+inline bool fib_tile(const CodecDesc& c, const uint8_t* const* ptrs, int n, int offset, float* out, int64_t dp,
+                     float* scales) {
+  switch (c.n0) {
+    case 1: return fib_tile_k<1>(c, ptrs, n, offset, out, dp, scales);
+    case 2: return fib_tile_k<2>(c, ptrs, n, offset, out, dp, scales);
+    case 4: return fib_tile_k<4>(c, ptrs, n, offset, out, dp, scales);
+    case 8: return fib_tile_k<8>(c, ptrs, n, offset, out, dp, scales);
+    default: return false;
+  }
+}
+
 #if KVQ_AVX512
 
 // What the SIMD row decoder does for one codec, decided once per call. Codes are unpacked 64 at a time to
@@ -242,6 +320,7 @@ inline void decode_tile(const RowDecoder& r, const uint8_t* const* ptrs, int n, 
       }
       return;
     default:
+      if (c.kind == kFibQuant && fib_tile(c, ptrs, n, offset, out, dp, scales)) return;
       for (int jj = 0; jj < n; ++jj) {
         decode_rotated_scalar(c, ptrs[jj] + offset, out + jj * dp);
         scales[jj] = 1.f;
@@ -626,6 +705,7 @@ inline void decode_tile(const RowDecoder& r, const uint8_t* const* ptrs, int n, 
       }
       return;
     default:
+      if (c.kind == kFibQuant && fib_tile(c, ptrs, n, offset, out, dp, scales)) return;
       for (int jj = 0; jj < n; ++jj) {
         decode_rotated_scalar(c, ptrs[jj] + offset, out + jj * dp);
         scales[jj] = 1.f;
@@ -806,6 +886,7 @@ RowDecoder make_decoder(const CodecDesc& c) { return RowDecoder{&c}; }
 
 inline void decode_tile(const RowDecoder& r, const uint8_t* const* ptrs, int n, int offset, float* out, int64_t dp,
                         float* scales) {
+  if (r.c->kind == kFibQuant && fib_tile(*r.c, ptrs, n, offset, out, dp, scales)) return;
   for (int jj = 0; jj < n; ++jj) {
     decode_rotated_scalar(*r.c, ptrs[jj] + offset, out + jj * dp);
     scales[jj] = 1.f;

@@ -34,6 +34,13 @@ inline void add_key_bias(const AttnArgs& a, int64_t t, int qh, int j0, int n, fl
       _mm512_storeu_ps(w + i0, _mm512_fmadd_ps(B, sn, _mm512_mul_ps(A, c)));  // h need not be a multiple of 16
       _mm512_storeu_ps(w + h + i0, _mm512_fnmadd_ps(A, sn, _mm512_mul_ps(B, c)));
     }
+#elif KVQ_AVX2
+    for (; i0 + 8 <= h; i0 += 8) {
+      const __m256 A = _mm256_loadu_ps(x + i0), B = _mm256_loadu_ps(x + h + i0);
+      const __m256 c = _mm256_loadu_ps(tb + i0), sn = _mm256_loadu_ps(tb + h + i0);
+      _mm256_storeu_ps(w + i0, _mm256_fmadd_ps(B, sn, _mm256_mul_ps(A, c)));
+      _mm256_storeu_ps(w + h + i0, _mm256_fnmadd_ps(A, sn, _mm256_mul_ps(B, c)));
+    }
 #endif
     for (int i = i0; i < h; ++i) {
       const float A = x[i], B = x[h + i], c = tb[i], sn = tb[h + i];
@@ -56,6 +63,30 @@ inline void add_key_bias(const AttnArgs& a, int64_t t, int qh, int j0, int n, fl
     const __mmask16 k = static_cast<__mmask16>((1u << m) - 1u);
     float* out = s + g0;
     _mm512_mask_storeu_ps(out, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, out), sum));
+#elif KVQ_AVX2
+    // the 16 lanes as two halves, four chains each (i mod 4), summed in a fixed order
+    __m256 lo[4], hi[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) lo[u] = hi[u] = _mm256_setzero_ps();
+    const int d2 = 2 * h;
+    int i = 0;
+    for (; i + 4 <= d2; i += 4) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m256 wb = _mm256_set1_ps(w[i + u]);
+        lo[u] = _mm256_fmadd_ps(wb, _mm256_load_ps(a.bias_et + (i + u) * 16), lo[u]);
+        hi[u] = _mm256_fmadd_ps(wb, _mm256_load_ps(a.bias_et + (i + u) * 16 + 8), hi[u]);
+      }
+    }
+    for (; i < d2; ++i) {
+      const __m256 wb = _mm256_set1_ps(w[i]);
+      lo[0] = _mm256_fmadd_ps(wb, _mm256_load_ps(a.bias_et + i * 16), lo[0]);
+      hi[0] = _mm256_fmadd_ps(wb, _mm256_load_ps(a.bias_et + i * 16 + 8), hi[0]);
+    }
+    alignas(32) float sum[16];
+    _mm256_store_ps(sum, _mm256_add_ps(_mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(lo[2], lo[3])));
+    _mm256_store_ps(sum + 8, _mm256_add_ps(_mm256_add_ps(hi[0], hi[1]), _mm256_add_ps(hi[2], hi[3])));
+    for (int r = 0; r < m; ++r) s[g0 + r] += sum[r];
 #else
     float acc[16] = {0.f};
     for (int i = 0; i < 2 * h; ++i)

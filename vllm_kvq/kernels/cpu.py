@@ -6,11 +6,14 @@ per-block sink records, position-aware key centring (``key_bias``: a score bias 
 position, csrc/cpu/key_bias.h), and what formats with ``exact_self`` need (``exclude_self``: each
 row attends the positions before its own; ``lse``: each row's log-sum-exp, merged over split contexts).
 
-FibQuant decode: a decode work item over at least ``FIB_LUT_FROM`` context tokens scores keys by table lookups
-(per query row, the rotated query block's inner product with every codeword: D/k x 2^L floats, built once per
-item) and sums values as a histogram of weights per (block position, codeword), folded into codewords once at
-the end; codebooks of more than 1024 codewords (11 or 12 index bits), prefill chunks and short contexts decode
-codes into float tiles instead (the table would cost more than it saves).
+FibQuant: codes decode into float tiles like every codec's (8 block indices per L-byte chunk, each block's
+codeword copied whole; the row scale applied to a tile's scores and weights). A table-lookup decode remains
+behind ``FIB_LUT_FROM`` (off by default): a decode work item over at least that many context tokens scores keys
+by table lookups (per query row, the rotated query block's inner product with every codeword: D/k x 2^L floats,
+built once per item) and sums values as a histogram of weights per (block position, codeword), folded into
+codewords once at the end; codebooks of more than 1024 codewords (11 or 12 index bits), prefill chunks and
+short contexts take the tiles. Measured 2026-12-03 (AVX2, SmolLM2 shapes, `bench_cpu.py fib`): the tables 3-5x
+slower than the tiles once the tile decode copied whole codewords.
 
 The extension picks its ISA at run time: the hand-written AVX-512 build when the CPU has F/BW/VL/DQ/VBMI, else
 the AVX2 + FMA + F16C build (hand-written 8-wide tile loops, the rest the portable C++ vectorized by the
@@ -50,8 +53,8 @@ DENSE_PREFILL_FROM: int | None = None
 _ROTATIONS = {"identity": 0, "hadamard": 1, "haar": 2}
 MAX_HEAD_SIZE = 1024
 # Context tokens per decode work item from which FibQuant codes are read through lookup tables (see above);
-# None: never (tests set 0 to run the table path on short contexts).
-FIB_LUT_FROM: int | None = 256
+# None (the default): never (tests set 0 to run the table path on short contexts).
+FIB_LUT_FROM: int | None = None
 # Decode items over TurboQuant codes of <= 4 bits decode each token in registers for every query row of its KV
 # head (csrc/cpu/decode_fused.h; AVX-512 and AVX2 builds), giving the general tile path's bits. False sends them
 # through the general path (paged_attention; forward always fuses): a debug knob, so tests can compare the two.
