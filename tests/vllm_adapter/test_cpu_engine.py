@@ -38,8 +38,9 @@ def results(tiny_model, tiny_model_128, tmp_path_factory):
     # native and reference paths differed by 0.025 nats here and 0.061 on a CI machine without AVX-512, while
     # float32 ones agree to 2e-6 on the AVX2 kernels, 0.011 on AVX-512's bf16 prefill tiles)
     jobs[("d128", "turboquant3")] = _job(tiny_model_128, "turboquant3", llm={"block_size": 32, "dtype": "float32"})
-    jobs[("prefix", "turboquant3")] = _job(tiny_model, "turboquant3", repeat=2, prompt_logprobs=False,
-                                           llm={"block_size": 32, "enable_prefix_caching": True})
+    for d in ("turboquant3", CALIBRATED):
+        jobs[("prefix", d)] = _job(tiny_model, d, repeat=2, prompt_logprobs=False,
+                                   llm={"block_size": 32, "enable_prefix_caching": True})
     return run_probe_per_env(jobs, tmp, {"native": {}, "reference": {"VLLM_KVQ_IMPL": "reference"}})
 
 
@@ -47,9 +48,9 @@ def test_native_kernels_ran(results):
     for key, r in results["native"].items():
         impls = set(_ok(r)["kvq_impls"])
         assert {"store:cpu", "paged_attention:cpu"} <= impls, key
-        # Formats without key centring store and attend in one native call per layer (kernels.cpu.forward); the
-        # rope-centred preset's score bias is computed in Python around the kernels.
-        assert ("forward:cpu" in impls) == (key[1] != CALIBRATED), (key, impls)
+        # Every format stores and attends in one native call per layer (kernels.cpu.forward): the rope-centred
+        # preset too, its keys' centres and its queries' bias computed around it, its own-token merge inside.
+        assert "forward:cpu" in impls, (key, impls)
     for key, r in results["reference"].items():
         assert not any(i.endswith(":cpu") for i in _ok(r)["kvq_impls"]), key
 
@@ -79,8 +80,9 @@ def test_logprobs_equal_reference(results, key):
     assert max(abs(a - b) for a, b in lp) < 0.05, (i, lp)
 
 
-def test_prefix_cache_hit_equals_cold_run(results):
-    cold, warm = (run[0] for run in _ok(results["native"][("prefix", "turboquant3")])["runs"])
+@pytest.mark.parametrize("dtype", ["turboquant3", CALIBRATED])
+def test_prefix_cache_hit_equals_cold_run(results, dtype):
+    cold, warm = (run[0] for run in _ok(results["native"][("prefix", dtype)])["runs"])
     assert cold["num_cached_tokens"] == 0 and warm["num_cached_tokens"] >= 128, warm["num_cached_tokens"]
     assert warm["token_ids"] == cold["token_ids"]
     assert max(abs(a - b) for a, b in zip(warm["logprobs"], cold["logprobs"])) < 1e-3

@@ -237,13 +237,14 @@ def format_plan(fmt: KVFormat) -> torch.ScriptObject:
         why = why_not(fmt)
         if why is not None:
             _refuse("forward", fmt, why)
-        if fmt.key_rope is not None or fmt.exact_self:
-            raise ValueError(f"the CPU forward does not take format {fmt.name!r}: position-aware key centring and "
-                             f"exact_self go through paged_attention")
         v_scale, sinks = _fmt_args(fmt)
         plan = torch.classes.vllm_kvq_cpu.FormatPlan(fmt.k_shift, fmt.k_scale, fmt.v_shift, v_scale, sinks)
         for heads, vo, pad, ks, kt, vs, vt in _group_args(fmt):
             plan.add_group(heads, vo, pad, ks, kt, vs, vt)
+        # the own-token score leaves out the key mean that scores leave out (ops._merge_self)
+        fixed = fmt.key_rope.fixed_mean("cpu") if fmt.key_rope is not None else fmt.k_shift
+        plan.set_features(fmt.key_rope is not None, bool(fmt.exact_self),
+                          None if fixed is None or not fmt.exact_self else fixed.float().contiguous())
         _PLANS[fmt] = plan
     return plan
 
@@ -254,15 +255,23 @@ def forward(query: torch.Tensor,  # (N, Hq, D), last dim contiguous
             value: torch.Tensor | None,
             cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
             query_start_loc: torch.Tensor,  # int32, as vLLM-CPU's metadata holds them
-            plan: torch.ScriptObject, *, scale: float, isa: str = "best") -> None:
+            plan: torch.ScriptObject, *, scale: float, isa: str = "best",
+            centre: torch.Tensor | None = None,
+            key_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """``store`` then ``paged_attention`` in one native call, with the format's ``format_plan``: vLLM-CPU's
     per-layer hot path (``KVQAttentionImpl.forward``), where ~20 arguments converted per op call and the
     Python checks around them cost more than a short decode's kernels. The caller has the shapes right (vLLM's
     layer does); the extension still refuses what it would misread (dtypes, strides, slots past the cache,
-    sequences past their block table)."""
+    sequences past their block table).
+
+    Formats with position-aware key centring take ``centre`` (N, Hk, D) float32, the stored keys' centres
+    (``fmt.key_rope.centre(positions)``; None when key is None), and ``key_bias`` as ``paged_attention`` does;
+    formats with ``exact_self`` take the step's key and value and merge each row's own token in (as
+    ``ops.paged_attention`` with ``self_kv``)."""
+    bias_q, table = (None, None) if key_bias is None else key_bias
     torch.ops.vllm_kvq_cpu.forward(query, out, key, value, cache, slot_mapping, block_table, seq_lens,
                                    query_start_loc, plan, float(scale), -1 if FIB_LUT_FROM is None else FIB_LUT_FROM,
-                                   _isa(isa))
+                                   _isa(isa), centre, bias_q, table)
 
 
 def _isa(isa: str) -> int:

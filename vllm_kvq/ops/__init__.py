@@ -164,12 +164,13 @@ def _choose(op: str, device: torch.device, fmt: KVFormat, decode: bool, group: i
 def fused_plan(fmt: KVFormat, device: torch.device | str, group: int = 1):
     """The CPU extension's parsed ``FormatPlan`` of ``fmt`` when a layer's store and attention may run as one
     native call (``kernels.cpu.forward``): on a CPU, where the dispatch (``VLLM_KVQ_IMPL`` included) picks the CPU
-    kernels for the store and for decode and prefill attention, for formats without position-aware key centring
-    or ``exact_self`` (they need Python around the kernels); else None (the caller goes through ``store`` and
-    ``paged_attention``). Logs and records the choice as those would."""
+    kernels for the store and for decode and prefill attention (formats with position-aware key centring pass
+    the keys' centres and the queries' bias to it, formats with ``exact_self`` the step's key and value); else
+    None (the caller goes through ``store`` and ``paged_attention``). Logs and records the choice as those
+    would."""
     device = torch.device(device)
     table = _table()
-    if device.type != "cpu" or "cpu" not in table or fmt.key_rope is not None or fmt.exact_self:
+    if device.type != "cpu" or "cpu" not in table:
         return None
     from vllm_kvq.kernels import cpu as _cpu
 

