@@ -55,7 +55,8 @@ def _fmt(kid: str, vid: str, d: int, hk: int, variant: str) -> KVFormat:
 
 def _decode_outputs(fmt: KVFormat, hq: int, isa: str, monkeypatch, *, t: int = 64) -> dict:
     """One decode batch over a stored random context: the kernel's outputs {(fused, query dtype, splits)}, and
-    the portable build's (float32 queries) under "portable"."""
+    the portable build's (float32 queries) under "portable"; under ("tiles", fused, dtype, splits) the context
+    tiles each call took through the register-fused decode (the extension's debug count)."""
     gen = torch.Generator().manual_seed(11)
     d, hk = fmt.head_size, fmt.num_kv_heads
     batch = random_paged_batch(SEQ_LENS, [1] * len(SEQ_LENS), t, generator=gen)
@@ -73,13 +74,17 @@ def _decode_outputs(fmt: KVFormat, hq: int, isa: str, monkeypatch, *, t: int = 6
     if fmt.key_rope is not None:
         kb = (fmt.key_rope.bias_query(q, scale), fmt.key_rope.table(batch.block_table.shape[1] * t, "cpu"))
     args = (cache, batch.block_table, batch.seq_lens, batch.query_start_loc, fmt)
+    before = kc.fused_decode_tiles()
     outs = {"portable": kc.paged_attention(q, *args, scale=scale, isa="portable", key_bias=kb)}
+    outs["tiles", "portable"] = kc.fused_decode_tiles() - before
     for fused in (True, False):
         monkeypatch.setattr(kc, "FUSED_DECODE", fused)
         for dtype in (torch.float32, torch.bfloat16):
             for splits in (1, 3):  # 3: split items start and end at tile boundaries inside the context
+                before = kc.fused_decode_tiles()
                 outs[fused, dtype, splits] = kc.paged_attention(q.to(dtype), *args, scale=scale, num_splits=splits,
                                                                 isa=isa, key_bias=kb)
+                outs["tiles", fused, dtype, splits] = kc.fused_decode_tiles() - before
     return outs
 
 
@@ -114,6 +119,12 @@ def _check_fused(kid, vid, d, hq, hk, variant, isa, monkeypatch):
         for splits in (1, 3):
             fused, general = outs[True, dtype, splits], outs[False, dtype, splits]
             assert torch.equal(fused, general), (dtype, splits, (fused.float() - general.float()).abs().max().item())
+            # the fused path really ran (every tile but the ones holding sink records), the knob really turned
+            # it off; SEQ_LENS' 485 context tokens span at least 16 tiles of 32
+            tiles = outs["tiles", True, dtype, splits]
+            assert tiles >= (16 if variant == "plain" else 8), (dtype, splits, tiles)
+            assert outs["tiles", False, dtype, splits] == 0
+    assert outs["tiles", "portable"] == 0
     err = (outs[True, torch.float32, 1] - outs["portable"]).abs().max().item()
     assert err <= 1e-4, f"fused decode differs from the portable build by {err}"
 
@@ -127,6 +138,7 @@ def test_what_the_fused_decode_does_not_take_falls_back(d, kid, vid, isa, monkey
     fmt = _fmt(kid, vid, d, 2, "plain")
     assert kc.fused_decode(fmt, isa) == [False]
     outs = _decode_outputs(fmt, 6, isa, monkeypatch)
+    assert all(v == 0 for k, v in outs.items() if k[0] == "tiles"), outs
     assert torch.equal(outs[True, torch.bfloat16, 3], outs[False, torch.bfloat16, 3])
     assert (outs[True, torch.float32, 1] - outs["portable"]).abs().max().item() <= 1e-4
 

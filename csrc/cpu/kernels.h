@@ -3,12 +3,18 @@
 // and strides, so the ISA translation units include no torch headers.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "../common/codec_desc.h"
 
 namespace kvq {
 namespace cpu {
+
+// Context tiles that decode items took through the register-fused decode (decode_fused.h), summed over the
+// builds and threads (relaxed; one add per item): a debug count, so tests can tell that the fused path ran
+// where it should (it gives the general path's bits, so outputs cannot tell). Defined in torch_bindings.cpp.
+extern std::atomic<int64_t> fused_decode_tiles;
 
 enum InDType : int { kF32 = 0, kF16 = 1, kBF16In = 2 };
 

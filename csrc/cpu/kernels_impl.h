@@ -1234,6 +1234,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
   const bool fused = false;
   (void)alpha;
 #endif
+  int64_t fused_tiles = 0;
   for (int j0 = w.c0; j0 < c_end; j0 += kTile) {
     const int n = c_end - j0 < kTile ? c_end - j0 : kTile;
     const bool any_sink = gather_tile(a, head_base, bt, j0, n, span, copies, t);
@@ -1244,6 +1245,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
 #if KVQ_AVX512 || KVQ_AVX2
     if (fused_tile) {
       fused_decode_tile(a, fk, fv, t, j0, n, w.q0, h * g, rows, qr, dp, sc, mrow, lrow, acc, kscale, vscale, alpha);
+      ++fused_tiles;
       continue;
     }
 #endif
@@ -1321,6 +1323,7 @@ void attend_item(const AttnArgs& a, const WorkItem& w) {
       }
     }
   }
+  if (fused_tiles) fused_decode_tiles.fetch_add(fused_tiles, std::memory_order_relaxed);
   if (v_hist)
     for (int r = 0; r < rows; ++r)
       fib_fold(hist + static_cast<size_t>(r) * vm * vw, d, a.v.n0, a.v.cent0, vw, acc + r * dp);

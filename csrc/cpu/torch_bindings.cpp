@@ -668,6 +668,16 @@ void rotate(const at::Tensor& x, at::Tensor& y, at::IntArrayRef spec, at::Tensor
 
 }  // namespace
 
+namespace kvq {
+namespace cpu {
+std::atomic<int64_t> fused_decode_tiles{0};
+}  // namespace cpu
+}  // namespace kvq
+
+namespace {
+int64_t fused_decode_tiles_read() { return kvq::cpu::fused_decode_tiles.load(); }
+}  // namespace
+
 TORCH_LIBRARY(vllm_kvq_cpu, m) {
   m.class_<FormatPlan>("FormatPlan")
       .def(torch::init<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
@@ -696,6 +706,7 @@ TORCH_LIBRARY(vllm_kvq_cpu, m) {
   m.def("rotate(Tensor x, Tensor(a!) y, int[] spec, Tensor[] tabs, bool inverse) -> ()");
   m.def("fused_decode(int[] k_spec, Tensor[] k_tabs, int[] v_spec, Tensor[] v_tabs, int isa) -> bool");
   m.def("best_isa() -> str", &best_isa);
+  m.def("fused_decode_tiles() -> int", &fused_decode_tiles_read);
   m.def("has_isa(int isa) -> bool", &has_isa);
 }
 

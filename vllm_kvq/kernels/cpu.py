@@ -115,6 +115,12 @@ def fused_decode(fmt: KVFormat, isa: str = "best") -> list[bool]:
             _group_args(fmt)]
 
 
+def fused_decode_tiles() -> int:
+    """Context tiles decode items have taken through the register-fused decode in this process (every build
+    and thread): a debug count for tests, since the fused path gives the general path's bits."""
+    return int(torch.ops.vllm_kvq_cpu.fused_decode_tiles())
+
+
 def _codec_why_not(c: VectorCodec) -> str | None:
     # Exact types: a subclass may change the bytes or the math the kernels hard-code.
     if type(c) not in (TurboQuantCodec, UniformCodec, RawCodec, FibQuantCodec):
