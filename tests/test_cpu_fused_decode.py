@@ -111,6 +111,12 @@ def test_avx2_fused_decode_off_16_coordinates(d, kid, vid, hq, hk, variant, monk
     _check_fused(kid, vid, d, hq, hk, variant, "avx2", monkeypatch)
 
 
+def _fused_tiles(variant: str, tile: int = 32, block: int = 64) -> int:
+    """Tiles of ``tile`` context tokens (the kernels' kTile) per KV head over SEQ_LENS that hold no sink record
+    (``_fmt``'s sink variants: 2 per block of ``block`` tokens); split items start and end at tile boundaries."""
+    return sum(1 for n in SEQ_LENS for j0 in range(0, n, tile) if variant == "plain" or j0 % block)
+
+
 def _check_fused(kid, vid, d, hq, hk, variant, isa, monkeypatch):
     fmt = _fmt(kid, vid, d, hk, variant)
     assert kc.fused_decode(fmt, isa) == [True]
@@ -119,10 +125,9 @@ def _check_fused(kid, vid, d, hq, hk, variant, isa, monkeypatch):
         for splits in (1, 3):
             fused, general = outs[True, dtype, splits], outs[False, dtype, splits]
             assert torch.equal(fused, general), (dtype, splits, (fused.float() - general.float()).abs().max().item())
-            # the fused path really ran (every tile but the ones holding sink records), the knob really turned
-            # it off; SEQ_LENS' 485 context tokens span at least 16 tiles of 32
-            tiles = outs["tiles", True, dtype, splits]
-            assert tiles >= (16 if variant == "plain" else 8), (dtype, splits, tiles)
+            # the fused path really ran, on every tile but the ones holding sink records (2 per 64-token block:
+            # the tiles of 32 starting a block), and the knob really turned it off
+            assert outs["tiles", True, dtype, splits] == hk * _fused_tiles(variant), (dtype, splits)
             assert outs["tiles", False, dtype, splits] == 0
     assert outs["tiles", "portable"] == 0
     err = (outs[True, torch.float32, 1] - outs["portable"]).abs().max().item()

@@ -613,16 +613,20 @@ def _fused_case_centred_exact_self(fmt, hq, seq_lens, q_lens, gen, *, isa="best"
                               self_kv=(k_ctx[new], v_ctx[new]) if fmt.exact_self else None)
     plan = ops.fused_plan(fmt, "cpu", hq // hk)
     assert plan is not None
-    centre = fmt.key_rope.centre(pos[new], 4095) if rope else None
-    bias = (fmt.key_rope.bias_query(q, d ** -0.5), fmt.key_rope.table(batch.block_table.shape[1] * t, "cpu")) \
+    # two padding rows past the batch (slot -1, no sequence owns them): stored nowhere, their output untouched
+    qp = torch.cat([q, torch.randn(2, hq, d, generator=gen).to(dtype)])
+    kp, vp = (torch.cat([x[new], torch.randn(2, hk, d, generator=gen).to(dtype)]) for x in (k_ctx, v_ctx))
+    slots = torch.cat([batch.ctx_slots[new], torch.tensor([-1, -1])])
+    centre = fmt.key_rope.centre(torch.cat([pos[new], torch.tensor([0, 0])]), 4095) if rope else None
+    bias = (fmt.key_rope.bias_query(qp, d ** -0.5), fmt.key_rope.table(batch.block_table.shape[1] * t, "cpu")) \
         if rope else None
     out = torch.full((n + 2, hq, d), 7.0, dtype=dtype)
-    kc.forward(q, out[:n], k_ctx[new], v_ctx[new], got, batch.ctx_slots[new], *meta, plan, scale=d ** -0.5, isa=isa,
-               centre=centre, key_bias=bias)
+    kc.forward(qp, out, kp, vp, got, slots, *meta, plan, scale=d ** -0.5, isa=isa, centre=centre, key_bias=bias)
     assert torch.equal(got, want)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out[:n], ref, atol=tol, rtol=tol)
     assert (out[n:] == 7).all()
+    bias = (bias[0][:n], bias[1]) if rope else None
     if not fmt.exact_self:  # attention alone (no key/value): the same rows
         again = torch.zeros_like(q)
         kc.forward(q, again, None, None, got, batch.ctx_slots[new], *meta, plan, scale=d ** -0.5, isa=isa,
@@ -665,6 +669,17 @@ def test_forward_refuses_a_call_without_the_format_features(gen):
     with pytest.raises(RuntimeError, match="exact_self"):
         kc.forward(q, torch.empty_like(q), None, None, cache, torch.tensor([4]), *meta, plan, scale=0.125,
                    key_bias=bias)
+    before = cache.clone()
+    with pytest.raises(RuntimeError, match="for every query row"):  # refused before anything is stored
+        kc.forward(torch.randn(2, 4, 64), torch.empty(2, 4, 64), k, k, cache, torch.tensor([4]), meta[0],
+                   meta[1], torch.tensor([0, 2], dtype=torch.int32), plan, scale=0.125, centre=centre,
+                   key_bias=(fmt.key_rope.bias_query(torch.randn(2, 4, 64), 0.125), bias[1]))
+    assert torch.equal(cache, before)
+    plain = ops.fused_plan(uniform_fmt("turboquant3", 64, 2), "cpu", 2)
+    with pytest.raises(RuntimeError, match="other formats take neither"):
+        kc.forward(q, torch.empty_like(q), k, k, cache, torch.tensor([4]), *meta, plain, scale=0.125, centre=centre)
+    with pytest.raises(RuntimeError, match="other formats take neither"):
+        kc.forward(q, torch.empty_like(q), k, k, cache, torch.tensor([4]), *meta, plain, scale=0.125, key_bias=bias)
 
 
 def test_fused_plan_dispatch(gen, monkeypatch):

@@ -506,7 +506,9 @@ struct FormatPlan : torch::CustomClassHolder {
 void merge_self(const at::Tensor& query, at::Tensor& out, const at::Tensor& key, const at::Tensor& value,
                 const at::Tensor& lse, const c10::optional<at::Tensor>& fixed, double scale, int64_t rows) {
   const int64_t hq = query.size(1), hk = key.size(1), d = query.size(2), g = hq / hk;
-  const at::Tensor q = query.to(at::kFloat), k = key.to(at::kFloat), v = value.to(at::kFloat);
+  // contiguous: the loop reads each row's D coordinates with unit stride (a strided float32 view is copied)
+  const at::Tensor q = query.to(at::kFloat).contiguous(), k = key.to(at::kFloat).contiguous(),
+                   v = value.to(at::kFloat).contiguous();
   const at::Tensor f = fixed.has_value() ? fixed->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor o = out.narrow(0, 0, rows).to(at::kFloat);  // a copy when out is not float32
   const float* fp = f.defined() ? f.data_ptr<float>() : nullptr;
@@ -542,11 +544,21 @@ void forward(const at::Tensor& query, at::Tensor& out, const c10::optional<at::T
   TORCH_CHECK(!plan->exact_self || key.has_value(),
               "vllm_kvq_cpu::forward: the format attends each row's own token exactly (exact_self): pass the step's "
               "key and value");
-  TORCH_CHECK(plan->centred == bias_q.has_value() && (!plan->centred || !key.has_value() || centre.has_value()) &&
+  const bool storing = key.has_value() && key->size(0) > 0;
+  TORCH_CHECK(plan->centred == bias_q.has_value() && (!plan->centred || !storing || centre.has_value()) &&
                   (plan->centred || !centre.has_value()),
               "vllm_kvq_cpu::forward: a format with position-aware key centring takes the stored keys' centre and "
               "the queries' bias (bias_q, bias_table); other formats take neither");
-  if (key.has_value() && key->size(0) > 0) {
+  if (plan->exact_self) {  // checked before anything is written
+    const int64_t rows = query_start_loc.numel() ? query_start_loc.to(at::kLong)[-1].item<int64_t>() : 0;
+    TORCH_CHECK(key->dim() == 3 && key->size(0) >= rows && value->sizes() == key->sizes() &&
+                    key->size(1) == cache.size(1) && key->size(2) == query.size(2),
+                "vllm_kvq_cpu::forward: exact_self needs the step's key and value (N, Hk, D) for every query row");
+    TORCH_CHECK(!plan->self_fixed.has_value() ||
+                    plan->self_fixed->sizes() == at::IntArrayRef({cache.size(1), query.size(2)}),
+                "vllm_kvq_cpu::forward: the plan's fixed key mean must be (Hk, D)");
+  }
+  if (storing) {
     const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();  // no copy when already so
     at::Tensor k = *key;
     if (centre.has_value()) {
@@ -572,12 +584,8 @@ void forward(const at::Tensor& query, at::Tensor& out, const c10::optional<at::T
     attend_group(query, out, cache, bt, lens, qsl, g.heads, g.value_offset, scale, g.k,
                  g.v, plan->k_scale, plan->v_shift, plan->v_scale, plan->sinks, lut_from, 0, 0, isa, bias_q,
                  bias_table, plan->exact_self, lse, false);
-  if (plan->exact_self) {
-    const int64_t rows = qsl.data_ptr<int32_t>()[qsl.numel() - 1];  // the rows sequences own
-    TORCH_CHECK(key->size(0) >= rows && key->size(1) == cache.size(1) && key->size(2) == query.size(2),
-                "vllm_kvq_cpu::forward: exact_self needs the step's key/value for every query row");
-    merge_self(query, out, *key, *value, *lse, plan->self_fixed, scale, rows);
-  }
+  if (plan->exact_self)  // the rows sequences own
+    merge_self(query, out, *key, *value, *lse, plan->self_fixed, scale, qsl.data_ptr<int32_t>()[qsl.numel() - 1]);
 }
 
 // Decodes context tokens [0, length) of sequence seq for the head group into float32 (gh, length, D) K and V
