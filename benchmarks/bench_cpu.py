@@ -443,18 +443,24 @@ def _offline_child(cfg: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    rng = torch.Generator().manual_seed(0)
     n, p_len, o_len = cfg["prompts"], cfg["input"], cfg["output"]
     sp = SamplingParams(max_tokens=o_len, min_tokens=o_len, ignore_eos=True, temperature=0)
     out: dict[str, list[float]] = {d: [] for d in cfg["dtypes"]}
-    for _ in range(cfg["rounds"]):
+    for r in range(cfg["rounds"]):
         for dtype in cfg["dtypes"]:
+            rng = torch.Generator().manual_seed(r)  # the same prompts for every dtype of a round
             llm = LLM(model=cfg["model_dir"], kv_cache_dtype=dtype, enforce_eager=True, dtype="bfloat16",
                       kv_cache_memory_bytes=cfg["kv_bytes"], max_num_seqs=8, max_model_len=p_len + o_len + 16, seed=0)
             vocab = llm.get_tokenizer().vocab_size
-            prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, vocab - 100, (p_len,), generator=rng).tolist())
-                       for _ in range(n)]
-            llm.generate(prompts, sp, use_tqdm=False)  # warm-up: the first full run is slower for every dtype
+
+            def fresh():
+                return [TokensPrompt(prompt_token_ids=torch.randint(100, vocab - 100, (p_len,), generator=rng).tolist())
+                        for _ in range(n)]
+
+            llm.generate(fresh(), sp, use_tqdm=False)  # warm-up: the first full run is slower for every dtype
+            # Timed on prompts the warm-up did not see: repeating them would time prefix-cache hits, whose share
+            # depends on the block size (512-token prompts hit 384 tokens at 128-token blocks, 256 at 256).
+            prompts = fresh()
             t0 = time.perf_counter()
             llm.generate(prompts, sp, use_tqdm=False)
             out[dtype].append(n * o_len / (time.perf_counter() - t0))
