@@ -45,20 +45,33 @@ def bf16_round(x: torch.Tensor) -> torch.Tensor:
 def _attend(q, k, v, scaling, groups):
     k = k.repeat_interleave(groups, dim=0)
     v = v.repeat_interleave(groups, dim=0)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    # (1, H, N, D): torch takes its fused (flash) kernel for 4-D inputs only; 3-D ones run the math path,
+    # which builds the (H, N, N) scores (8x slower at 4K tokens on a CPU)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scaling)[0]
 
 
 def _attend_window(q, k, v, kq, vq, scaling, groups, window):
     """Causal attention where positions within ``window`` of the query read (k, v) and older ones (kq, vq):
-    a bf16 window of recent tokens over a quantized cache (KIVI, OSCAR). Dense (H, N, N): for measurement."""
-    n = q.shape[1]
+    a bf16 window of recent tokens over a quantized cache (KIVI, OSCAR). One fused attention over the 2N keys
+    [kq; k] with a mask that lets row i read kq_j for j <= i - window and k_j for i - window < j <= i (no
+    (H, N, N) score tensors: a 4K prompt fits); ``window`` 1 (exact_self) as a plain causal attention whose
+    own-token term is exchanged afterwards (half the work)."""
     rep = lambda t: t.repeat_interleave(groups, dim=0)  # noqa: E731
-    i = torch.arange(n)
+    if window == 1 and q.device.type == "cpu":  # exact_self: causal over the quantized keys, then the own
+        # token's quantized score and value swapped for the exact ones through the softmax's log-sum-exp
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], rep(kq)[None], rep(vq)[None], 0.0, True, scale=scaling)
+        out, lse = out[0], lse[0, :, :, None]
+        a = torch.exp((q * rep(kq)).sum(-1, keepdim=True) * scaling - lse)  # the quantized self weight
+        b = torch.exp((q * rep(k)).sum(-1, keepdim=True) * scaling - lse)
+        return (out - a * rep(vq) + b * rep(v)) / (1 - a + b)
+    n = q.shape[1]
+    i = torch.arange(n, device=q.device)
     dist = i[:, None] - i[None, :]
     recent = (dist >= 0) & (dist < window)
-    s = torch.where(recent, q @ rep(k).transpose(1, 2), q @ rep(kq).transpose(1, 2)) * scaling
-    p = torch.softmax(s.masked_fill(dist < 0, float("-inf")), dim=-1)
-    return (p * recent) @ rep(v) + (p * ~recent) @ rep(vq)
+    mask = torch.cat([dist >= window, recent], dim=1)  # (N, 2N): True = attend
+    return F.scaled_dot_product_attention(q[None], rep(torch.cat([kq, k], 1))[None], rep(torch.cat([vq, v], 1))[None],
+                                          attn_mask=mask, scale=scaling)[0]
 
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
