@@ -144,6 +144,26 @@ def test_needle_fit_and_run(srv):
     assert all(t["tokens"] <= min(t["length"], 512 - 12) for t in res["trials"])
     # the random model cannot find the key; scoring reads the continuation, not the prompt
     assert res["accuracy"] == sum(t["correct"] for t in res["trials"]) / 4
+    assert "key_nll_by_length" not in res and all(t["key_nll"] is None for t in res["trials"])
+
+
+def test_needle_key_nll_matches_transformers(srv, tiny):
+    from transformers import AutoModelForCausalLM
+
+    res = needle.run_needle(srv.base_url, [200], depths=[0.3, 0.8], progress=False, with_key_nll=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    units = needle.haystack_units("repeat")
+    count = lambda t: len(server.tokenize(srv.base_url, srv.name, t))  # noqa: E731
+    n = needle.fit_units(count, units, 200 - 12)
+    for t in res["trials"]:
+        text = needle.build_prompt(units, n, t["depth"], t["key"], 200).text
+        head = server.tokenize(srv.base_url, srv.name, text)
+        full = server.tokenize(srv.base_url, srv.name, text + " " + t["key"])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), -1)
+        want = -logp[len(head) - 1:-1].gather(1, torch.tensor(full[len(head):])[:, None]).sum().item()
+        assert t["key_nll"] == pytest.approx(want, abs=0.2 * (len(full) - len(head))), (t["key_nll"], want)
+    assert res["key_nll_by_length"]["200"] == pytest.approx(sum(t["key_nll"] for t in res["trials"]) / 2)
 
 
 def test_lmeval_tasks_run_against_server(srv, tiny, tmp_path):

@@ -9,6 +9,11 @@ hides it in a play instead, which is harder for small models.
 
 Unlike prompt-logprob perplexity, this reads the cache during decode, after the whole prompt was written to
 it, so it measures the quantized cache on every path.
+
+With ``--key-nll`` each prompt is also sent once more with the key appended after the question and
+``prompt_logprobs``: the key's summed NLL (teacher-forced) is a continuous measure of the same retrieval, which
+a paired comparison against the bf16 cache can resolve where 10-20 yes/no answers cannot (docs/quality.md,
+"The needle measured continuously"). It doubles the requests (prompt-logprob requests skip the prefix cache).
 """
 
 from __future__ import annotations
@@ -107,11 +112,24 @@ class Trial:
     key: str
     output: str
     correct: bool
+    key_nll: float | None = None  # with key_nll: the key's summed NLL after the question, teacher-forced
+
+
+def key_nll(base_url: str, model: str, text: str, key: str) -> float:
+    """Summed NLL of the key's tokens appended (after a space) to the prompt ``text``, from the server's prompt
+    logprobs; the prompt's own tokens must be a prefix of the tokens with the key."""
+    from vllm_kvq.eval.ppl import prompt_logprobs
+
+    head = _server.tokenize(base_url, model, text)
+    full = _server.tokenize(base_url, model, text + " " + key)
+    if full[:len(head)] != head or len(full) == len(head):
+        raise RuntimeError("the key's tokens do not extend the prompt's: the tokenizer merges across them")
+    return -sum(prompt_logprobs(base_url, model, full)[len(head):])
 
 
 def run_needle(base_url: str, lengths: list[int], *, depths=DEFAULT_DEPTHS, trials: int = 1,
                haystack: str = "repeat", model: str | None = None, seed: int = 0, max_tokens: int = 12,
-               progress: bool = True) -> dict:
+               progress: bool = True, with_key_nll: bool = False) -> dict:
     from tqdm import tqdm
 
     model = _server.served_model(base_url, model)
@@ -136,7 +154,9 @@ def run_needle(base_url: str, lengths: list[int], *, depths=DEFAULT_DEPTHS, tria
         resp = _server.completions(base_url, {"model": model, "prompt": p.text, "max_tokens": max_tokens,
                                               "temperature": 0.0})
         text = resp["choices"][0]["text"]
-        out.append(Trial(p.target_tokens, resp["usage"]["prompt_tokens"], p.depth, p.key, text, score(text, p.key)))
+        nll = key_nll(base_url, model, p.text, p.key) if with_key_nll else None
+        out.append(Trial(p.target_tokens, resp["usage"]["prompt_tokens"], p.depth, p.key, text, score(text, p.key),
+                         nll))
         bar.set_postfix(acc=f"{sum(t.correct for t in out) / len(out):.2f}")
     return summarize(out, model=model, haystack=haystack, elapsed_s=time.monotonic() - t0)
 
@@ -147,7 +167,11 @@ def summarize(trials: list[Trial], **meta) -> dict:
 
     lengths = sorted({t.length for t in trials})
     depths = sorted({t.depth for t in trials})
-    return {**meta,
+    extra = {}
+    if trials and all(t.key_nll is not None for t in trials):
+        extra["key_nll_by_length"] = {str(n): sum(t.key_nll for t in trials if t.length == n) /
+                                      sum(t.length == n for t in trials) for n in lengths}
+    return {**meta, **extra,
             "accuracy": acc(trials),
             "accuracy_by_length": {str(n): acc([t for t in trials if t.length == n]) for n in lengths},
             "accuracy_by_length_depth": {str(n): {f"{d:g}": acc([t for t in trials if t.length == n and t.depth == d])
@@ -164,17 +188,21 @@ def add_arguments(p) -> None:
     p.add_argument("--trials", type=int, default=1, help="keys per (length, depth)")
     p.add_argument("--haystack", default="repeat", help="'repeat' (passkey filler) or shakespeare:PLAY or a file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--key-nll", action="store_true",
+                   help="also score the key teacher-forced after the question (its summed NLL; one more request each)")
     p.add_argument("--out", default=None, help="write the JSON result here (default: stdout)")
 
 
 def run(args) -> int:
     res = run_needle(args.base_url, parse_lengths(args.lengths), depths=[float(d) for d in args.depths.split(",")],
-                     trials=args.trials, haystack=args.haystack, model=args.model, seed=args.seed)
+                     trials=args.trials, haystack=args.haystack, model=args.model, seed=args.seed,
+                     with_key_nll=args.key_nll)
     text = json.dumps(res, indent=2)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-        print(f"needle accuracy {res['accuracy']:.3f} {res['accuracy_by_length']} -> {args.out}")
+        nll = f", key NLL {res['key_nll_by_length']}" if "key_nll_by_length" in res else ""
+        print(f"needle accuracy {res['accuracy']:.3f} {res['accuracy_by_length']}{nll} -> {args.out}")
     else:
         print(text)
     return 0
