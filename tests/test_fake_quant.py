@@ -108,7 +108,8 @@ def test_recent_window_reads_bf16_for_recent_positions(tiny):
 
 @pytest.mark.parametrize("n,window,groups", [(37, 1, 3), (37, 4, 3), (300, 1, 1), (300, 64, 2), (5, 9, 2)])
 def test_recent_window_attention_equals_the_dense_definition(n, window, groups, gen):
-    """The fused masked attention over [quantized; exact] keys against scores written out in full: row i reads
+    """The window attention (CPU: log-sum-exp swap; elsewhere: a masked attention over [quantized; exact] keys)
+    against scores written out in full: row i reads
     the exact key and value of positions i - window < j <= i and the quantized ones of j <= i - window."""
     hk, d = 2, 16
     q = torch.randn(hk * groups, n, d, generator=gen)
@@ -119,8 +120,9 @@ def test_recent_window_attention_equals_the_dense_definition(n, window, groups, 
     s = torch.where(recent, q @ rep(k).transpose(1, 2), q @ rep(kq).transpose(1, 2)) * 0.25
     p = torch.softmax(s.masked_fill(dist < 0, float("-inf")), dim=-1)
     want = (p * recent) @ rep(v) + (p * ~recent) @ rep(vq)
-    got = fake_quant._attend_window(q, k, v, kq, vq, 0.25, groups, window)
-    assert (got - want).abs().max() < 1e-5
+    for attend in (fake_quant._attend_window, fake_quant._attend_window_masked):
+        got = attend(q, k, v, kq, vq, 0.25, groups, window)
+        assert (got - want).abs().max() < 1e-5, attend.__name__
 
 
 def test_quantized_requires_the_fake_attention(tmp_path):

@@ -52,19 +52,32 @@ def _attend(q, k, v, scaling, groups):
 
 def _attend_window(q, k, v, kq, vq, scaling, groups, window):
     """Causal attention where positions within ``window`` of the query read (k, v) and older ones (kq, vq):
-    a bf16 window of recent tokens over a quantized cache (KIVI, OSCAR). One fused attention over the 2N keys
-    [kq; k] with a mask that lets row i read kq_j for j <= i - window and k_j for i - window < j <= i (no
-    (H, N, N) score tensors: a 4K prompt fits); ``window`` 1 (exact_self) as a plain causal attention whose
-    own-token term is exchanged afterwards (half the work)."""
+    a bf16 window of recent tokens over a quantized cache (KIVI, OSCAR). On a CPU: one fused causal attention
+    over the quantized keys whose window terms are exchanged afterwards through its log-sum-exp (a masked
+    attention runs torch's unfused path there, ~10x slower at 4K); elsewhere ``_attend_window_masked``."""
     rep = lambda t: t.repeat_interleave(groups, dim=0)  # noqa: E731
-    if window == 1 and q.device.type == "cpu":  # exact_self: causal over the quantized keys, then the own
-        # token's quantized score and value swapped for the exact ones through the softmax's log-sum-exp
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], rep(kq)[None], rep(vq)[None], 0.0, True, scale=scaling)
+    if q.device.type == "cpu":  # causal attention over the quantized keys, then the window's quantized terms
+        # swapped for the exact ones through the softmax's log-sum-exp: O(N W D) on top of one fused attention
+        kq, vq, k, v = rep(kq), rep(vq), rep(k), rep(v)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], kq[None], vq[None], 0.0, True,
+                                                                             scale=scaling)
         out, lse = out[0], lse[0, :, :, None]
-        a = torch.exp((q * rep(kq)).sum(-1, keepdim=True) * scaling - lse)  # the quantized self weight
-        b = torch.exp((q * rep(k)).sum(-1, keepdim=True) * scaling - lse)
-        return (out - a * rep(vq) + b * rep(v)) / (1 - a + b)
+        num, den = out.clone(), torch.ones_like(lse)
+        for o in range(min(window, q.shape[1])):  # the key o positions back (rows o.. have one)
+            qo = q[:, o:]
+            a = torch.exp((qo * kq[:, :kq.shape[1] - o]).sum(-1, keepdim=True) * scaling - lse[:, o:])
+            b = torch.exp((qo * k[:, :k.shape[1] - o]).sum(-1, keepdim=True) * scaling - lse[:, o:])
+            num[:, o:] += b * v[:, :v.shape[1] - o] - a * vq[:, :vq.shape[1] - o]
+            den[:, o:] += b - a
+        return num / den
+    return _attend_window_masked(q, k, v, kq, vq, scaling, groups, window)
+
+
+def _attend_window_masked(q, k, v, kq, vq, scaling, groups, window):
+    """``_attend_window`` as one attention over the 2N keys [kq; k] with a mask that lets row i read kq_j for
+    j <= i - window and k_j for i - window < j <= i (no (H, N, N) score tensors where the fused kernels take
+    a mask)."""
+    rep = lambda t: t.repeat_interleave(groups, dim=0)  # noqa: E731
     n = q.shape[1]
     i = torch.arange(n, device=q.device)
     dist = i[:, None] - i[None, :]
